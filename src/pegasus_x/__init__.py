@@ -1,0 +1,13 @@
+"""pegasus_x: PEGASUS-X long-document summarization in plain PyTorch."""
+
+from .config import PegasusXConfig
+from .errors import (CheckpointError, ConfigError, DataError, GenerationError, InputError, PegasusXError,
+                     TokenizerError)
+from .model import PegasusXForConditionalGeneration, PegasusXModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PegasusXConfig", "PegasusXModel", "PegasusXForConditionalGeneration", "PegasusXError", "ConfigError",
+    "CheckpointError", "InputError", "GenerationError", "TokenizerError", "DataError", "__version__",
+]

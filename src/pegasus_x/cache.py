@@ -1,0 +1,72 @@
+"""The decoder's key/value cache for incremental decoding.
+
+Self-attention keys/values live in buffers preallocated for the maximum length (no reallocation per step; beam
+reordering is an in-place ``index_select`` copy). Cross-attention keys/values are computed once per *input*
+(not per beam) from the encoder states and never reordered: every beam of an input reads the same encoder keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DecoderCache:
+    """Per-layer caches. ``R`` decoder rows (inputs × beams), ``B`` inputs, ``H`` heads, ``S`` encoder length."""
+
+    self_k: list[Tensor]        # each (R, H, max_len, hd)
+    self_v: list[Tensor]
+    cross_k: list[Tensor]       # each (B, H, S, hd)
+    cross_v: list[Tensor]
+    encoder_keep: Tensor        # (B, 1, 1, S) bool: False at padded encoder positions
+    length: int = 0             # tokens already written
+
+    @property
+    def max_len(self) -> int:
+        return self.self_k[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new keys/values ``(R, H, T, hd)`` at ``length`` and return views over everything so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"decoder cache holds {self.max_len} positions, {end} requested")
+        self.self_k[layer][:, :, self.length:end] = k
+        self.self_v[layer][:, :, self.length:end] = v
+        return self.self_k[layer][:, :, :end], self.self_v[layer][:, :, :end]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep decoder rows ``rows`` (beam search): row i of the new cache is old row ``rows[i]``.
+
+        Only the filled part is copied; the cross-attention cache is untouched by design.
+        """
+        n = self.length
+        for buf in (*self.self_k, *self.self_v):
+            buf[:, :, :n] = buf[:, :, :n].index_select(0, rows)
+
+
+def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, max_len: int) -> DecoderCache:
+    """Allocate a cache for ``rows`` decoder rows and fill the cross-attention part from the encoder output.
+
+    Args:
+        model: a :class:`~pegasus_x.model.PegasusXForConditionalGeneration` (or base model).
+        encoder_states: ``(B, S, D)`` encoder output.
+        encoder_keep: ``(B, S)`` bool mask of real encoder tokens.
+        rows: decoder rows (a multiple of B: the beams of input i are rows i·rows/B …).
+        max_len: the most decoder positions that will be written.
+    """
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    attn = layers[0].self_attn
+    shape = (rows, attn.num_heads, max_len, attn.head_dim)
+    dtype, device = encoder_states.dtype, encoder_states.device
+    cross = [layer.encoder_attn.project_kv(encoder_states) for layer in layers]
+    return DecoderCache(
+        self_k=[torch.empty(shape, dtype=dtype, device=device) for _ in layers],
+        self_v=[torch.empty(shape, dtype=dtype, device=device) for _ in layers],
+        cross_k=[k.contiguous() for k, _ in cross],
+        cross_v=[v.contiguous() for _, v in cross],
+        encoder_keep=encoder_keep[:, None, None, :],
+    )

@@ -1,0 +1,262 @@
+"""Checkpoint I/O in the Hugging Face layout: safe, atomic, and strict about names and shapes.
+
+Load = read tensors (safetensors, sharded safetensors, or ``pytorch_model.bin`` through ``weights_only``),
+normalise key names (``model.`` prefix, tied-embedding aliases), check every name and shape against a model built
+on the ``meta`` device, then assign the tensors without a second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import CONFIG_NAME, PegasusXConfig
+from .errors import CheckpointError, ConfigError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+GENERATION_CONFIG = "generation_config.json"
+# The tied trio: all three are the shared embedding; files may store any subset of them.
+TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+                        ) -> None:
+    """safetensors file written to a temporary name and renamed into place."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata or {"format": "pt"}))
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """``config.json`` + ``model.safetensors`` (+ ``generation_config.json``), each written atomically.
+
+    Like the reference, only ``model.shared.weight`` is stored for the tied embedding trio.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    prefix = "model." if hasattr(model, "lm_head") else ""
+    drop = {prefix + a for a in TIED_ALIASES}
+    if model.config.tie_word_embeddings:
+        drop.add("lm_head.weight")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in drop}
+    atomic_save_tensors(tensors, directory / SAFE_WEIGHTS)
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None):
+        atomic_write_bytes(directory / GENERATION_CONFIG,
+                           (json.dumps(model.generation_config, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def resolve(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """A local checkpoint folder for ``path``: the folder itself, or a hub snapshot downloaded on demand."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local} is a file; pass the checkpoint folder that holds config.json and the weights")
+    text = str(path)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint folder {text!r} does not exist; pass a folder with config.json and "
+                              "model.safetensors, or a hub id such as google/pegasus-x-base")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{text!r} is not a local folder, and loading hub ids needs huggingface_hub: "
+                              "pip install 'pegasus-x[hub]', or download the folder and pass its path") from None
+    patterns = [CONFIG_NAME, GENERATION_CONFIG, "*.safetensors", SAFE_INDEX, "spiece.model", "tokenizer*.json",
+                "special_tokens_map.json"]
+    try:
+        return Path(snapshot_download(text, allow_patterns=patterns, **hub_kwargs))
+    except Exception as exc:  # network, auth, unknown repo: all the user can act on is the message
+        raise CheckpointError(f"could not download {text!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+                              "check the id and your network, or download the folder elsewhere and pass its path"
+                              ) from None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    if (folder / SAFE_WEIGHTS).is_file():
+        return [folder / SAFE_WEIGHTS]
+    if (folder / SAFE_INDEX).is_file():
+        try:
+            index = json.loads((folder / SAFE_INDEX).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{folder / SAFE_INDEX} is malformed ({exc}); re-download it") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder} lacks the shards {missing} listed in {SAFE_INDEX}; download them")
+        return [folder / n for n in names]
+    return []
+
+
+def read_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """Names → (shape, dtype) from the safetensors headers alone (no tensor is read); None for a .bin folder."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(folder)
+    if not files:
+        return None
+    out = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file} is not a valid safetensors file ({exc}); re-download it") from None
+    return out
+
+
+def read_tensors(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint in ``folder`` (CPU)."""
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(folder)
+    if files:
+        state: dict[str, Tensor] = {}
+        for file in files:
+            try:
+                state.update(load_file(file))
+            except Exception as exc:
+                raise CheckpointError(f"{file} could not be read ({exc}); re-download it") from None
+        return state
+    file = folder / TORCH_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"no weights in {folder}: looked for {SAFE_WEIGHTS}, {SAFE_INDEX} and {TORCH_WEIGHTS}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{file} needs to run code to load ({str(exc).splitlines()[0]}), which is refused; "
+                              "ask for a model.safetensors file instead") from None
+    except Exception as exc:
+        raise CheckpointError(f"{file} could not be read ({type(exc).__name__}: {exc}); re-download it") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold a flat state dict of tensors")
+    return state
+
+
+def normalise_keys(names: list[str], with_head: bool) -> dict[str, str]:
+    """Map file key → our key: add/strip the ``model.`` prefix; aliases of the tied embedding map to ``shared``."""
+    prefix = "model." if with_head else ""
+    out = {}
+    for name in names:
+        bare = name[len("model."):] if name.startswith("model.") else name
+        if bare == "lm_head.weight" or name == "lm_head.weight":
+            out[name] = "lm_head.weight"
+            continue
+        if bare in TIED_ALIASES:
+            bare = "shared.weight"
+        out[name] = prefix + bare
+    return out
+
+
+def _expected(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the model's own (de-duplicated) parameters."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None, strict: bool = False, **hub_kwargs: Any):
+    """See :meth:`PegasusXPreTrainedModel.from_pretrained`."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is unknown; use one of fp32, bf16")
+        dtype = DTYPES[dtype]
+    if dtype == torch.float16:
+        raise ConfigError("float16 overflows inside PEGASUS-X (activations exceed 65504); use bfloat16 or float32")
+    folder = resolve(path, **hub_kwargs)
+    config = PegasusXConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = cls(config, init=False)
+    expected = _expected(model)
+    with_head = hasattr(model, "lm_head")
+
+    shapes = read_shapes(folder)
+    if shapes is not None:                         # validate before materialising anything
+        _check_names_shapes({k: v[0] for k, v in shapes.items()}, expected, with_head, folder)
+    state = read_tensors(folder)
+    if shapes is None:
+        _check_names_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, with_head, folder)
+
+    mapping = normalise_keys(list(state), with_head)
+    loaded: dict[str, Tensor] = {}
+    for name, ours in mapping.items():
+        if ours in expected and ours not in loaded:
+            loaded[ours] = state[name]
+    if with_head and config.tie_word_embeddings:
+        loaded.pop("lm_head.weight", None)
+    target_dtype = dtype or next(iter(loaded.values())).dtype
+    if target_dtype == torch.float16:
+        target_dtype = torch.float32
+    bad = []
+    for name, t in loaded.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+        loaded[name] = t.to(device=device or "cpu", dtype=target_dtype)
+    if bad:
+        msg = f"{folder} holds NaN/inf values in {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}"
+        if strict:
+            raise CheckpointError(msg + "; the checkpoint is damaged — re-download or retrain it")
+        warnings.warn(msg + "; outputs will be garbage", stacklevel=3)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if with_head:
+        model.tie_weights()
+    gen = folder / GENERATION_CONFIG
+    if gen.is_file():
+        try:
+            model.generation_config = json.loads(gen.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{gen} is not valid JSON ({exc}); delete or fix it") from None
+    model.eval()
+    return model
+
+
+def _check_names_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], with_head: bool,
+                        folder: Path) -> None:
+    mapping = normalise_keys(list(found), with_head)
+    problems = []
+    unexpected = [k for k, ours in mapping.items() if ours not in expected and ours != "lm_head.weight"]
+    have = set(mapping.values())
+    missing = [k for k in expected if k not in have]
+    mismatched = [f"{k}: file {found[k]} vs model {expected[ours]}" for k, ours in mapping.items()
+                  if ours in expected and tuple(found[k]) != expected[ours]]
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}"
+                        f"{' …' if len(unexpected) > 8 else ''}")
+    if mismatched:
+        problems.append(f"shape mismatch {len(mismatched)}: {'; '.join(mismatched[:8])}")
+    if problems:
+        raise CheckpointError(f"the weights in {folder} do not match its config.json — " + " | ".join(problems)
+                              + "; check that config.json belongs to these weights")

@@ -1,0 +1,532 @@
+"""PEGASUS-X: a block-local/global-token encoder and a pre-LayerNorm decoder.
+
+Module and parameter names equal the Hugging Face checkpoint keys (``model.shared``, ``model.encoder.layers.{i}
+.self_attn.q_proj``, ``global_self_attn_layer_norm``, ``encoder_attn``, ``fc1``/``fc2``, ``lm_head``), so loading
+is an identity mapping plus the tied-embedding rule (see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import BACKENDS, Attention, GlobalLocalAttention
+from .cache import DecoderCache
+from .config import PegasusXConfig
+from .errors import ConfigError, InputError
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class EncoderOutput:
+    """``last_hidden_state`` ``(B, T, D)`` and the ``attention_mask`` ``(B, T)`` it was computed with."""
+
+    last_hidden_state: Tensor
+    attention_mask: Tensor
+
+
+@dataclass
+class Seq2SeqOutput:
+    """Output of :class:`PegasusXModel`: decoder states ``(B, T_dec, D)`` and encoder states ``(B, T, D)``."""
+
+    last_hidden_state: Tensor
+    encoder_last_hidden_state: Tensor
+
+
+@dataclass
+class Seq2SeqLMOutput:
+    """Output of :class:`PegasusXForConditionalGeneration`.
+
+    ``logits`` ``(B, T_dec, V)``; ``loss`` (mean cross-entropy over labels ≠ -100) when labels were given.
+    """
+
+    logits: Tensor
+    encoder_last_hidden_state: Tensor
+    loss: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def sinusoidal_positions(start: int, length: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """Positions ``start … start+length-1`` as ``(length, dim)`` fp32: sin half then cos half (not interleaved).
+
+    Frequency i is exp(-i·ln(10000)/(dim/2 − 1)). Always fp32: in bf16 the angles of late positions are off by
+    whole radians (the reference's bf16 is wrong by up to 2.0 here).
+    """
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None] * freq
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+_ACTIVATIONS = {
+    "relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,
+}
+
+
+def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:
+    """Decoder inputs for teacher forcing: ``[start, labels[:-1]]`` with -100 replaced by pad."""
+    shifted = labels.new_full(labels.shape, decoder_start_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
+
+
+def check_ids(name: str, ids: Any, vocab_size: int) -> Tensor:
+    """Validate a ``(B, T)`` integer id tensor in ``[0, vocab_size)``; raises :class:`InputError` otherwise."""
+    if not isinstance(ids, Tensor):
+        raise InputError(f"{name} must be a torch.LongTensor of shape (batch, length), got {type(ids).__name__}; "
+                         "use the tokenizer with return_tensors='pt'")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(f"{name} must hold integer token ids, got dtype {ids.dtype}; convert with .long()")
+    if ids.dim() != 2:
+        raise InputError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}; add a batch "
+                         "dimension with ids[None]" if ids.dim() == 1 else
+                         f"{name} must have shape (batch, length), got {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {tuple(ids.shape)}); give at least one sequence of one token")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size}); was it made by "
+                         "another tokenizer?")
+    return ids.long()
+
+
+def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor:
+    """Validate a 0/1 mask with the shape of ``ids`` and no all-zero row; returns it as bool."""
+    if not isinstance(mask, Tensor):
+        raise InputError(f"{name} must be a tensor of shape {tuple(ids.shape)}, got {type(mask).__name__}")
+    if mask.shape != ids.shape:
+        raise InputError(f"{name} has shape {tuple(mask.shape)} but the ids have shape {tuple(ids.shape)}; "
+                         "they must match")
+    if mask.device != ids.device:
+        raise InputError(f"{name} is on {mask.device} but the ids are on {ids.device}; move both to one device")
+    keep = mask.bool() if mask.dtype == torch.bool else mask != 0
+    if not bool(keep.any(dim=1).all()):
+        raise InputError(f"{name} has a row of all zeros: every sequence needs at least one real token")
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
+    """fc2(dropout(act(fc1(x)))) then dropout — shared by encoder and decoder layers."""
+    h = layer.activation(layer.fc1(x))
+    h = F.dropout(h, layer.activation_dropout, layer.training)
+    return F.dropout(layer.fc2(h), layer.dropout, layer.training)
+
+
+class PegasusXEncoderLayer(nn.Module):
+    """Pre-LN layer over two streams: tokens (block-local attention) and globals (attend to everything)."""
+
+    def __init__(self, config: PegasusXConfig, stagger: bool):
+        super().__init__()
+        d = config.d_model
+        self.stagger = stagger
+        self.block_size = config.block_size
+        self.self_attn = GlobalLocalAttention(d, config.encoder_attention_heads, config.block_size,
+                                              config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.global_self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.activation = _ACTIVATIONS[config.activation_function]
+        self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
+
+    def forward(self, x: Tensor, g: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """x ``(B, P, D)`` (P a block multiple), g ``(B, G, D)``, keep ``(B, P)`` → updated (x, g)."""
+        h, hg = self.self_attn_layer_norm(x), self.global_self_attn_layer_norm(g)
+        if self.stagger:
+            # Shift block boundaries by half a block: K/2 masked positions on both sides, one block more.
+            half = self.block_size // 2
+            h = F.pad(h, (0, 0, half, half))
+            keep = F.pad(keep, (half, half), value=False)
+        a, ag = self.self_attn(h, hg, keep)
+        if self.stagger:
+            a = a[:, half:-half]
+        x = x + F.dropout(a, self.dropout, self.training)
+        g = g + F.dropout(ag, self.dropout, self.training)
+        # One final LayerNorm and FFN serve both streams.
+        x = x + _ffn(self, self.final_layer_norm(x))
+        g = g + _ffn(self, self.final_layer_norm(g))
+        return x, g
+
+
+class PegasusXDecoderLayer(nn.Module):
+    """Pre-LN: causal self-attention, cross-attention to the encoder tokens, FFN."""
+
+    def __init__(self, config: PegasusXConfig):
+        super().__init__()
+        d, heads = config.d_model, config.decoder_attention_heads
+        self.self_attn = Attention(d, heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = Attention(d, heads, config.attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.activation = _ACTIVATIONS[config.activation_function]
+        self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
+
+    def forward(self, x: Tensor, self_keep: Tensor | None, cross_k: Tensor, cross_v: Tensor,
+                cross_keep: Tensor, cache: DecoderCache | None, index: int) -> Tensor:
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.project_kv(h)
+        if cache is not None:
+            k, v = cache.update(index, k, v)
+        x = x + F.dropout(self.self_attn(h, k, v, self_keep), self.dropout, self.training)
+        h = self.encoder_attn_layer_norm(x)
+        x = x + F.dropout(self.encoder_attn(h, cross_k, cross_v, cross_keep), self.dropout, self.training)
+        return x + _ffn(self, self.final_layer_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------- stacks
+class PegasusXEncoder(nn.Module):
+    """Token embedding (shared) + sinusoidal positions + global tokens → layers → final LayerNorm on tokens."""
+
+    def __init__(self, config: PegasusXConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens     # the shared embedding; appears in state_dict as an alias, like the reference
+        self.embed_global = nn.Embedding(config.num_global_tokens, config.d_model)
+        self.layers = nn.ModuleList(
+            PegasusXEncoderLayer(config, stagger=config.stagger_local_blocks and i % 2 == 1)
+            for i in range(config.encoder_layers))
+        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = False
+        self._warned_length = False
+
+    def forward(self, input_ids: Tensor, keep: Tensor) -> Tensor:
+        """input_ids ``(B, T)``, keep ``(B, T)`` bool → token states ``(B, T, D)``."""
+        cfg = self.config
+        B, T = input_ids.shape
+        if T > cfg.max_position_embeddings and not self._warned_length:
+            warnings.warn(f"input of {T} tokens is longer than max_position_embeddings="
+                          f"{cfg.max_position_embeddings}; sinusoidal positions extrapolate, quality may drop",
+                          stacklevel=3)
+            self._warned_length = True
+        x = _embed(self.embed_tokens, input_ids, cfg, start=0)
+        x = F.dropout(x, cfg.dropout, self.training)
+        K = cfg.block_size
+        pad = -T % K                                       # pad once, on the right, to a block multiple
+        x = F.pad(x, (0, 0, 0, pad))
+        keep = F.pad(keep, (0, pad), value=False)
+        g = self.embed_global.weight[None].expand(B, -1, -1).to(x.dtype)
+        for layer in self.layers:
+            if self.training and cfg.encoder_layerdrop > 0 and torch.rand(()) < cfg.encoder_layerdrop:
+                continue
+            if self.gradient_checkpointing and self.training:
+                x, g = checkpoint(layer, x, g, keep, use_reentrant=False)
+            else:
+                x, g = layer(x, g, keep)
+        return self.layer_norm(x[:, :T])
+
+
+class PegasusXDecoder(nn.Module):
+    """Shared embedding + positions → pre-LN layers → final LayerNorm."""
+
+    def __init__(self, config: PegasusXConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(PegasusXDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, encoder_states: Tensor | None, encoder_keep: Tensor | None,
+                keep: Tensor | None = None, cache: DecoderCache | None = None) -> Tensor:
+        """Decode.
+
+        Args:
+            input_ids: ``(R, T)`` decoder tokens (R = rows; with a cache, the new tokens only).
+            encoder_states: ``(B, S, D)``; unused when ``cache`` holds the cross-attention keys.
+            encoder_keep: ``(B, S)`` bool; unused with a cache.
+            keep: ``(R, T)`` bool decoder padding mask (training only), or None.
+            cache: incremental-decoding cache; positions continue from ``cache.length``.
+        Returns:
+            ``(R, T, D)`` final decoder states.
+        """
+        cfg = self.config
+        R, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        x = F.dropout(_embed(self.embed_tokens, input_ids, cfg, start=start), cfg.dropout, self.training)
+        # Self-attention mask: query i (absolute start+i) sees keys j <= start+i.
+        self_keep = None
+        if T > 1 or keep is not None:
+            j = torch.arange(start + T, device=x.device)
+            self_keep = (j[None, :] <= j[start:, None])[None, None]                    # (1, 1, T, start+T)
+            if keep is not None:
+                self_keep = self_keep & keep[:, None, None, :]
+        if cache is not None:
+            cross = list(zip(cache.cross_k, cache.cross_v))
+            cross_keep = cache.encoder_keep
+        else:
+            cross = [layer.encoder_attn.project_kv(encoder_states) for layer in self.layers]
+            cross_keep = encoder_keep[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            if self.training and cfg.decoder_layerdrop > 0 and torch.rand(()) < cfg.decoder_layerdrop:
+                continue
+            args = (x, self_keep, cross[i][0], cross[i][1], cross_keep, cache, i)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        if cache is not None:
+            cache.length += T
+        return self.layer_norm(x)
+
+
+def _embed(table: nn.Embedding, ids: Tensor, cfg: PegasusXConfig, start: int) -> Tensor:
+    x = table(ids)
+    if cfg.scale_embedding:
+        x = x * math.sqrt(cfg.d_model)
+    return x + sinusoidal_positions(start, ids.shape[1], cfg.d_model, ids.device).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+class PegasusXPreTrainedModel(nn.Module):
+    """What both public models share: checkpoint I/O, init, gradient checkpointing, the attention switch."""
+
+    def __init__(self, config: PegasusXConfig):
+        super().__init__()
+        if not isinstance(config, PegasusXConfig):
+            raise ConfigError(f"expected a PegasusXConfig, got {type(config).__name__}")
+        self.config = config
+        self.generation_config: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, strict: bool = False, **hub_kwargs: Any):
+        """Load a checkpoint folder (or hub id) in the Hugging Face layout.
+
+        Args:
+            path: folder with ``config.json`` and ``model.safetensors`` / a sharded index / ``pytorch_model.bin``,
+                or a hub id such as ``google/pegasus-x-base`` (needs ``huggingface_hub`` and network).
+            dtype: ``torch.float32`` / ``torch.bfloat16`` (or "fp32"/"bf16"); default: as stored, fp16 → fp32.
+            device: where the weights go (default CPU).
+            strict: turn the warning about NaN/inf weights into an error.
+        Raises:
+            CheckpointError: files missing/unsafe, or keys/shapes not matching the config (all named at once).
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict, **hub_kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json``, ``model.safetensors`` (and ``generation_config.json``) atomically."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    def init_weights(self) -> None:
+        """Reference initialisation: N(0, init_std) for linear and embedding weights, zero biases, pad row zero."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations in the backward pass (memory ∝ layers, not layers × length)."""
+        for module in self.modules():
+            if isinstance(module, (PegasusXEncoder, PegasusXDecoder)):
+                module.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (PegasusXEncoder, PegasusXDecoder)):
+                module.gradient_checkpointing = False
+
+    def set_attention_backend(self, backend: str) -> None:
+        """``"sdpa"`` (fused kernels, default) or ``"eager"`` (explicit softmax; the readable reference)."""
+        if backend not in BACKENDS:
+            raise ConfigError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
+        for module in self.modules():
+            if isinstance(module, (Attention, GlobalLocalAttention)):
+                module.backend = backend
+
+    def num_parameters(self) -> int:
+        """Parameter count with the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shared_embedding().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared_embedding().weight.device
+
+    def _check_dtype(self) -> None:
+        if self.dtype == torch.float16:
+            raise ConfigError("float16 overflows inside PEGASUS-X (activations exceed 65504); use torch.bfloat16 "
+                              "or torch.float32")
+
+    def _encode(self, model: "PegasusXModel", input_ids: Tensor, attention_mask: Tensor | None) -> EncoderOutput:
+        self._check_dtype()
+        input_ids = check_ids("input_ids", input_ids, self.config.vocab_size)
+        if input_ids.device != self.device:
+            raise InputError(f"input_ids are on {input_ids.device} but the model is on {self.device}; "
+                             "move them with .to(model.device)")
+        keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else check_mask("attention_mask", attention_mask, input_ids))
+        return EncoderOutput(model.encoder(input_ids, keep), keep)
+
+    def _decoder_inputs(self, decoder_input_ids: Tensor | None, labels: Tensor | None,
+                        decoder_attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        cfg = self.config
+        if decoder_input_ids is None:
+            if labels is None:
+                raise InputError("give decoder_input_ids or labels (decoder inputs are made by shifting labels)")
+            decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        decoder_input_ids = check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size)
+        keep = None
+        if decoder_attention_mask is not None:
+            keep = check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+            if not bool(keep[:, 0].all()):
+                raise InputError("decoder_attention_mask masks the first decoder position (the start token); "
+                                 "keep it 1 — a masked start leaves nothing to attend to")
+        return decoder_input_ids, keep
+
+
+class PegasusXModel(PegasusXPreTrainedModel):
+    """Encoder + decoder without the LM head; keys are the reference's without the ``model.`` prefix."""
+
+    def __init__(self, config: PegasusXConfig, init: bool = True):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = PegasusXEncoder(config, self.shared)
+        self.decoder = PegasusXDecoder(config, self.shared)
+        if init:
+            self.init_weights()
+
+    def shared_embedding(self) -> nn.Embedding:
+        return self.shared
+
+    def get_encoder(self) -> PegasusXEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> PegasusXDecoder:
+        return self.decoder
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
+        """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``."""
+        return self._encode(self, input_ids, attention_mask)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                encoder_outputs: EncoderOutput | None = None) -> Seq2SeqOutput:
+        """Encoder-decoder forward pass.
+
+        Args:
+            input_ids: ``(B, T)`` source ids (right padded); not needed when ``encoder_outputs`` is given.
+            attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding.
+            decoder_input_ids: ``(B, T_dec)``, starting with decoder_start_token_id.
+            decoder_attention_mask: ``(B, T_dec)``; its first column must be 1.
+            encoder_outputs: a precomputed :class:`EncoderOutput`.
+        Returns:
+            :class:`Seq2SeqOutput`.
+        Raises:
+            InputError: malformed ids or masks.
+        """
+        enc = encoder_outputs if encoder_outputs is not None else self.encode(input_ids, attention_mask)
+        dec_ids, dec_keep = self._decoder_inputs(decoder_input_ids, None, decoder_attention_mask)
+        h = self.decoder(dec_ids, enc.last_hidden_state, enc.attention_mask, dec_keep)
+        return Seq2SeqOutput(h, enc.last_hidden_state)
+
+
+class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
+    """PEGASUS-X with the tied LM head: logits, loss and :meth:`generate`."""
+
+    def __init__(self, config: PegasusXConfig, init: bool = True):
+        super().__init__(config)
+        self.model = PegasusXModel(config, init=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.shared.weight
+        if init:
+            self.init_weights()
+
+    def shared_embedding(self) -> nn.Embedding:
+        return self.model.shared
+
+    def get_encoder(self) -> PegasusXEncoder:
+        return self.model.encoder
+
+    def get_decoder(self) -> PegasusXDecoder:
+        return self.model.decoder
+
+    def tie_weights(self) -> None:
+        """Point ``lm_head`` at the shared embedding again (after ``load_state_dict(assign=True)``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.shared.weight
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
+        """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``."""
+        return self._encode(self.model, input_ids, attention_mask)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, encoder_outputs: EncoderOutput | None = None) -> Seq2SeqLMOutput:
+        """Logits (and loss with ``labels``).
+
+        Args:
+            input_ids, attention_mask: ``(B, T)`` source, right padded.
+            decoder_input_ids: ``(B, T_dec)``; made from ``labels`` by shifting right when omitted.
+            decoder_attention_mask: ``(B, T_dec)``; its first column must be 1.
+            labels: ``(B, T_dec)`` target ids, -100 where ignored.
+            encoder_outputs: a precomputed :class:`EncoderOutput`.
+        Returns:
+            :class:`Seq2SeqLMOutput` with ``logits (B, T_dec, V)``.
+        Raises:
+            InputError: malformed ids, masks or labels.
+        """
+        enc = encoder_outputs if encoder_outputs is not None else self.encode(input_ids, attention_mask)
+        if labels is not None:
+            labels = _check_labels(labels, self.config.vocab_size)
+        dec_ids, dec_keep = self._decoder_inputs(decoder_input_ids, labels, decoder_attention_mask)
+        h = self.model.decoder(dec_ids, enc.last_hidden_state, enc.attention_mask, dec_keep)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            if labels.shape != dec_ids.shape:
+                raise InputError(f"labels have shape {tuple(labels.shape)} but decoder inputs have "
+                                 f"{tuple(dec_ids.shape)}; they must match")
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return Seq2SeqLMOutput(logits, enc.last_hidden_state, loss)
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any):
+        """Summarize: see :func:`pegasus_x.generate.generate` for the options."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+
+def _check_labels(labels: Any, vocab_size: int) -> Tensor:
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dim() != 2:
+        raise InputError("labels must be an integer tensor of shape (batch, length), -100 where ignored")
+    real = labels[labels != IGNORE_INDEX]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+        raise InputError(f"labels hold ids outside [0, {vocab_size}) other than -100 (the ignore index)")
+    return labels.long()
