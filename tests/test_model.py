@@ -156,3 +156,16 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
         grads.append([p.grad.clone() for p in ours.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_ffn_at_inference_equals_one_pass(tmp_path, monkeypatch):
+    import pegasus_x.model as model_module
+
+    _, ours, _ = reference_twin(tmp_path, seed=9)
+    ids, mask, dec = random_batch([37, 20], 96, seed=6)
+    with torch.enable_grad():
+        whole = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.detach()
+    monkeypatch.setattr(model_module, "FFN_CHUNK", 5)
+    with torch.no_grad():
+        chunked = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)

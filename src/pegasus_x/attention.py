@@ -18,7 +18,7 @@ BACKENDS = ("sdpa", "eager")
 
 def attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout_p: float = 0.0,
            backend: str = "sdpa") -> Tensor:
-    """softmax(q kᵀ + mask) v for queries that are already scaled by head_dim^-0.5.
+    """softmax(q kᵀ / sqrt(head_dim) + mask) v.
 
     Args:
         q: ``(..., Lq, hd)``; k, v: ``(..., Lk, hd)`` (leading dims equal).
@@ -29,8 +29,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout_p: floa
         ``(..., Lq, hd)`` in the dtype of ``q``.
     """
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=1.0)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()
     if keep is not None:
         # The most negative finite value, like the reference: exp() of it is exactly 0, and a row can never
         # turn into NaN the way an all -inf row does.
@@ -74,7 +74,7 @@ class GlobalLocalAttention(nn.Module):
         # One projection call per weight for both streams: the globals ride in front of the tokens, which also
         # lays out the global queries' keys [globals ‖ tokens] without a concatenation later.
         h = torch.cat([g, x], dim=1)                                          # (B, G+P, D)
-        q = (self.q_proj(h) * self.head_dim ** -0.5).view(B, G + P, H, hd)
+        q = self.q_proj(h).view(B, G + P, H, hd)
         k = self.k_proj(h).view(B, G + P, H, hd)
         v = self.v_proj(h).view(B, G + P, H, hd)
         p_drop = self.dropout if self.training else 0.0
@@ -139,7 +139,7 @@ class Attention(nn.Module):
         R, T, D = x.shape
         B, H, hd = k.shape[0], self.num_heads, self.head_dim
         group = R // B
-        q = (self.q_proj(x) * hd ** -0.5).view(B, group, T, H, hd).permute(0, 3, 1, 2, 4).reshape(B, H, group * T, hd)
+        q = self.q_proj(x).view(B, group, T, H, hd).permute(0, 3, 1, 2, 4).reshape(B, H, group * T, hd)
         out = attend(q, k, v, keep, self.dropout if self.training else 0.0, self.backend)
         out = out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D)
         return self.out_proj(out)

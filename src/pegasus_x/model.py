@@ -119,8 +119,14 @@ def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- layers
+FFN_CHUNK = 4096  # tokens per FFN call at inference: bounds the (T, ffn_dim) intermediate on 16K+ inputs
+
+
 def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
     """fc2(dropout(act(fc1(x)))) then dropout — shared by encoder and decoder layers."""
+    if not torch.is_grad_enabled() and x.shape[1] > FFN_CHUNK:
+        # Without autograd nothing needs the intermediate later: run it a slice of tokens at a time.
+        return torch.cat([_ffn(layer, part) for part in x.split(FFN_CHUNK, dim=1)], dim=1)
     h = layer.activation(layer.fc1(x))
     h = F.dropout(h, layer.activation_dropout, layer.training)
     return F.dropout(layer.fc2(h), layer.dropout, layer.training)
