@@ -204,9 +204,11 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     shapes = read_shapes(folder)
     if shapes is not None:                         # validate before materialising anything
         _check_names_shapes({k: v[0] for k, v in shapes.items()}, expected, with_head, folder)
+        _check_dtypes({k: v[1] for k, v in shapes.items()}, folder)
     state = read_tensors(folder)
     if shapes is None:
         _check_names_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, with_head, folder)
+        _check_dtypes({k: str(v.dtype) for k, v in state.items()}, folder)
 
     mapping = normalise_keys(list(state), with_head)
     loaded: dict[str, Tensor] = {}
@@ -239,6 +241,14 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
             raise CheckpointError(f"{gen} is not valid JSON ({exc}); delete or fix it") from None
     model.eval()
     return model
+
+
+def _check_dtypes(dtypes: dict[str, str], folder: Path) -> None:
+    floating = ("F64", "F32", "F16", "BF16", "torch.float64", "torch.float32", "torch.float16", "torch.bfloat16")
+    bad = [f"{k} ({v})" for k, v in dtypes.items() if v not in floating]
+    if bad:
+        raise CheckpointError(f"the weights in {folder} hold tensors that are not a floating-point type: "
+                              f"{', '.join(bad[:5])}; the file is not a PEGASUS-X checkpoint or is damaged")
 
 
 def _check_names_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], with_head: bool,

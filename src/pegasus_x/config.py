@@ -53,6 +53,7 @@ class PegasusXConfig:
     block_size: int = 512
     stagger_local_blocks: bool = True
     tie_word_embeddings: bool = True
+    layer_norm_eps: float = 1e-5      # not in the reference config (always 1e-5 there); 1e-12 for Flax conversions
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class PegasusXConfig:
         if self.stagger_local_blocks and self.block_size % 2:
             raise ConfigError(f"config.block_size={self.block_size} must be even when stagger_local_blocks is on "
                               "(odd layers shift blocks by block_size/2); use an even size or turn staggering off")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
+            raise ConfigError(f"config.layer_norm_eps must be a small positive number, got {self.layer_norm_eps!r}")
         if self.activation_function not in ACTIVATIONS:
             raise ConfigError(f"config.activation_function={self.activation_function!r} is unknown; "
                               f"use one of {', '.join(ACTIVATIONS)}")

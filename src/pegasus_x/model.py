@@ -142,11 +142,11 @@ class PegasusXEncoderLayer(nn.Module):
         self.block_size = config.block_size
         self.self_attn = GlobalLocalAttention(d, config.encoder_attention_heads, config.block_size,
                                               config.attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.global_self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.global_self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
         self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d)
+        self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
@@ -176,12 +176,12 @@ class PegasusXDecoderLayer(nn.Module):
         super().__init__()
         d, heads = config.d_model, config.decoder_attention_heads
         self.self_attn = Attention(d, heads, config.attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.encoder_attn = Attention(d, heads, config.attention_dropout)
-        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
         self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d)
+        self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
@@ -209,7 +209,7 @@ class PegasusXEncoder(nn.Module):
         self.layers = nn.ModuleList(
             PegasusXEncoderLayer(config, stagger=config.stagger_local_blocks and i % 2 == 1)
             for i in range(config.encoder_layers))
-        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self._warned_length = False
 
@@ -247,7 +247,7 @@ class PegasusXDecoder(nn.Module):
         self.config = config
         self.embed_tokens = embed_tokens
         self.layers = nn.ModuleList(PegasusXDecoderLayer(config) for _ in range(config.decoder_layers))
-        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: Tensor, encoder_states: Tensor | None, encoder_keep: Tensor | None,
