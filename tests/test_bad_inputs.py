@@ -1,0 +1,226 @@
+"""Bad input at every public entry point: our exception type, a phrase naming the problem, no file touched.
+
+Plus hypothesis property tests (random ids/masks/lengths/options → a correct result or one of our exceptions,
+never anything else) and a kill test (a process SIGKILLed while saving leaves a loadable checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_kwargs
+from pegasus_x import (CheckpointError, ConfigError, InputError, PegasusXConfig, PegasusXError,
+                       PegasusXForConditionalGeneration, TokenizerError)
+from pegasus_x.tokenizer import PegasusTokenizer
+
+V = 96
+torch.manual_seed(0)
+MODEL = PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).eval()
+TOK = PegasusTokenizer.pegasus()
+IDS = torch.randint(2, V, (2, 11))
+DEC = torch.zeros(2, 3, dtype=torch.long)
+
+
+def _fwd(**kw):
+    args = dict(input_ids=IDS, decoder_input_ids=DEC)
+    args.update(kw)
+    return lambda: MODEL(**args)
+
+
+def _save_folder(tmp: Path, mutate) -> Path:
+    folder = tmp / "ckpt"
+    MODEL.save_pretrained(folder)
+    mutate(folder)
+    return folder
+
+
+def _load(mutate):
+    def run(tmp):
+        folder = _save_folder(tmp, mutate)
+        PegasusXForConditionalGeneration.from_pretrained(folder)
+    return run
+
+
+def _write(name, text):
+    return lambda folder: (folder / name).write_text(text)
+
+
+def _edit_config(**changes):
+    def mutate(folder):
+        data = json.loads((folder / "config.json").read_text())
+        data.update(changes)
+        (folder / "config.json").write_text(json.dumps(data))
+    return mutate
+
+
+def _edit_weights(fn):
+    def mutate(folder):
+        state = load_file(folder / "model.safetensors")
+        fn(state)
+        save_file(state, folder / "model.safetensors")
+    return mutate
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _evil_bin(folder):
+    (folder / "model.safetensors").unlink()
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.shared.weight": _Evil()}, f)
+
+
+# (id, callable, expected type, phrase). Callables taking one argument get a temporary folder.
+CASES = [
+    # model forward
+    ("ids-float", _fwd(input_ids=IDS.float()), InputError, "integer token ids"),
+    ("ids-1d", _fwd(input_ids=IDS[0]), InputError, "ids[None]"),
+    ("ids-3d", _fwd(input_ids=IDS[None]), InputError, "(batch, length)"),
+    ("ids-list", _fwd(input_ids=[[1, 2]]), InputError, "LongTensor"),
+    ("ids-too-big", _fwd(input_ids=torch.full((1, 4), V)), InputError, "outside the vocabulary"),
+    ("ids-negative", _fwd(input_ids=torch.full((1, 4), -3)), InputError, "outside the vocabulary"),
+    ("ids-empty-batch", _fwd(input_ids=torch.zeros(0, 4, dtype=torch.long)), InputError, "empty"),
+    ("ids-zero-length", _fwd(input_ids=torch.zeros(2, 0, dtype=torch.long)), InputError, "empty"),
+    ("mask-shape", _fwd(attention_mask=torch.ones(2, 5)), InputError, "must match"),
+    ("mask-all-zero", _fwd(attention_mask=torch.zeros(2, 11)), InputError, "all zeros"),
+    ("mask-not-tensor", _fwd(attention_mask=[[1] * 11] * 2), InputError, "must be a tensor"),
+    ("dec-mask-start", _fwd(decoder_attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]])), InputError,
+     "start token"),
+    ("dec-ids-too-big", _fwd(decoder_input_ids=torch.full((2, 3), 10_000)), InputError, "outside the vocabulary"),
+    ("labels-float", _fwd(labels=torch.ones(2, 3)), InputError, "labels"),
+    ("labels-out-of-range", _fwd(labels=torch.full((2, 3), 500)), InputError, "ignore index"),
+    ("labels-shape", _fwd(labels=torch.ones(2, 4, dtype=torch.long)), InputError, "must match"),
+    ("no-decoder-inputs", lambda: MODEL(input_ids=IDS), InputError, "decoder_input_ids or labels"),
+    ("fp16-model", lambda: PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).half()(
+        input_ids=IDS, decoder_input_ids=DEC), ConfigError, "bfloat16"),
+    # config
+    ("cfg-heads", lambda: PegasusXConfig(d_model=30, encoder_attention_heads=4), ConfigError, "not divisible"),
+    ("cfg-odd-block", lambda: PegasusXConfig(block_size=9), ConfigError, "even"),
+    ("cfg-zero-layers", lambda: PegasusXConfig(decoder_layers=0), ConfigError, "positive integer"),
+    ("cfg-activation", lambda: PegasusXConfig(activation_function="swishy"), ConfigError, "unknown"),
+    ("cfg-not-dict", lambda: PegasusXConfig.from_dict([1, 2]), ConfigError, "JSON object"),
+    ("cfg-bool-size", lambda: PegasusXConfig(d_model=True), ConfigError, "positive integer"),
+    ("cfg-backend", lambda: MODEL.set_attention_backend("flash9"), ConfigError, "unknown"),
+    # checkpoint loading
+    ("ckpt-missing-folder", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp / "none"),
+     CheckpointError, "does not exist"),
+    ("ckpt-file-not-folder", lambda tmp: (tmp.joinpath("f").write_text("x"),
+                                         PegasusXForConditionalGeneration.from_pretrained(tmp / "f")),
+     CheckpointError, "is a file"),
+    ("ckpt-no-config", _load(lambda f: (f / "config.json").unlink()), CheckpointError, "no config.json"),
+    ("ckpt-bad-json", _load(_write("config.json", "{not json")), CheckpointError, "not valid JSON"),
+    ("ckpt-bad-config-value", _load(_edit_config(block_size=7)), ConfigError, "even"),
+    ("ckpt-no-weights", _load(lambda f: (f / "model.safetensors").unlink()), CheckpointError, "no weights"),
+    ("ckpt-corrupt-safetensors", _load(_write("model.safetensors", "garbage")), CheckpointError,
+     "not a valid safetensors"),
+    ("ckpt-shape-mismatch", _load(_edit_config(encoder_ffn_dim=64)), CheckpointError, "shape mismatch"),
+    ("ckpt-missing-key", _load(_edit_weights(lambda s: s.pop("model.encoder.layer_norm.bias"))), CheckpointError,
+     "model.encoder.layer_norm.bias"),
+    ("ckpt-int-weights", _load(_edit_weights(lambda s: s.update({"model.encoder.layer_norm.bias":
+                                                                 torch.zeros(32, dtype=torch.int64)}))),
+     CheckpointError, "not a floating"),
+    ("ckpt-pickle-code", _load(_evil_bin), CheckpointError, "refused"),
+    ("ckpt-nan-strict", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(_save_folder(
+        tmp, _edit_weights(lambda s: s["model.encoder.layer_norm.weight"].fill_(float("nan")))), strict=True),
+     CheckpointError, "NaN"),
+    ("ckpt-bad-index", _load(lambda f: ((f / "model.safetensors").unlink(),
+                                        (f / "model.safetensors.index.json").write_text("[]"))),
+     CheckpointError, "malformed"),
+    ("ckpt-bad-dtype-arg", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, dtype="int8"),
+     ConfigError, "unknown"),
+    # tokenizer
+    ("tok-none", lambda: TOK(None), TokenizerError, "expected text"),
+    ("tok-bytes", lambda: TOK(b"abc"), TokenizerError, "decode bytes"),
+    ("tok-list-int", lambda: TOK(["a", 3]), TokenizerError, "text[1]"),
+    ("tok-missing-folder", lambda tmp: PegasusTokenizer.from_pretrained(tmp / "nope"), TokenizerError,
+     "does not exist"),
+    ("tok-empty-folder", lambda tmp: PegasusTokenizer.from_pretrained(tmp), TokenizerError, "tokenizer.json"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_our_error(case, tmp_path):
+    name, fn, exc_type, phrase = case
+    work = tmp_path / "work"
+    work.mkdir()
+    takes_tmp = fn.__code__.co_argcount == 1
+    before = _snapshot(Path.cwd() / "src")
+    with pytest.raises(exc_type) as info:
+        fn(work) if takes_tmp else fn()
+    assert isinstance(info.value, PegasusXError)
+    assert phrase.lower() in str(info.value).lower(), str(info.value)
+    assert _snapshot(Path.cwd() / "src") == before
+    if not takes_tmp:
+        assert not any(work.iterdir())
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 40
+
+
+# ---------------------------------------------------------------------------------------------- properties
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(batch=st.integers(0, 3), length=st.integers(0, 30), dec_len=st.integers(0, 4), low=st.integers(-2, V),
+       high=st.integers(0, V + 2), mask_kind=st.sampled_from(["none", "ones", "random", "zeros", "wrong-shape"]),
+       dtype=st.sampled_from([torch.long, torch.int32, torch.float32]), seed=st.integers(0, 2**16))
+def test_forward_property(batch, length, dec_len, low, high, mask_kind, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = min(low, high), max(low, high) + 1
+    ids = torch.randint(lo, hi, (batch, length), generator=g).to(dtype)
+    mask = {"none": None, "ones": torch.ones(batch, length), "zeros": torch.zeros(batch, length),
+            "random": torch.randint(0, 2, (batch, length), generator=g),
+            "wrong-shape": torch.ones(batch, length + 1)}[mask_kind]
+    dec = torch.zeros(batch, dec_len, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            out = MODEL(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    except PegasusXError:
+        return
+    assert out.logits.shape == (batch, dec_len, V)
+    assert torch.isfinite(out.logits).all()
+
+
+# ---------------------------------------------------------------------------------------------- kill test
+def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
+    folder = tmp_path / "ckpt"
+    big = PegasusXConfig(**tiny_kwargs(d_model=256, encoder_ffn_dim=1024, decoder_ffn_dim=1024, vocab_size=4096))
+    PegasusXForConditionalGeneration(big).save_pretrained(folder)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration
+        cfg = PegasusXConfig.from_pretrained({str(folder)!r})
+        model = PegasusXForConditionalGeneration(cfg)
+        print("ready", flush=True)
+        while True:
+            model.save_pretrained({str(folder)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    loaded = PegasusXForConditionalGeneration.from_pretrained(folder)
+    assert loaded.config.d_model == 256
