@@ -4,10 +4,13 @@ from .config import PegasusXConfig
 from .errors import (CheckpointError, ConfigError, DataError, GenerationError, InputError, PegasusXError,
                      TokenizerError)
 from .model import PegasusXForConditionalGeneration, PegasusXModel
+from .summarize import Summarizer, Summary, TextStreamer, summarize
+from .tokenizer import PegasusTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PegasusXConfig", "PegasusXModel", "PegasusXForConditionalGeneration", "PegasusXError", "ConfigError",
-    "CheckpointError", "InputError", "GenerationError", "TokenizerError", "DataError", "__version__",
+    "PegasusXConfig", "PegasusXModel", "PegasusXForConditionalGeneration", "PegasusTokenizer", "Summarizer",
+    "Summary", "TextStreamer", "summarize", "PegasusXError", "ConfigError", "CheckpointError", "InputError",
+    "GenerationError", "TokenizerError", "DataError", "__version__",
 ]

@@ -1,0 +1,488 @@
+"""The `pegasus-x` command: `summarize` and `info` here; other modules plug in their own subcommands.
+
+Every subcommand parses into a typed options dataclass and returns an exit status. Errors a user can cause
+raise :class:`~pegasus_x.errors.PegasusXError`; :func:`main` prints them as one ``pegasus-x: error: ...`` line
+and exits with status 2, like argparse's own usage errors. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, PegasusXError
+
+PROG = "pegasus-x"
+# Modules that add subcommands through `register(subparsers)`; each sets `func=` (args -> exit status).
+_PLUGINS = ("pegasus_x.train", "pegasus_x.convert", "pegasus_x.pretraining")
+TEXT_FIELD = "text"
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+# Generation flags of `summarize`: flag dest == generate() option name; None means "the checkpoint's default".
+GENERATION_FLAGS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size")
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run the `pegasus-x` command line.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for a usage error or a :class:`PegasusXError`, 130 on Ctrl-C.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0) and usage errors (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except PegasusXError as exc:
+            message = " ".join(str(exc).split())
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every subcommand: the built-in ones and those of the installed plugin modules."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="PEGASUS-X long-document summarization.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _register_summarize(subparsers)
+    _register_info(subparsers)
+    for name in _PLUGINS:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def _show_warning(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """Warnings as one line, like errors (the default format adds a file name and a source line)."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- summarize
+@dataclass
+class SummarizeOptions:
+    """What `pegasus-x summarize` was asked to do (argparse holds the defaults)."""
+
+    paths: list[str]
+    input: str | None
+    text_field: str
+    output: str | None
+    model: str | None
+    dtype: str | None
+    device: str | None
+    batch_size: int
+    max_input_tokens: int | None
+    chunked: bool
+    stream: bool
+    newline_to_n: bool
+    generation: dict[str, Any]  # only the flags given; the rest come from the checkpoint
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SummarizeOptions:
+        return cls(paths=args.paths, input=args.input, text_field=args.text_field, output=args.output,
+                   model=args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                   batch_size=args.batch_size, max_input_tokens=args.max_input_tokens, chunked=args.chunked,
+                   stream=args.stream, newline_to_n=args.newline_to_n,
+                   generation={k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None})
+
+
+def _register_summarize(subparsers: Any) -> None:
+    from .summarize import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+
+    p = subparsers.add_parser(
+        "summarize", help="summarize text or Markdown files, stdin, or a JSONL corpus",
+        description="Summarize text or Markdown files (or stdin: '-', or no PATH with piped input). One input: the "
+                    "summary goes to stdout; several: each under a '==> PATH <==' header, or one JSON record per "
+                    "input with --output. Under torchrun the inputs are split across the processes.")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="text or Markdown files; '-' reads stdin")
+    p.add_argument("--input", metavar="JSONL", help="a corpus: one JSON object per line with a text field "
+                   "(and an optional 'id'); instead of PATHs")
+    p.add_argument("--text-field", default=TEXT_FIELD, metavar="NAME", help="field of --input holding the text "
+                   "(default: %(default)s)")
+    p.add_argument("--output", metavar="FILE.jsonl", help="write one JSON record per input (written when all are "
+                   "done; nothing is written on failure)")
+    p.add_argument("--model", metavar="DIR|HUB_ID", help="checkpoint folder or hub id (default: the bundled demo "
+                   "model)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="weights and activations (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help="inputs generated together (default: %(default)s)")
+    p.add_argument("--max-input-tokens", type=_positive_int, metavar="N", help="read at most N tokens of each "
+                   "input (default: what the model takes)")
+    p.add_argument("--chunked", action="store_true", help="summarize a too-long input chunk by chunk, then the "
+                   "joined chunk summaries (default: truncate it, with a warning)")
+    p.add_argument("--stream", action="store_true", help="print each summary while it is generated (greedy "
+                   "unless --num-beams is given)")
+    p.add_argument("--newline-to-n", action="store_true", help="map newlines to the <n> piece and back, for "
+                   "models fine-tuned with the original PEGASUS pipeline")
+    g = p.add_argument_group("generation (default: the checkpoint's generation_config)")
+    g.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                   help=f"summary length limit (default: the checkpoint's, else {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--min-new-tokens", type=_non_negative_int, metavar="N")
+    g.add_argument("--num-beams", type=_positive_int, metavar="N")
+    g.add_argument("--length-penalty", type=float, metavar="X")
+    g.add_argument("--no-repeat-ngram-size", type=_non_negative_int, metavar="N")
+    p.set_defaults(func=lambda args: run_summarize(SummarizeOptions.from_args(args)))
+
+
+@dataclass
+class Document:
+    """One input: ``name`` for messages, ``key`` for its output record (``path``, or ``index`` [+ ``id``])."""
+
+    name: str
+    text: str
+    key: dict[str, Any]
+
+
+def run_summarize(opts: SummarizeOptions) -> int:
+    """`pegasus-x summarize`: read every input, split them across processes, summarize, gather, write.
+
+    Raises:
+        PegasusXError: an unreadable input, a bad model or option (every process raises the same).
+    """
+    docs = _read_documents(opts)            # inputs are checked before the (slow) model load
+    if opts.output is not None:
+        _check_output_path(Path(opts.output))
+    rank, world, device = _init_distributed(opts.device)
+    try:
+        if opts.stream and world > 1:
+            raise InputError("--stream cannot be used with several processes; run without torchrun")
+        mine = list(range(rank, len(docs), world))
+        records = _summarize_share(opts, docs, mine, device, show_progress=rank == 0)
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        records.sort(key=lambda r: r[0])
+        _emit(opts, docs, [r[1] for r in records])
+    return 0
+
+
+def _summarize_share(opts: SummarizeOptions, docs: list[Document], mine: list[int], device: str | None,
+                     show_progress: bool) -> list[tuple[int, dict[str, Any]]]:
+    """(input index, output record) for this process's inputs."""
+    from .summarize import Summarizer, TextStreamer, demo_model_path
+
+    if opts.model is None and demo_model_path() is None:
+        raise InputError("no bundled demo model in this install (pegasus_x/assets/demo/); pass --model DIR or a "
+                         "hub id such as google/pegasus-x-base")
+    generation = dict(opts.generation)
+    if opts.stream:
+        generation.setdefault("num_beams", 1)  # a stream follows one hypothesis; beams would reorder it
+    summarizer = Summarizer(opts.model, dtype=opts.dtype, device=device, batch_size=opts.batch_size,
+                            max_input_tokens=opts.max_input_tokens, newline_to_n=opts.newline_to_n, **generation)
+    texts = [docs[i].text for i in mine]
+    with _progress_bar(len(texts), show_progress) as bar:
+        if not texts:  # more processes than inputs
+            results = []
+        elif opts.stream:
+            results = []
+            streamer = TextStreamer(summarizer.tokenizer)
+            for i in mine:
+                if len(docs) > 1:
+                    print(f"==> {docs[i].name} <==", flush=True)
+                results += summarizer.run([docs[i].text], chunked=opts.chunked, streamer=streamer)
+        else:
+            results = summarizer.run(texts, chunked=opts.chunked, progress=bar.update)
+    records = []
+    for i, result in zip(mine, results):
+        if result.dropped_tokens:
+            warnings.warn(f"{docs[i].name}: {result.input_tokens:,} tokens but the model reads at most "
+                          f"{summarizer.max_input_tokens:,}; dropped the last {result.dropped_tokens:,} tokens "
+                          "(use --chunked to summarize all of it)")
+        records.append((i, {**docs[i].key, "summary": result.text, "input_tokens": result.input_tokens,
+                            "dropped_tokens": result.dropped_tokens, "seconds": round(result.seconds, 3)}))
+    return records
+
+
+def _emit(opts: SummarizeOptions, docs: list[Document], records: list[dict[str, Any]]) -> None:
+    """Write the JSONL file (atomically), or print the summaries that were not streamed already."""
+    if opts.output is not None:
+        from .checkpoint import atomic_write_bytes
+
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_bytes(opts.output, lines.encode("utf-8"))
+        print(f"{PROG}: wrote {len(records)} summaries to {opts.output}", file=sys.stderr)
+    elif not opts.stream:
+        for doc, record in zip(docs, records):
+            if len(docs) > 1:
+                print(f"==> {doc.name} <==")
+            print(record["summary"])
+
+
+def _init_distributed(device: str | None) -> tuple[int, int, str | None]:
+    """(rank, world size, device) — joins the process group torchrun describes when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        # One GPU per process: the one torchrun numbered for this node-local rank (unless --device names one).
+        device = device if device and ":" in device else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class _progress_bar:
+    """tqdm on stderr for several inputs when stderr is a terminal; a no-op otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled and total > 1 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="doc", file=sys.stderr, leave=False)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def __enter__(self) -> _progress_bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def _read_documents(opts: SummarizeOptions) -> list[Document]:
+    if opts.input is not None:
+        if opts.paths:
+            raise InputError("give either PATHs or --input JSONL, not both")
+        return _read_jsonl(opts.input, opts.text_field)
+    paths = opts.paths
+    if not paths:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise InputError("nothing to summarize: pass text files, '-' to read stdin (or pipe text in), or "
+                             "--input docs.jsonl")
+        paths = ["-"]
+    if paths.count("-") > 1:
+        raise InputError("'-' (stdin) can be given only once")
+    return [Document("<stdin>" if p == "-" else p, _read_text(p), {"path": p}) for p in paths]
+
+
+def _read_text(path: str) -> str:
+    """The text of a file (or of stdin for '-'); Markdown files lose their markup."""
+    if path == "-":
+        return _decode(sys.stdin.buffer.read(), "stdin", markdown=False)
+    return _decode(_read_bytes(path), path, markdown=path.lower().endswith(MARKDOWN_SUFFIXES))
+
+
+def _read_bytes(path: str) -> bytes:
+    file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{path} is a directory; pass text or Markdown files (or --input docs.jsonl)")
+    try:
+        return file.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _decode(data: bytes, name: str, markdown: bool) -> str:
+    if b"\x00" in data:
+        raise InputError(f"{name} is a binary file (it holds NUL bytes); pass plain text or Markdown")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{name} is not UTF-8 text (invalid byte at offset {exc.start}); convert it first, e.g. "
+                         "iconv -t UTF-8") from None
+    if markdown:
+        text = markdown_to_text(text)
+    if not text.strip():
+        raise InputError(f"{name} is empty; there is nothing to summarize")
+    return text
+
+
+_MARKDOWN_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M), ""),         # fenced code blocks
+    (re.compile(r"<!--.*?-->", re.S), ""),                               # HTML comments
+    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),                      # images -> alt text
+    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),                       # links -> link text
+    (re.compile(r"^ {0,3}(#{1,6}|>+|[-*+]|\d+[.)])[ \t]+", re.M), ""),   # headings, quotes, list markers
+    (re.compile(r"(\*\*|__|`)(.+?)\1"), r"\2"),                          # bold, inline code
+    (re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])"), r"\1"),   # *emphasis*
+]
+
+
+def markdown_to_text(text: str) -> str:
+    """Plain prose from Markdown: code blocks and comments dropped; links, emphasis, headings reduced to text."""
+    for pattern, replacement in _MARKDOWN_RULES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _read_jsonl(path: str, field: str) -> list[Document]:
+    text = _decode(_read_bytes(path), path, markdown=False)
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise InputError(f"{where}: no string field {field!r} (found: {keys}); name it with --text-field")
+        if not record[field].strip():
+            raise InputError(f"{where}: the {field!r} field is empty; there is nothing to summarize")
+        key: dict[str, Any] = {"index": len(docs)}
+        if "id" in record:
+            key["id"] = record["id"]
+        docs.append(Document(f"{where} (id {record['id']})" if "id" in record else where, record[field], key))
+    if not docs:
+        raise InputError(f"{path} holds no records; expected one JSON object per line")
+    return docs
+
+
+def _check_output_path(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"--output {path} is a directory; name a file such as summaries.jsonl")
+    if not path.parent.is_dir():
+        raise InputError(f"--output {path}: the folder {path.parent} does not exist; create it first")
+
+
+# ---------------------------------------------------------------------------------------------------- info
+@dataclass
+class InfoOptions:
+    """What `pegasus-x info` was asked to show."""
+
+    path: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> InfoOptions:
+        return cls(path=args.path)
+
+
+def _register_info(subparsers: Any) -> None:
+    p = subparsers.add_parser("info", help="show a checkpoint's config, parameter count and files",
+                              description="Show a checkpoint's key config fields, its parameter count (read from "
+                                          "the safetensors headers, no weights loaded) and its files.")
+    p.add_argument("path", metavar="DIR|HUB_ID", help="checkpoint folder (or hub id)")
+    p.set_defaults(func=lambda args: run_info(InfoOptions.from_args(args)))
+
+
+def run_info(opts: InfoOptions) -> int:
+    """`pegasus-x info`: print the checkpoint summary to stdout.
+
+    Raises:
+        CheckpointError: the folder is missing, its config.json is unreadable, or a safetensors header is corrupt.
+    """
+    from .checkpoint import GENERATION_CONFIG, read_shapes, resolve
+    from .config import PegasusXConfig
+
+    folder = resolve(opts.path)
+    c = PegasusXConfig.from_pretrained(folder)
+    shapes = read_shapes(folder)
+    if shapes is None:
+        params = "unknown (pytorch_model.bin only; the count needs safetensors headers)"
+    else:
+        count, dtypes = _count_parameters(shapes, c.tie_word_embeddings)
+        params = f"{count:,} ({', '.join(dtypes)})"
+    stagger = "staggered" if c.stagger_local_blocks else "not staggered"
+    rows = [("checkpoint", str(folder)),
+            ("model", f"d_model {c.d_model}, {c.encoder_layers}+{c.decoder_layers} layers, "
+                      f"{c.encoder_attention_heads} heads, ffn {c.encoder_ffn_dim}, {c.activation_function}"),
+            ("attention", f"block {c.block_size}, {c.num_global_tokens} global tokens, {stagger}"),
+            ("inputs", f"up to {c.max_position_embeddings:,} tokens, vocabulary {c.vocab_size:,}"),
+            ("parameters", params)]
+    generation = folder / GENERATION_CONFIG
+    if generation.is_file():
+        try:
+            settings = json.loads(generation.read_text(encoding="utf-8"))
+            rows.append(("generation", ", ".join(f"{k}={v}" for k, v in sorted(settings.items())
+                                                 if not k.startswith(("_", "transformers")))))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            rows.append(("generation", f"{GENERATION_CONFIG} is not a valid JSON object"))
+    for label, value in rows:
+        print(f"{label:<11} {value}")
+    print("files")
+    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        print(f"  {file.name:<32} {_human_size(file.stat().st_size):>9}")
+    return 0
+
+
+def _count_parameters(shapes: dict[str, tuple[tuple[int, ...], str]], tied: bool) -> tuple[int, list[str]]:
+    """(parameter count with the tied embedding counted once, dtypes stored) from the header shapes."""
+    from .checkpoint import normalise_keys
+
+    mapping = normalise_keys(list(shapes), with_head=True)
+    counted: dict[str, int] = {}
+    for name, ours in mapping.items():
+        if ours == "lm_head.weight" and tied:  # the head is the shared embedding
+            continue
+        numel = 1
+        for size in shapes[name][0]:
+            numel *= size
+        counted[ours] = numel  # aliases of the shared embedding map to one name
+    return sum(counted.values()), sorted({dtype for _, dtype in shapes.values()})
+
+
+def _human_size(size: float) -> str:
+    if size < 1000:
+        return f"{int(size)} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000:
+            break
+    return f"{size:.1f} {unit}"

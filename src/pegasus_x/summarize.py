@@ -1,0 +1,420 @@
+"""`Summarizer`: a loaded model + tokenizer that turns texts into summaries.
+
+It owns the policy a user should not have to think about: generation defaults (the checkpoint's
+``generation_config`` with a sane output length), batching by length, inputs longer than the model reads
+(truncated with a count of dropped tokens, or summarized chunk by chunk), and streaming. The command line
+(`pegasus-x summarize`) is a thin layer over this class.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from .checkpoint import DTYPES, resolve
+from .errors import CheckpointError, GenerationError, InputError
+from .model import PegasusXForConditionalGeneration
+from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 256  # when neither the caller nor the checkpoint sets an output length
+DEFAULT_BATCH_SIZE = 8
+CHUNK_SEPARATOR = "\n"  # between chunk summaries before they are summarized again
+# generate() options a Summarizer decides itself: one summary (a string) per text; the streamer is run()'s argument.
+_NOT_OPTIONS = {"streamer", "num_return_sequences", "output_scores", "return_dict_in_generate"}
+
+
+@dataclass
+class Summary:
+    """One input's summary and what it took to make it.
+
+    Attributes:
+        text: the summary.
+        input_tokens: tokens in the input (``</s>`` included), before any truncation or chunking.
+        dropped_tokens: input tokens the model never read (0 unless the input was too long and not chunked).
+        chunks: inputs summarized separately first with ``chunked=True`` (0 when the input fit whole).
+        seconds: wall time spent on this input (its equal share of the batch it ran in).
+    """
+
+    text: str
+    input_tokens: int
+    dropped_tokens: int
+    chunks: int
+    seconds: float
+
+
+def demo_model_path() -> Path | None:
+    """The model bundled with the package (``pegasus_x/assets/demo/``), or None when this install has none."""
+    folder = resources.files(__package__).joinpath("assets", "demo")
+    return Path(str(folder)) if folder.is_dir() else None
+
+
+class Summarizer:
+    """Keeps a model and its tokenizer loaded and summarizes texts with them.
+
+    Example::
+
+        summarize = Summarizer("google/pegasus-x-base", num_beams=4)
+        summarize("A long document ...")            # -> str
+        summarize(["doc one", "doc two"], max_new_tokens=64)   # -> list[str]
+
+    Args:
+        model: a checkpoint folder, a hub id (downloaded with ``huggingface_hub``), a loaded
+            :class:`PegasusXForConditionalGeneration`, or None for the demo model bundled with the package.
+        tokenizer: a :class:`PegasusTokenizer` or a tokenizer folder; default: the one saved with the model, or the
+            bundled PEGASUS vocabulary (with a warning when a model folder has none).
+        dtype: "fp32", "bf16" or a torch dtype; default bf16 on CUDA, fp32 on CPU (a model object: as it is).
+        device: "cpu", "cuda", "cuda:1", ...; default CUDA when available (a model object: where it is).
+        batch_size: texts generated together (sorted by length so padding stays small).
+        max_input_tokens: read at most this many tokens per input (``</s>`` included); default and upper bound:
+            the smaller of ``tokenizer.model_max_length`` and ``config.max_position_embeddings``.
+        newline_to_n: load the tokenizer with ``"\\n"`` ↔ ``<n>`` (models fine-tuned with the original pipeline).
+        **generate_options: defaults for :func:`pegasus_x.generate.generate` (``num_beams``, ``max_new_tokens``, ...),
+            over the checkpoint's ``generation_config``; see :meth:`generation_options`.
+
+    Raises:
+        CheckpointError: the model folder or hub id cannot be found or loaded, or there is no bundled demo model.
+        InputError: a bad device, dtype, batch size or input limit.
+        GenerationError: an unknown generation option.
+    """
+
+    def __init__(self, model: str | os.PathLike | nn.Module | None = None,
+                 tokenizer: PegasusTokenizer | str | os.PathLike | None = None, *,
+                 dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_input_tokens: int | None = None,
+                 newline_to_n: bool = False, **generate_options: Any) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model, folder = _load_model(model, dtype, device)
+        self.device = self.model.device
+        self.tokenizer = _load_tokenizer(tokenizer, folder, newline_to_n)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise CheckpointError(f"the tokenizer has {self.tokenizer.vocab_size:,} ids but the model only "
+                                  f"{self.model.config.vocab_size:,}; pass the tokenizer the model was trained with")
+        self.batch_size = batch_size
+        self.max_input_tokens = self._input_limit(max_input_tokens)
+        _check_option_names(generate_options)
+        self.defaults = {k: v for k, v in generate_options.items() if v is not None}
+        self.generation_options()  # reject inconsistent defaults now rather than at the first call
+
+    # ------------------------------------------------------------------ options
+    def _input_limit(self, requested: int | None) -> int:
+        limit = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        if requested is None:
+            return limit
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 2:
+            raise InputError(f"max_input_tokens must be an integer >= 2 (one token and </s>), got {requested!r}")
+        return min(requested, limit)
+
+    def generation_options(self, **overrides: Any) -> dict[str, Any]:
+        """The options passed to ``generate``: the constructor's, then ``overrides``, plus an output length.
+
+        ``generate`` fills every option not given here from the checkpoint's ``generation_config``. The length is
+        decided here: the caller's ``max_new_tokens`` / ``max_length``, else the checkpoint's ``max_new_tokens``,
+        else its ``max_length`` minus the start token — unless that ``max_length`` is at least
+        ``config.max_position_embeddings`` (the hub files say 16384, meaning "no limit"): then, as when nothing
+        sets a length, :data:`DEFAULT_MAX_NEW_TOKENS` (256).
+
+        Raises:
+            GenerationError: an option ``generate`` does not take, or ``min_new_tokens > max_new_tokens``.
+        """
+        _check_option_names(overrides)
+        options = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        if "max_new_tokens" not in options and "max_length" not in options:
+            options["max_new_tokens"] = self._stored_max_new_tokens()
+        low, high = options.get("min_new_tokens"), options.get("max_new_tokens")
+        if isinstance(low, int) and isinstance(high, int) and low > high:
+            raise GenerationError(f"min_new_tokens={low} is larger than max_new_tokens={high}; lower it")
+        return options
+
+    def _stored_max_new_tokens(self) -> int:
+        stored = self.model.generation_config or {}
+        if isinstance(stored.get("max_new_tokens"), int):
+            return stored["max_new_tokens"]
+        max_length = stored.get("max_length")
+        if isinstance(max_length, int) and 1 < max_length < self.model.config.max_position_embeddings:
+            return max_length - 1
+        return DEFAULT_MAX_NEW_TOKENS
+
+    # ------------------------------------------------------------------ summarizing
+    def __call__(self, text: str | Sequence[str], *, chunked: bool = False, **generate_options: Any
+                 ) -> str | list[str]:
+        """Summarize one text or a list of texts.
+
+        Args:
+            text: a string, or a list of strings (summarized in batches of similar length).
+            chunked: summarize an input longer than :attr:`max_input_tokens` as block-aligned chunks, then
+                summarize the joined chunk summaries; otherwise such an input is truncated (with a warning).
+            **generate_options: override the defaults for this call (``num_beams``, ``max_new_tokens``, ...).
+
+        Returns:
+            The summary, or one summary per text.
+
+        Raises:
+            InputError: a text is not a string or is empty.
+            GenerationError: an unknown or invalid generation option.
+        """
+        single = isinstance(text, str)
+        results = self.run([text] if single else text, chunked=chunked, **generate_options)
+        for i, result in enumerate(results):
+            if result.dropped_tokens:
+                where = "the text" if single else f"text {i}"
+                warnings.warn(f"{where} has {result.input_tokens:,} tokens but the model reads at most "
+                              f"{self.max_input_tokens:,}: dropped the last {result.dropped_tokens:,} tokens "
+                              "(pass chunked=True to summarize all of it)", stacklevel=2)
+        return results[0].text if single else [r.text for r in results]
+
+    def run(self, texts: Sequence[str], *, chunked: bool = False, streamer: Any = None,
+            progress: Callable[[int], None] | None = None, **generate_options: Any) -> list[Summary]:
+        """Summarize texts and report the details (tokens read and dropped, chunks, time) of each.
+
+        Args:
+            texts: the inputs.
+            chunked: see :meth:`__call__`.
+            streamer: passed to ``generate`` for the final summary of every text (texts then run one at a time,
+                in order): an object with ``put(token_ids)`` / ``end()``, e.g. :class:`TextStreamer`.
+            progress: called with the number of texts just finished, after each batch.
+            **generate_options: see :meth:`__call__`.
+
+        Returns:
+            One :class:`Summary` per text, in input order.
+
+        Raises:
+            InputError: a text is not a string or is empty.
+            GenerationError: an unknown or invalid generation option.
+        """
+        texts = _check_texts(texts)
+        if streamer is not None and len(texts) > 1:  # one text at a time, so the stream is in input order
+            return [self.run([t], chunked=chunked, streamer=streamer, progress=progress, **generate_options)[0]
+                    for t in texts]
+        options = self.generation_options(**generate_options)
+        rows = self.tokenizer(texts)["input_ids"]
+        results: list[Summary | None] = [None] * len(texts)
+        whole = [i for i, row in enumerate(rows) if not chunked or len(row) <= self.max_input_tokens]
+        trimmed = [self._truncate(rows[i]) for i in whole]
+        summaries, seconds = self._generate([row for row, _ in trimmed], options, streamer, progress)
+        for i, (_, dropped), text, sec in zip(whole, trimmed, summaries, seconds):
+            results[i] = Summary(text, len(rows[i]), dropped, 0, sec)
+        for i in sorted(set(range(len(texts))) - set(whole)):
+            results[i] = self._summarize_chunked(rows[i], options, streamer)
+            if progress is not None:
+                progress(1)
+        return results  # type: ignore[return-value]
+
+    def _truncate(self, row: list[int]) -> tuple[list[int], int]:
+        """(row cut to the input limit keeping its final ``</s>``, number of tokens dropped)."""
+        limit = self.max_input_tokens
+        if len(row) <= limit:
+            return row, 0
+        return row[:limit - 1] + row[-1:], len(row) - limit
+
+    def chunk_length(self) -> int:
+        """Tokens per chunk (``</s>`` included): the largest multiple of ``block_size`` within the input limit, so
+        that no encoder block of a chunk is padding; the limit itself when it is shorter than one block."""
+        block, limit = self.model.config.block_size, self.max_input_tokens
+        return limit if limit < block else limit // block * block
+
+    def _summarize_chunked(self, row: list[int], options: dict[str, Any], streamer: Any) -> Summary:
+        """Summarize block-aligned chunks, join their summaries, repeat while that is still too long."""
+        start = time.perf_counter()
+        eos, step = row[-1], self.chunk_length() - 1
+        body, chunks = row[:-1], 0
+        while len(body) + 1 > self.max_input_tokens:
+            pieces = [body[i:i + step] + [eos] for i in range(0, len(body), step)]
+            chunks += len(pieces)
+            summaries, _ = self._generate(pieces, options, None, None)
+            shorter = self.tokenizer.encode(CHUNK_SEPARATOR.join(s for s in summaries if s))[:-1]
+            if len(shorter) >= len(body):  # summaries as long as their sources: stop, truncate below
+                break
+            body = shorter
+        final, dropped = self._truncate(body + [eos])
+        (text,), _ = self._generate([final], options, streamer, None)
+        return Summary(text, len(row), dropped, chunks, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def _generate(self, rows: list[list[int]], options: dict[str, Any], streamer: Any,
+                  progress: Callable[[int], None] | None) -> tuple[list[str], list[float]]:
+        """Summaries and per-row seconds of token-id rows, generated in batches of similar length."""
+        texts, seconds = [""] * len(rows), [0.0] * len(rows)
+        if streamer is None:
+            order, size = sorted(range(len(rows)), key=lambda i: -len(rows[i])), self.batch_size
+        else:  # a streamer follows one sequence, in input order
+            order, size, options = list(range(len(rows))), 1, {**options, "streamer": streamer}
+        pad = self.tokenizer.pad_token_id
+        for first in range(0, len(order), size):
+            batch = order[first:first + size]
+            width = max(len(rows[i]) for i in batch)
+            ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in batch], device=self.device)
+            mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in batch],
+                                device=self.device)
+            start = time.perf_counter()
+            out = self.model.generate(ids, mask, **options)
+            decoded = self.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
+            share = (time.perf_counter() - start) / len(batch)
+            for i, text in zip(batch, decoded):
+                texts[i], seconds[i] = text.strip(), share
+            if progress is not None:
+                progress(len(batch))
+        return texts, seconds
+
+
+def summarize(text: str | Sequence[str], *, model: str | os.PathLike | nn.Module | None = None,
+              chunked: bool = False, **kwargs: Any) -> str | list[str]:
+    """One-shot helper: load a :class:`Summarizer` and summarize ``text`` (keep a Summarizer for several calls).
+
+    Args:
+        text: a string or a list of strings.
+        model: see :class:`Summarizer`.
+        chunked: see :meth:`Summarizer.__call__`.
+        **kwargs: :class:`Summarizer` arguments (``tokenizer``, ``dtype``, ``device``, ...) and generation options.
+
+    Returns:
+        The summary, or one per text.
+    """
+    return Summarizer(model, **kwargs)(text, chunked=chunked)
+
+
+class TextStreamer:
+    """Writes a summary to a text stream while ``generate`` produces it (batch of one).
+
+    ``generate`` calls :meth:`put` with the newest token id(s) and :meth:`end` when done. Text is written up to
+    the last space, because a SentencePiece piece can still change how the end of the text decodes.
+
+    Args:
+        tokenizer: decodes the ids (special tokens skipped).
+        file: where to write (default ``sys.stdout``, looked up at each write).
+    """
+
+    def __init__(self, tokenizer: PegasusTokenizer, file: TextIO | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.file = file
+        self._ids: list[int] = []
+        self._written = 0
+
+    def put(self, ids: torch.Tensor) -> None:
+        """Take the next token id(s) of the one sequence being generated."""
+        self._ids.extend(int(i) for i in torch.as_tensor(ids).reshape(-1).tolist())
+        text = self._text()
+        cut = text.rfind(" ") + 1
+        if cut > self._written:
+            self._write(text[self._written:cut])
+
+    def end(self) -> None:
+        """Write the rest of the text and a newline; ready for the next sequence."""
+        self._write(self._text()[self._written:] + "\n")
+        self._ids, self._written = [], 0
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self._ids, skip_special_tokens=True).lstrip()
+
+    def _write(self, text: str) -> None:
+        out = self.file or sys.stdout
+        out.write(text)
+        out.flush()
+        self._written += len(text)
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_option_names(options: dict[str, Any]) -> None:
+    """Raise GenerationError naming any option ``generate`` does not take (or that a Summarizer decides)."""
+    from .generate import DEFAULTS
+
+    accepted = set(DEFAULTS) - _NOT_OPTIONS
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        raise GenerationError(f"unknown generation option(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(accepted))}")
+
+
+def _check_texts(texts: Any) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise InputError(f"expected a str or a list of str, got {type(texts).__name__}{_bytes_hint(texts)}")
+    if not texts:
+        raise InputError("no texts to summarize (the list is empty)")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"text {i} is a {type(text).__name__}, expected a str{_bytes_hint(text)}")
+        if not text.strip():
+            raise InputError(f"text {i} is empty; there is nothing to summarize")
+    return list(texts)
+
+
+def _bytes_hint(value: Any) -> str:
+    return "; decode bytes first, e.g. data.decode('utf-8')" if isinstance(value, (bytes, bytearray)) else ""
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is unknown; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} was asked for but CUDA is not available here; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        # bf16 halves memory and is fast on recent GPUs; on CPU it is slow, so keep fp32 there.
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES or DTYPES[dtype] == torch.float16:
+            raise InputError(f"dtype {dtype!r} is not supported; use fp32 or bf16 (fp16 overflows in PEGASUS-X)")
+        return DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise InputError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    return dtype
+
+
+def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.device | str | None
+                ) -> tuple[PegasusXForConditionalGeneration, Path | None]:
+    """(model in eval mode, the folder it came from or None for a model object).
+
+    A model object is moved or converted only when ``device`` / ``dtype`` is given; a loaded one gets the defaults.
+    """
+    if isinstance(model, nn.Module):
+        if not isinstance(model, PegasusXForConditionalGeneration):
+            raise InputError(f"model must be a PegasusXForConditionalGeneration, got {type(model).__name__}")
+        if device is not None:
+            model = model.to(device=_resolve_device(device))
+        if dtype is not None:
+            model = model.to(dtype=_resolve_dtype(dtype, model.device))
+        return model.eval(), None
+    if model is None:
+        model = demo_model_path()
+        if model is None:
+            raise CheckpointError("this install has no bundled demo model (pegasus_x/assets/demo/); pass a "
+                                  "checkpoint folder or a hub id, e.g. Summarizer('google/pegasus-x-base')")
+    if not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"model must be a folder, a hub id or a model object, got {type(model).__name__}")
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)  # checked before a possibly long download
+    folder = resolve(model)
+    return PegasusXForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device), folder
+
+
+def _load_tokenizer(tokenizer: Any, folder: Path | None, newline_to_n: bool) -> PegasusTokenizer:
+    if isinstance(tokenizer, PegasusTokenizer):
+        return tokenizer
+    if tokenizer is not None:
+        return PegasusTokenizer.from_pretrained(tokenizer, newline_to_n=newline_to_n)
+    if folder is not None and ((folder / TOKENIZER_FILE).is_file() or (folder / SPM_FILE).is_file()):
+        return PegasusTokenizer.from_pretrained(folder, newline_to_n=newline_to_n)
+    if folder is not None:
+        warnings.warn(f"{folder} has no {TOKENIZER_FILE} or {SPM_FILE}; using the bundled PEGASUS vocabulary "
+                      "(right for the released checkpoints)", stacklevel=3)
+    return PegasusTokenizer.pegasus(newline_to_n=newline_to_n)
