@@ -46,6 +46,27 @@ class DecoderCache:
         for buf in (*self.self_k, *self.self_v):
             buf[:, :, :n] = buf[:, :, :n].index_select(0, rows)
 
+    def keep_inputs(self, inputs: Tensor) -> None:
+        """Keep only inputs ``inputs`` (sorted indices into the B inputs) and their decoder rows.
+
+        Generation calls this when inputs finish, so their rows stop costing compute and memory. The new self-attention
+        buffers keep the full ``max_len``; only the filled part is copied.
+        """
+        group = self.self_k[0].shape[0] // self.cross_k[0].shape[0]
+        rows = (inputs[:, None] * group + torch.arange(group, device=inputs.device)).flatten()
+        n = self.length
+
+        def take(buf: Tensor) -> Tensor:
+            kept = buf.new_empty((rows.numel(), *buf.shape[1:]))
+            kept[:, :, :n] = buf[:, :, :n].index_select(0, rows)
+            return kept
+
+        self.self_k = [take(buf) for buf in self.self_k]
+        self.self_v = [take(buf) for buf in self.self_v]
+        self.cross_k = [k.index_select(0, inputs) for k in self.cross_k]
+        self.cross_v = [v.index_select(0, inputs) for v in self.cross_v]
+        self.encoder_keep = self.encoder_keep.index_select(0, inputs)
+
 
 def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, max_len: int) -> DecoderCache:
     """Allocate a cache for ``rows`` decoder rows and fill the cross-attention part from the encoder output.

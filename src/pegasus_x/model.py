@@ -205,7 +205,7 @@ class PegasusXEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = embed_tokens     # the shared embedding; appears in state_dict as an alias, like the reference
-        self.embed_global = nn.Embedding(config.num_global_tokens, config.d_model)
+        self.embed_global = _embedding(config.num_global_tokens, config.d_model)
         self.layers = nn.ModuleList(
             PegasusXEncoderLayer(config, stagger=config.stagger_local_blocks and i % 2 == 1)
             for i in range(config.encoder_layers))
@@ -291,6 +291,15 @@ class PegasusXDecoder(nn.Module):
         if cache is not None:
             cache.length += T
         return self.layer_norm(x)
+
+
+def _embedding(rows: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    """An uninitialised embedding (``init_weights`` or the checkpoint fills it).
+
+    Passing ``_weight`` skips nn.Embedding's own random init: on the ``meta`` device that init alone costs ~1.3 s
+    per process (it imports torch._dynamo), which every ``from_pretrained`` would pay.
+    """
+    return nn.Embedding(rows, dim, padding_idx=padding_idx, _weight=torch.empty(rows, dim))
 
 
 def _embed(table: nn.Embedding, ids: Tensor, cfg: PegasusXConfig, start: int) -> Tensor:
@@ -420,7 +429,7 @@ class PegasusXModel(PegasusXPreTrainedModel):
 
     def __init__(self, config: PegasusXConfig, init: bool = True):
         super().__init__(config)
-        self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.shared = _embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         self.encoder = PegasusXEncoder(config, self.shared)
         self.decoder = PegasusXDecoder(config, self.shared)
         if init:
