@@ -11,6 +11,8 @@ import types
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import pegasus_x
 from rouge_score import rouge_scorer
 
 from pegasus_x import ConfigError, DataError
@@ -172,7 +174,9 @@ def test_pretrain_command_hands_pairs_to_the_train_subcommand(tmp_path, monkeypa
 
         p.set_defaults(func=run)
 
-    monkeypatch.setitem(sys.modules, "pegasus_x.train", types.SimpleNamespace(register=fake_register))
+    fake = types.SimpleNamespace(register=fake_register)
+    monkeypatch.setitem(sys.modules, "pegasus_x.train", fake)
+    monkeypatch.setattr(pegasus_x, "train", fake, raising=False)    # `from . import train` reads the attribute
     data = tmp_path / "docs.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in [
         "Alpha beta. Gamma delta. Alpha gamma.", "Lonely.", "Sun rises. Sun sets. Moon rises."]) + "\n")
