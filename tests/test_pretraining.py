@@ -11,10 +11,9 @@ import types
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pegasus_x
 from rouge_score import rouge_scorer
 
+import pegasus_x
 from pegasus_x import ConfigError, DataError
 from pegasus_x.pretraining import (GSGOptions, make_gsg_example, register, rouge1_f1, sentence_scores,
                                    split_sentences, write_gsg_jsonl)
