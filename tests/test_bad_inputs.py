@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_kwargs
-from pegasus_x import (CheckpointError, ConfigError, InputError, PegasusXConfig, PegasusXError,
+from pegasus_x import (CheckpointError, ConfigError, GenerationError, InputError, PegasusXConfig, PegasusXError,
                        PegasusXForConditionalGeneration, TokenizerError)
 from pegasus_x.tokenizer import PegasusTokenizer
 
@@ -39,6 +39,10 @@ def _fwd(**kw):
     args = dict(input_ids=IDS, decoder_input_ids=DEC)
     args.update(kw)
     return lambda: MODEL(**args)
+
+
+def _gen(**kw):
+    return lambda: MODEL.generate(IDS, **kw)
 
 
 def _save_folder(tmp: Path, mutate) -> Path:
@@ -109,6 +113,21 @@ CASES = [
     ("no-decoder-inputs", lambda: MODEL(input_ids=IDS), InputError, "decoder_input_ids or labels"),
     ("fp16-model", lambda: PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).half()(
         input_ids=IDS, decoder_input_ids=DEC), ConfigError, "bfloat16"),
+    # generate
+    ("gen-max-new-zero", _gen(max_new_tokens=0), GenerationError, "max_new_tokens"),
+    ("gen-max-new-float", _gen(max_new_tokens=2.5), GenerationError, "integer"),
+    ("gen-beams-zero", _gen(num_beams=0), GenerationError, "num_beams"),
+    ("gen-nrs-gt-beams", _gen(num_beams=2, num_return_sequences=3), GenerationError, "larger than num_beams"),
+    ("gen-nrs-greedy", _gen(num_return_sequences=2), GenerationError, "needs beam search"),
+    ("gen-top-p-zero", _gen(do_sample=True, top_p=0.0), GenerationError, "top_p"),
+    ("gen-top-p-big", _gen(do_sample=True, top_p=1.5), GenerationError, "top_p"),
+    ("gen-temperature", _gen(do_sample=True, temperature=0), GenerationError, "temperature"),
+    ("gen-unknown-option", _gen(beams=4), GenerationError, "unknown generation option"),
+    ("gen-bad-words", _gen(bad_words_ids=[[1000]]), GenerationError, "bad_words_ids"),
+    ("gen-repetition", _gen(repetition_penalty=0), GenerationError, "repetition_penalty"),
+    ("gen-early-stopping", _gen(num_beams=2, early_stopping="soon"), GenerationError, "early_stopping"),
+    ("gen-bad-ids", lambda: MODEL.generate(torch.full((1, 3), V + 5)), InputError, "outside the vocabulary"),
+    ("gen-mask-zero", lambda: MODEL.generate(IDS, torch.zeros_like(IDS)), InputError, "all zeros"),
     # config
     ("cfg-heads", lambda: PegasusXConfig(d_model=30, encoder_attention_heads=4), ConfigError, "not divisible"),
     ("cfg-odd-block", lambda: PegasusXConfig(block_size=9), ConfigError, "even"),
@@ -201,6 +220,46 @@ def test_forward_property(batch, length, dec_len, low, high, mask_kind, dtype, s
         return
     assert out.logits.shape == (batch, dec_len, V)
     assert torch.isfinite(out.logits).all()
+
+
+@PROPERTY
+@given(beams=st.integers(-1, 4), nrs=st.integers(0, 4), max_new=st.integers(-1, 6), min_new=st.integers(0, 8),
+       sample=st.booleans(), top_p=st.floats(-0.5, 1.5), top_k=st.integers(-1, 200),
+       temperature=st.floats(-1.0, 3.0), ngram=st.integers(0, 3), rep=st.floats(0.0, 2.0),
+       lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_generate_property(beams, nrs, max_new, min_new, sample, top_p, top_k, temperature, ngram, rep, lengths,
+                           seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (len(lengths), max(lengths)), generator=g)
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    opts = dict(num_beams=beams, num_return_sequences=nrs, max_new_tokens=max_new, min_new_tokens=min_new,
+                do_sample=sample, top_p=top_p, top_k=top_k, temperature=temperature, no_repeat_ngram_size=ngram,
+                repetition_penalty=rep, seed=seed)
+    try:
+        out = MODEL.generate(ids, mask, **opts)
+    except PegasusXError:
+        return
+    assert out.dtype == torch.long and out.shape[0] == len(lengths) * nrs
+    assert 2 <= out.shape[1] <= max_new + 1 and bool((out[:, 0] == 0).all())
+    assert int(out.min()) >= 0 and int(out.max()) < V
+
+
+@PROPERTY
+@given(texts=st.one_of(st.text(max_size=200), st.lists(st.one_of(st.text(max_size=50), st.integers(), st.none(),
+                                                                   st.binary(max_size=5)), max_size=4),
+                       st.none(), st.binary(max_size=10), st.integers()),
+       padding=st.sampled_from([False, True, "longest", "max_length", "bogus"]),
+       max_length=st.one_of(st.none(), st.integers(-2, 40)), truncation=st.booleans())
+def test_tokenizer_property(texts, padding, max_length, truncation):
+    try:
+        enc = TOK(texts, padding=padding, max_length=max_length, truncation=truncation)
+    except PegasusXError:
+        return
+    ids = enc["input_ids"]
+    rows = [ids] if ids and isinstance(ids[0], int) else ids
+    assert all(all(isinstance(i, int) and 0 <= i < TOK.vocab_size for i in row) for row in rows)
+    if truncation and max_length and max_length > 0:
+        assert all(len(row) <= max_length for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------- kill test

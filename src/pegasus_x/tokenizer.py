@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
+from .checkpoint import atomic_write_bytes
 from .errors import TokenizerError
 
 TOKENIZER_FILE, SPM_FILE = "tokenizer.json", "spiece.model"
@@ -169,7 +169,9 @@ class PegasusTokenizer:
             files = {TOKENIZER_FILE: self._backend.to_str().encode("utf-8")}
         for name, data in ((CONFIG_FILE, config), (SPECIAL_MAP_FILE, special_map)):
             files[name] = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
-        return [_atomic_write(out / name, data) for name, data in files.items()]
+        for name, data in files.items():
+            atomic_write_bytes(out / name, data)
+        return [str(out / name) for name in files]
 
     # ------------------------------------------------------------------ encoding
     def __call__(self, text: str | Sequence[str] | None = None, *,
@@ -518,18 +520,3 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
             size = {1: 8, 5: 4}.get(key & 7) or varint()
             pos += size
             yield key >> 3, buf[pos - size:pos]
-
-
-def _atomic_write(path: Path, data: bytes) -> str:
-    # A crash mid-save must never leave a truncated file where a valid one was.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(path)
