@@ -83,11 +83,17 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
     attn = layers[0].self_attn
     shape = (rows, attn.num_heads, max_len, attn.head_dim)
     dtype, device = encoder_states.dtype, encoder_states.device
-    cross = [layer.encoder_attn.project_kv(encoder_states) for layer in layers]
+    cross_k, cross_v = [], []
+    for layer in layers:
+        # Made contiguous layer by layer: projecting every layer first and copying after would hold the cross
+        # keys/values twice at once (+1.2 GB at 16K tokens, base, fp32).
+        k, v = layer.encoder_attn.project_kv(encoder_states)
+        cross_k.append(k.contiguous())
+        cross_v.append(v.contiguous())
     return DecoderCache(
         self_k=[torch.empty(shape, dtype=dtype, device=device) for _ in layers],
         self_v=[torch.empty(shape, dtype=dtype, device=device) for _ in layers],
-        cross_k=[k.contiguous() for k, _ in cross],
-        cross_v=[v.contiguous() for _, v in cross],
+        cross_k=cross_k,
+        cross_v=cross_v,
         encoder_keep=encoder_keep[:, None, None, :],
     )

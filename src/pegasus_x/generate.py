@@ -1,0 +1,615 @@
+"""Generation: encode once → prefill the start token → decode one token at a time.
+
+Greedy search, sampling and beam search are small functions over a ``step(tokens) -> logits`` closure around a
+:class:`~pegasus_x.cache.DecoderCache`: the encoder runs once, the cross-attention keys/values are computed once per
+*input* and shared by all its beams, and only the preallocated self-attention cache is reordered (in place) when
+beams are reselected. Inputs whose hypotheses are all final leave the batch, so finished work stops costing compute.
+
+The outputs are token-identical to transformers' ``generate`` (5.x): same logits processors in the same order, same
+beam bookkeeping (2×beams candidates per step, alive/finished sets, ``early_stopping`` True/False/"never",
+score = sum_logprobs / generated_len ** length_penalty), same stopping rules. One deliberate difference: positions
+after a beam hypothesis' end hold ``pad_token_id`` (the reference pads beam outputs with EOS when pad is 0).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import DecoderCache, new_cache
+from .errors import GenerationError
+
+NEG = -1.0e9                 # the "impossible" score of the reference's beam bookkeeping
+MIN_TEMPERATURE = 1e-4
+DEFAULT_NEW_TOKENS = 20      # the reference's length when nothing sets one
+DEFAULT_NEW_TOKENS_CAP = 256  # cap on a checkpoint's own max_length (the hub says 16384) when the caller gives none
+
+# Caller-facing options and their defaults (the reference's), before the checkpoint's generation_config.
+DEFAULTS: dict[str, Any] = dict(
+    max_new_tokens=None, max_length=None, min_new_tokens=None, min_length=0, num_beams=1, length_penalty=1.0,
+    gnmt_alpha=None, early_stopping=False, num_return_sequences=1, do_sample=False, temperature=1.0, top_k=50,
+    top_p=1.0, generator=None, seed=None, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    repetition_penalty=1.0, bad_words_ids=None, forced_eos_token_id=None, eos_token_id=None, pad_token_id=None,
+    decoder_start_token_id=None, output_scores=False, return_dict_in_generate=False, streamer=None)
+_RUNTIME_ONLY = {"generator", "seed", "streamer", "max_new_tokens", "max_length", "min_new_tokens", "min_length"}
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences`` ``(B·num_return_sequences, L)``; ``sequences_scores`` ``(B·num_return_sequences,)`` (the
+    length-penalised beam scores; None for greedy search and sampling)."""
+
+    sequences: Tensor
+    sequences_scores: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    """Resolved options. Lengths count the decoder start token, like the reference's ``max_length``."""
+
+    max_length: int
+    min_length: int
+    num_beams: int
+    length_penalty: float
+    gnmt_alpha: float | None
+    early_stopping: bool | str
+    num_return_sequences: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+    no_repeat_ngram_size: int
+    encoder_no_repeat_ngram_size: int
+    repetition_penalty: float
+    bad_words_ids: tuple[tuple[int, ...], ...]
+    forced_eos: tuple[int, ...]
+    eos: tuple[int, ...]
+    pad: int
+    start: int
+    return_dict: bool
+    streamer: Any
+
+    def penalty(self, length: int) -> float:
+        """Length normaliser: ``((5 + len) / 6) ** gnmt_alpha`` (GNMT) if given, else ``len ** length_penalty``."""
+        if self.gnmt_alpha is not None:
+            return ((5 + length) / 6) ** self.gnmt_alpha
+        return length ** self.length_penalty
+
+
+# ---------------------------------------------------------------------------------------------------- options
+def resolve_options(model, options: dict[str, Any], device: torch.device) -> Options:
+    """Merge caller options over ``model.generation_config`` over the defaults, and validate them.
+
+    Length: ``max_new_tokens`` wins over ``max_length`` (total, start token included). When the caller gives
+    neither, the checkpoint's value is used but capped at :data:`DEFAULT_NEW_TOKENS_CAP` new tokens with a warning
+    (the hub files say 16384, which would preallocate a huge cache); with no value anywhere, 20 new tokens.
+
+    Raises:
+        GenerationError: an unknown option name or a value out of range.
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise GenerationError(f"unknown generation option(s) {unknown}; known options: {', '.join(sorted(DEFAULTS))}")
+    stored = {k: v for k, v in (getattr(model, "generation_config", None) or {}).items()
+              if k in DEFAULTS and v is not None}
+    cfg = model.config
+    value = {k: options.get(k, DEFAULTS[k] if k in _RUNTIME_ONLY else stored.get(k, DEFAULTS[k])) for k in DEFAULTS}
+    for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+        if value[name] is None and name not in options:
+            value[name] = getattr(cfg, name)
+    vocab = cfg.vocab_size
+    max_length = _resolve_max_length(options, stored)
+    min_length = _resolve_min_length(options, stored)
+    beams = _int("num_beams", value["num_beams"], 1)
+    nrs = _int("num_return_sequences", value["num_return_sequences"], 1)
+    do_sample = _bool("do_sample", value["do_sample"])
+    if beams == 1 and not do_sample and nrs > 1:
+        raise GenerationError(f"num_return_sequences={nrs} needs beam search (num_beams >= {nrs}) or do_sample=True; "
+                              "greedy search returns one sequence per input")
+    if beams > 1 and nrs > beams:
+        raise GenerationError(f"num_return_sequences={nrs} is larger than num_beams={beams}; beam search can only "
+                              f"return up to num_beams hypotheses per input")
+    if value["early_stopping"] not in (True, False, "never"):
+        raise GenerationError(f"early_stopping must be True, False or 'never', got {value['early_stopping']!r}")
+    top_p = _float("top_p", value["top_p"])
+    if not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}; use 1.0 to disable nucleus sampling")
+    temperature = _float("temperature", value["temperature"])
+    if not temperature >= MIN_TEMPERATURE:
+        # Below this, logits / temperature overflow to inf and sampling turns into NaN; it is argmax anyway.
+        raise GenerationError(f"temperature must be >= {MIN_TEMPERATURE}, got {temperature}; for deterministic "
+                              "output use do_sample=False")
+    repetition = _float("repetition_penalty", value["repetition_penalty"])
+    if repetition <= 0.0:
+        raise GenerationError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition}")
+    gnmt = None if value["gnmt_alpha"] is None else _float("gnmt_alpha", value["gnmt_alpha"])
+    eos = _token_ids("eos_token_id", value["eos_token_id"], vocab)
+    forced = () if value["forced_eos_token_id"] is None else _token_ids("forced_eos_token_id",
+                                                                         value["forced_eos_token_id"], vocab)
+    streamer = value["streamer"]
+    if streamer is not None:
+        if beams > 1:
+            raise GenerationError("a streamer cannot follow beam search (hypotheses change until the end); "
+                                  "use num_beams=1 or drop the streamer")
+        if not (callable(streamer) or hasattr(streamer, "put")):
+            raise GenerationError("streamer must have put(tokens)/end() methods or be a callable(tokens)")
+    if beams > 1 and vocab < max(2, 1 + len(eos)) * beams:
+        raise GenerationError(f"num_beams={beams} needs a vocabulary of at least {max(2, 1 + len(eos)) * beams} "
+                              f"tokens, the model has {vocab}")
+    return Options(
+        max_length=max_length, min_length=min_length, num_beams=beams,
+        length_penalty=_float("length_penalty", value["length_penalty"]), gnmt_alpha=gnmt,
+        early_stopping=value["early_stopping"], num_return_sequences=nrs, do_sample=do_sample,
+        temperature=temperature, top_k=_int("top_k", value["top_k"], 0), top_p=top_p,
+        generator=_generator(value["generator"], value["seed"], device),
+        no_repeat_ngram_size=_int("no_repeat_ngram_size", value["no_repeat_ngram_size"], 0),
+        encoder_no_repeat_ngram_size=_int("encoder_no_repeat_ngram_size", value["encoder_no_repeat_ngram_size"], 0),
+        repetition_penalty=repetition, bad_words_ids=_bad_words(value["bad_words_ids"], eos, vocab),
+        forced_eos=forced, eos=eos, pad=_token_ids("pad_token_id", value["pad_token_id"], vocab)[0],
+        start=_token_ids("decoder_start_token_id", value["decoder_start_token_id"], vocab)[0],
+        return_dict=_bool("return_dict_in_generate", value["return_dict_in_generate"])
+        or _bool("output_scores", value["output_scores"]),
+        streamer=streamer)
+
+
+def _resolve_max_length(options: dict[str, Any], stored: dict[str, Any]) -> int:
+    given = {k: _int(k, options[k], low) for k, low in (("max_new_tokens", 1), ("max_length", 2))
+             if options.get(k) is not None}
+    if "max_new_tokens" in given:
+        return given["max_new_tokens"] + 1
+    if "max_length" in given:
+        return given["max_length"]
+    if stored.get("max_new_tokens") is not None:
+        new = _int("generation_config.max_new_tokens", stored["max_new_tokens"], 1)
+    elif stored.get("max_length") is not None:
+        new = _int("generation_config.max_length", stored["max_length"], 2) - 1
+    else:
+        warnings.warn(f"no max_new_tokens given: generating at most {DEFAULT_NEW_TOKENS} new tokens", stacklevel=4)
+        return DEFAULT_NEW_TOKENS + 1
+    if new > DEFAULT_NEW_TOKENS_CAP:
+        warnings.warn(f"the checkpoint's generation_config allows {new} new tokens; capped at "
+                      f"{DEFAULT_NEW_TOKENS_CAP}. Pass max_new_tokens to choose", stacklevel=4)
+        new = DEFAULT_NEW_TOKENS_CAP
+    return new + 1
+
+
+def _resolve_min_length(options: dict[str, Any], stored: dict[str, Any]) -> int:
+    """Total minimum length (start token included); the caller's value wins, then min_new_tokens over min_length."""
+    for k in ("min_new_tokens", "min_length"):
+        if options.get(k) is not None:
+            _int(k, options[k], 0)
+    for source in (options, stored):
+        if source.get("min_new_tokens") is not None:
+            return _int("min_new_tokens", source["min_new_tokens"], 0) + 1
+        if source.get("min_length") is not None:
+            return _int("min_length", source["min_length"], 0)
+    return 0
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise GenerationError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GenerationError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise GenerationError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _token_ids(name: str, value: Any, vocab: int) -> tuple[int, ...]:
+    ids = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not ids or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        raise GenerationError(f"{name} must be a token id (or list of ids) in [0, {vocab}), got {value!r}")
+    return ids
+
+
+def _bad_words(value: Any, eos: tuple[int, ...], vocab: int) -> tuple[tuple[int, ...], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(w, (list, tuple)) and w for w in value):
+        raise GenerationError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {value!r}")
+    words = tuple(_token_ids("bad_words_ids entry", list(w), vocab) for w in value)
+    # Like the reference: a lone EOS is never banned (generation could not end).
+    return tuple(w for w in words if not (len(w) == 1 and w[0] in eos))
+
+
+def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generator | None:
+    if generator is not None and seed is not None:
+        raise GenerationError("give either generator or seed, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return generator
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(_int("seed", seed, 0))
+
+
+# ---------------------------------------------------------------------------------------------------- processors
+# A processor maps scores (r, V) fp32 given the tokens so far (r, cur) and each row's input index (r,) to new scores.
+Processor = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def build_processors(opts: Options, encoder_ids: Tensor) -> list[Processor]:
+    """The reference's logits processors, in its order (penalties, bans, length rules, then sampling warpers)."""
+    procs: list[Processor] = []
+    eos = torch.tensor(opts.eos, device=encoder_ids.device)
+    if opts.repetition_penalty != 1.0:
+        procs.append(_repetition(opts.repetition_penalty))
+    if opts.no_repeat_ngram_size > 0:
+        procs.append(_no_repeat_ngram(opts.no_repeat_ngram_size))
+    if opts.encoder_no_repeat_ngram_size > 0:
+        procs.append(_encoder_no_repeat_ngram(opts.encoder_no_repeat_ngram_size, encoder_ids))
+    if opts.bad_words_ids:
+        procs.append(_bad_words_ban(opts.bad_words_ids, encoder_ids.device))
+    if opts.min_length > 0:
+        procs.append(lambda s, hist, _: s.index_fill(1, eos, -math.inf) if hist.shape[1] < opts.min_length else s)
+    if opts.forced_eos:
+        forced = torch.tensor(opts.forced_eos, device=encoder_ids.device)
+        procs.append(lambda s, hist, _: (torch.full_like(s, -math.inf).index_fill(1, forced, 0.0)
+                                         if hist.shape[1] == opts.max_length - 1 else s))
+    if opts.do_sample:
+        keep = len(opts.eos) + 1 if opts.num_beams > 1 else 1   # beams must keep a non-EOS continuation
+        if opts.temperature != 1.0:
+            procs.append(lambda s, *_: s / opts.temperature)
+        if opts.top_k != 0:
+            procs.append(_top_k(max(opts.top_k, keep)))
+        if opts.top_p < 1.0:
+            procs.append(_top_p(opts.top_p, keep))
+    return procs
+
+
+def _repetition(penalty: float) -> Processor:
+    def apply(s: Tensor, hist: Tensor, _: Tensor) -> Tensor:
+        seen = s.gather(1, hist)    # every earlier token (start token included) is penalised once
+        return s.scatter(1, hist, torch.where(seen < 0, seen * penalty, seen / penalty))
+    return apply
+
+
+def _ban(s: Tensor, tokens: Tensor, hit: Tensor) -> Tensor:
+    """-inf at ``tokens[r, j]`` wherever ``hit[r, j]``; misses go to a spare column past the vocabulary."""
+    V = s.shape[1]
+    banned = torch.zeros(s.shape[0], V + 1, dtype=torch.bool, device=s.device)
+    banned.scatter_(1, torch.where(hit, tokens, V), True)
+    return s.masked_fill(banned[:, :V], -math.inf)
+
+
+def _no_repeat_ngram(n: int) -> Processor:
+    def apply(s: Tensor, hist: Tensor, _: Tensor) -> Tensor:
+        cur = hist.shape[1]
+        if cur < n:
+            return s
+        windows = hist.unfold(1, n, 1)                                   # (r, cur-n+1, n)
+        prefix = hist[:, cur - n + 1:]                                   # the n-1 newest tokens
+        return _ban(s, windows[..., -1], (windows[..., :-1] == prefix[:, None]).all(-1))
+    return apply
+
+
+def _encoder_no_repeat_ngram(n: int, encoder_ids: Tensor) -> Processor:
+    windows = encoder_ids.unfold(1, n, 1) if encoder_ids.shape[1] >= n else None   # (B, S-n+1, n), pads included
+
+    def apply(s: Tensor, hist: Tensor, inputs: Tensor) -> Tensor:
+        cur = hist.shape[1]
+        if windows is None or cur < n - 1:
+            return s
+        w = windows.index_select(0, inputs)
+        prefix = hist[:, cur - n + 1:]
+        return _ban(s, w[..., -1], (w[..., :-1] == prefix[:, None]).all(-1))
+    return apply
+
+
+def _bad_words_ban(words: tuple[tuple[int, ...], ...], device: torch.device) -> Processor:
+    single = torch.tensor([w[0] for w in words if len(w) == 1], dtype=torch.long, device=device)
+    by_prefix: dict[int, list[tuple[int, ...]]] = {}
+    for w in words:
+        if len(w) > 1:
+            by_prefix.setdefault(len(w) - 1, []).append(w)
+    groups = [(torch.tensor([w[:-1] for w in ws], device=device), torch.tensor([w[-1] for w in ws], device=device))
+              for ws in by_prefix.values()]
+
+    def apply(s: Tensor, hist: Tensor, _: Tensor) -> Tensor:
+        if single.numel():
+            s = s.index_fill(1, single, -math.inf)
+        for prefixes, last in groups:                                    # prefixes (m, p), last (m,)
+            if prefixes.shape[1] <= hist.shape[1]:
+                hit = (hist[:, None, -prefixes.shape[1]:] == prefixes).all(-1)    # (r, m)
+                s = _ban(s, last.expand_as(hit), hit)
+        return s
+    return apply
+
+
+def _top_k(k: int) -> Processor:
+    def apply(s: Tensor, *_: Tensor) -> Tensor:
+        kth = torch.topk(s, min(k, s.shape[1])).values[:, -1:]
+        return s.masked_fill(s < kth, -math.inf)
+    return apply
+
+
+def _top_p(p: float, keep: int) -> Processor:
+    def apply(s: Tensor, *_: Tensor) -> Tensor:
+        sorted_s, order = torch.sort(s, descending=False)
+        drop = sorted_s.softmax(-1).cumsum(-1) <= 1 - p                 # the low tail holding <= 1-p of the mass
+        drop[:, -keep:] = False
+        return s.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return apply
+
+
+def process(procs: list[Processor], scores: Tensor, hist: Tensor, inputs: Tensor) -> Tensor:
+    for proc in procs:
+        scores = proc(scores, hist, inputs)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def make_step(model, cache: DecoderCache, rows: int) -> Callable[[Tensor], Tensor]:
+    """``step(tokens (R, T)) -> fp32 logits (R, V)`` of the last position; advances the cache by T."""
+    decoder, head = model.get_decoder(), _lm_head(model.lm_head.weight, rows)
+
+    def step(tokens: Tensor) -> Tensor:
+        return head(decoder(tokens, None, None, cache=cache)[:, -1]).float()
+    return step
+
+
+def _lm_head(weight: Tensor, rows: int) -> Callable[[Tensor], Tensor]:
+    """Logits ``(R, V)`` from states ``(R, D)``: the (V, D) head is the biggest weight read at every step.
+
+    On CPU in fp32, BLAS streams it fastest in an operand order that depends on the row count (measured at base
+    size, 2 threads: one row 13 ms as h·(Wᵀ contiguous) vs 20 ms as F.linear; four rows 15 ms as W·hᵀ vs 55 ms).
+    The transposed copy costs V·D floats for the duration of one generate call, so only single-row decoding uses it.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return lambda h: F.linear(h, weight)
+    transposed = weight.t().contiguous() if rows == 1 else None           # (D, V)
+
+    def head(h: Tensor) -> Tensor:
+        if h.shape[0] > 1:
+            return torch.mm(weight, h.t()).t()
+        return h @ transposed if transposed is not None else F.linear(h, weight)
+    return head
+
+
+def _sync_every(device: torch.device) -> int:
+    # Pruning finished inputs needs their state on the host. Free on CPU; on an accelerator it would stall the
+    # queue every token, so check every few steps (finished rows ride along meanwhile, emitting pad).
+    return 1 if device.type == "cpu" else 8
+
+
+def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Options,
+                     procs: list[Processor], batch: int) -> GenerateOutput:
+    """Greedy search (argmax) or multinomial sampling; rows of inputs that are all finished leave the batch.
+
+    ``num_return_sequences`` rows per input (1 for greedy). Finished rows emit pad, like the reference.
+    """
+    group, L, dev = opts.num_return_sequences, opts.max_length, cache.encoder_keep.device
+    eos = torch.tensor(opts.eos, device=dev)
+    out = torch.full((batch * group, L), opts.pad, dtype=torch.long, device=dev)
+    inputs = torch.arange(batch, device=dev)                             # active inputs
+    rows = torch.arange(batch * group, device=dev)                       # their output rows, in cache order
+    seqs = out.clone()
+    seqs[:, 0] = opts.start
+    done = torch.zeros(batch * group, dtype=torch.bool, device=dev)
+    stream = _Streamer(opts.streamer, out.shape[0], opts.pad, seqs[:, :1])
+    cur, every = 1, _sync_every(dev)
+    tokens = seqs[:, :1]
+    while True:
+        scores = process(procs, step(tokens), seqs[:, :cur], inputs.repeat_interleave(group))
+        if opts.do_sample:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=opts.generator).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        nxt = nxt.masked_fill(done, opts.pad)
+        seqs[:, cur] = nxt
+        done |= torch.isin(nxt, eos)
+        stream.put(rows, nxt)
+        cur += 1
+        if cur == L:
+            break
+        if cur % every == 0:
+            alive = ~done.view(-1, group).all(1)                         # inputs with an unfinished row
+            if not bool(alive.any()):
+                break
+            if not bool(alive.all()):
+                out[rows] = seqs
+                keep = alive.nonzero().squeeze(1)
+                cache.keep_inputs(keep)
+                inputs, kept_rows = inputs[keep], (keep[:, None] * group + torch.arange(group, device=dev)).flatten()
+                rows, seqs, done, nxt = rows[kept_rows], seqs[kept_rows], done[kept_rows], nxt[kept_rows]
+        tokens = nxt[:, None]
+    out[rows] = seqs
+    stream.end()
+    return GenerateOutput(out[:, :_used_length(out, cur, opts)])
+
+
+def _used_length(seqs: Tensor, cur: int, opts: Options) -> int:
+    """Length the reference returns: up to the step at which the last row finished (or max_length)."""
+    gen = seqs[:, 1:cur]
+    hit = torch.isin(gen, torch.tensor(opts.eos, device=gen.device))
+    end = torch.where(hit.any(1), hit.int().argmax(1) + 1, cur - 1)      # generated tokens up to the first EOS
+    return int(end.max()) + 1
+
+
+class _Streamer:
+    """Feeds new tokens ``(rows_total,)`` (pad for finished rows) to a transformers-style streamer or a callable."""
+
+    def __init__(self, target: Any, total: int, pad: int, prompt: Tensor):
+        self.target, self.total, self.pad = target, total, pad
+        if target is not None and hasattr(target, "put"):
+            target.put(prompt.cpu())                                     # transformers' streamers expect the prompt
+
+    def put(self, rows: Tensor, tokens: Tensor) -> None:
+        if self.target is None:
+            return
+        full = tokens.new_full((self.total,), self.pad).index_copy(0, rows, tokens).cpu()
+        self.target.put(full) if hasattr(self.target, "put") else self.target(full)
+
+    def end(self) -> None:
+        if self.target is not None and hasattr(self.target, "end"):
+            self.target.end()
+
+
+@dataclass
+class BeamState:
+    """Per active input ``b``, ``K`` beams, ``L`` max length: the alive (running) and finished hypotheses."""
+
+    run_seqs: Tensor      # (b, K, L) long
+    run_scores: Tensor    # (b, K) fp32 summed log-probs; beam k > 0 starts at NEG so step 1 expands beam 0 only
+    fin_seqs: Tensor      # (b, K, L)
+    fin_scores: Tensor    # (b, K) length-penalised; NEG where empty
+    fin_done: Tensor      # (b, K) bool: slot holds a finished hypothesis
+    fin_len: Tensor       # (b, K) generated tokens of each finished hypothesis
+    open: Tensor          # (b, 1) bool: could a running beam still beat the worst finished one?
+
+    def select(self, keep: Tensor) -> "BeamState":
+        return BeamState(*(t.index_select(0, keep) for t in vars(self).values()))
+
+
+def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Options, procs: list[Processor],
+                batch: int) -> GenerateOutput:
+    """Beam search (or beam sampling with ``do_sample``) with the reference's alive/finished bookkeeping.
+
+    Each step keeps ``C = max(2, 1+n_eos)·K`` candidates per input; those ending in EOS (or at max_length) among the
+    best K candidates enter the finished set with score sum_logprobs / penalty(generated_len), and the best K
+    unfinished candidates stay alive. An input is done when no alive beam can beat its worst finished hypothesis
+    (``early_stopping`` False: judged at the current length; "never": at max_length when the penalty favours length)
+    or, with ``early_stopping=True``, as soon as K hypotheses are finished. Done inputs leave the batch.
+    """
+    K, L, dev = opts.num_beams, opts.max_length, cache.encoder_keep.device
+    C = max(2, 1 + len(opts.eos)) * K
+    eos = torch.tensor(opts.eos, device=dev)
+    seqs = torch.full((batch, K, L), opts.pad, dtype=torch.long, device=dev)
+    seqs[:, :, 0] = opts.start
+    scores = torch.zeros(batch, K, device=dev)
+    scores[:, 1:] = NEG
+    st = BeamState(seqs, scores, seqs.clone(), torch.full((batch, K), NEG, device=dev),
+                   torch.zeros(batch, K, dtype=torch.bool, device=dev), torch.zeros(batch, K, dtype=torch.long,
+                                                                                     device=dev),
+                   torch.ones(batch, 1, dtype=torch.bool, device=dev))
+    out = BeamState(*(t.clone() for t in vars(st).values()))            # final state of every input
+    inputs = torch.arange(batch, device=dev)
+    top_k_mask = torch.arange(C, device=dev) < K                          # only the best K candidates may finish
+    cur, every = 1, _sync_every(dev)
+    while True:
+        b = inputs.shape[0]
+        logp = F.log_softmax(step(st.run_seqs[:, :, cur - 1].reshape(-1, 1)), dim=-1)
+        logp = process(procs, logp, st.run_seqs.view(b * K, L)[:, :cur], inputs.repeat_interleave(K))
+        V = logp.shape[1]
+        total = (logp.view(b, K, V) + st.run_scores[:, :, None]).view(b, K * V)
+        if opts.do_sample:
+            cand = torch.multinomial(total.softmax(-1), C, generator=opts.generator)
+            cand_scores = total.gather(1, cand)
+        else:
+            cand_scores, cand = torch.topk(total, C)
+        parent, token = cand // V, cand % V
+        cand_seqs = st.run_seqs.gather(1, parent[:, :, None].expand(b, C, L))
+        cand_seqs[:, :, cur] = token
+        ended = torch.isin(token, eos) | (cur + 1 >= L)
+        _update_finished(st, cand_seqs, cand_scores, ended & top_k_mask, cur, opts)
+        alive = cand_scores + ended.to(torch.float32) * NEG
+        pick = torch.topk(alive, K).indices
+        st.run_seqs = cand_seqs.gather(1, pick[:, :, None].expand(b, K, L))
+        st.run_scores = alive.gather(1, pick)
+        cache.reorder((parent.gather(1, pick) + torch.arange(b, device=dev)[:, None] * K).flatten())
+        cur += 1
+        _update_open(st, cur, opts)
+        if cur == L:
+            break
+        if cur % every == 0:
+            done = ~st.open.squeeze(1) | (st.fin_done.all(1) & (opts.early_stopping is True))
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                _store(out, inputs, st)
+                keep = (~done).nonzero().squeeze(1)
+                cache.keep_inputs(keep)
+                inputs, st = inputs[keep], st.select(keep)
+    _store(out, inputs, st)
+    n = opts.num_return_sequences
+    length = int(out.fin_len[:, :n].max()) + 1
+    return GenerateOutput(out.fin_seqs[:, :n, :length].reshape(batch * n, length),
+                          out.fin_scores[:, :n].reshape(batch * n))
+
+
+def _update_finished(st: BeamState, cand_seqs: Tensor, cand_scores: Tensor, finishing: Tensor, cur: int,
+                     opts: Options) -> None:
+    """Merge the candidates that just finished into the K best finished hypotheses (sorted best first)."""
+    s = cand_scores / opts.penalty(cur)                                  # cur tokens generated, EOS included
+    s = s + (st.fin_done.all(1, keepdim=True) & (opts.early_stopping is True)).to(torch.float32) * NEG
+    s = s + (~st.open).to(torch.float32) * NEG                           # done inputs admit nothing new
+    s = s + (~finishing).to(torch.float32) * NEG
+    merged = torch.cat([st.fin_scores, s], 1)
+    best = torch.topk(merged, st.fin_scores.shape[1]).indices
+    b, _, L = cand_seqs.shape
+    st.fin_seqs = torch.cat([st.fin_seqs, cand_seqs], 1).gather(1, best[:, :, None].expand(b, best.shape[1], L))
+    st.fin_scores = merged.gather(1, best)
+    st.fin_done = torch.cat([st.fin_done, finishing], 1).gather(1, best)
+    st.fin_len = torch.cat([st.fin_len, torch.full_like(cand_scores, cur, dtype=torch.long)], 1).gather(1, best)
+
+
+def _update_open(st: BeamState, cur: int, opts: Options) -> None:
+    """Can the best alive beam still beat the worst finished one? (``cur`` counts the start token.)"""
+    favours_length = (opts.gnmt_alpha if opts.gnmt_alpha is not None else opts.length_penalty) > 0.0
+    best_len = opts.max_length - 1 if opts.early_stopping == "never" and favours_length else cur - 1
+    best_possible = st.run_scores[:, :1] / opts.penalty(best_len)
+    worst = torch.where(st.fin_done, st.fin_scores.min(1, keepdim=True).values, NEG)
+    st.open = st.open & (best_possible > worst).any(1, keepdim=True)
+
+
+def _store(out: BeamState, inputs: Tensor, st: BeamState) -> None:
+    for name, value in vars(st).items():
+        getattr(out, name)[inputs] = value
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> Tensor | GenerateOutput:
+    """Generate summaries.
+
+    Args:
+        model: a :class:`~pegasus_x.model.PegasusXForConditionalGeneration` (put it in ``eval()`` mode).
+        input_ids: ``(B, T)`` source ids, right padded.
+        attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (None: all real).
+        **options: transformers' names. Length: ``max_new_tokens`` | ``max_length`` (start token included),
+            ``min_new_tokens`` | ``min_length``. Search: ``num_beams``, ``length_penalty``, ``gnmt_alpha`` (use
+            ((5+len)/6)**alpha instead of len**length_penalty), ``early_stopping`` (True/False/"never"),
+            ``num_return_sequences``. Sampling: ``do_sample``, ``temperature``, ``top_k`` (default 50), ``top_p``,
+            ``generator`` or ``seed``. Constraints: ``no_repeat_ngram_size``, ``encoder_no_repeat_ngram_size``,
+            ``repetition_penalty``, ``bad_words_ids``, ``forced_eos_token_id`` (default: the config's), and
+            ``eos_token_id``/``pad_token_id``/``decoder_start_token_id``. Output: ``return_dict_in_generate`` or
+            ``output_scores`` → :class:`GenerateOutput`; ``streamer``: an object with ``put(tokens)``/``end()``
+            (transformers' streamers) or a callable receiving each step's new tokens ``(B·num_return_sequences,)``.
+            Defaults come from ``model.generation_config`` (see :func:`resolve_options` for the length rule).
+    Returns:
+        ``(B·num_return_sequences, L)`` LongTensor starting with the decoder start token, padded with pad; or a
+        :class:`GenerateOutput` when asked for.
+    Raises:
+        GenerationError: unknown or out-of-range options.
+        InputError: malformed ids or mask (from ``model.encode``).
+    """
+    opts = resolve_options(model, options, model.device)
+    if model.training:
+        warnings.warn("generate() called in training mode: dropout is active; call model.eval() first",
+                      stacklevel=2)
+    with torch.inference_mode():
+        enc = model.encode(input_ids, attention_mask)
+        batch = enc.last_hidden_state.shape[0]
+        rows = batch * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
+        cache = new_cache(model, enc.last_hidden_state, enc.attention_mask, rows, opts.max_length - 1)
+        del enc
+        procs = build_processors(opts, input_ids.long())
+        search = beam_search if opts.num_beams > 1 else greedy_or_sample
+        result = search(make_step(model, cache, rows), cache, opts, procs, batch)
+    return result if opts.return_dict else result.sequences
