@@ -21,8 +21,18 @@ LENGTHS = [30, 7, 13]          # right padded; 30 > 3 blocks of 8 with staggerin
 NEW = 12
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine a busy second core makes every
+    2-thread op wait for it (measured: this file 8 s alone, 75 s beside another job)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory):
+def twin(tmp_path_factory, one_thread):
     ref, ours, _ = reference_twin(tmp_path_factory.mktemp("gen"), seed=3, init_std=0.5)
     with torch.no_grad():
         ref.model.shared.weight[EOS] *= 2.0          # make EOS competitive (shared = tied LM head)
