@@ -262,6 +262,42 @@ def test_tokenizer_property(texts, padding, max_length, truncation):
         assert all(len(row) <= max_length for row in rows)
 
 
+CONFIG_VALUES = st.one_of(st.integers(-3, 100), st.floats(-1.0, 2.0), st.just(float("nan")), st.booleans(), st.none(),
+                          st.text(max_size=5), st.sampled_from(["relu", "gelu"]))
+
+
+@PROPERTY
+@given(changes=st.dictionaries(st.sampled_from(["d_model", "encoder_attention_heads", "block_size", "dropout",
+                                                "activation_function", "vocab_size", "pad_token_id",
+                                                "stagger_local_blocks", "layer_norm_eps", "num_global_tokens",
+                                                "model_type", "unknown_key"]), CONFIG_VALUES, max_size=4))
+def test_config_property(changes):
+    data = {**PegasusXConfig(**tiny_kwargs()).to_dict(), **changes}
+    try:
+        cfg = PegasusXConfig.from_dict(data)
+    except PegasusXError:
+        return
+    assert cfg.d_model % cfg.encoder_attention_heads == 0 and cfg.block_size > 0
+    assert PegasusXConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@PROPERTY
+@given(target=st.sampled_from(["model.safetensors", "config.json"]), position=st.floats(0.0, 1.0),
+       data=st.binary(min_size=1, max_size=16), truncate=st.booleans())
+def test_checkpoint_corruption_property(tmp_path_factory, target, position, data, truncate):
+    folder = tmp_path_factory.mktemp("corrupt")
+    MODEL.save_pretrained(folder)
+    raw = bytearray((folder / target).read_bytes())
+    at = int(position * (len(raw) - 1))
+    raw = raw[:at] if truncate else raw[:at] + data + raw[at + len(data):]
+    (folder / target).write_bytes(bytes(raw))
+    try:
+        loaded = PegasusXForConditionalGeneration.from_pretrained(folder)
+    except PegasusXError:
+        return
+    assert loaded.num_parameters() == MODEL.num_parameters()
+
+
 # ---------------------------------------------------------------------------------------------- kill test
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
