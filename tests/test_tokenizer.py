@@ -36,7 +36,7 @@ from pegasus_x.tokenizer import PegasusTokenizer
 
 transformers = pytest.importorskip("transformers")
 
-REAL = Path("/work/shared/data/pegasus-tokenizer")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pegasus-tokenizer"   # ../shared beside the repo
 if not (REAL / "tokenizer.json").is_file():  # fall back to the copy shipped in the package
     REAL = Path(__file__).resolve().parents[1] / "src" / "pegasus_x" / "assets" / "pegasus-tokenizer"
 SPACE = 110  # the lone "▁" piece
