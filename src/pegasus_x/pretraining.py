@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from .checkpoint import atomic_open
 from .errors import ConfigError, DataError
 
 MASK_SENTENCE = "<mask_1>"
@@ -229,26 +230,18 @@ def write_gsg_jsonl(documents: Iterable[str], path: str | os.PathLike, seed: int
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     stats = GSGStats(0, 0, 0)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for example in gsg_examples(documents, seed, options):
-                stats.documents += 1
-                if example is None:
-                    stats.skipped += 1
-                    continue
-                stats.examples += 1
-                f.write(json.dumps({"source": example.source, "target": example.target}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if stats.examples == 0:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for example in gsg_examples(documents, seed, options):
+            stats.documents += 1
+            if example is None:
+                stats.skipped += 1
+                continue
+            stats.examples += 1
+            f.write(json.dumps({"source": example.source, "target": example.target}, ensure_ascii=False) + "\n")
+        if stats.examples == 0:        # raised inside the block: the temporary file is removed, nothing written
             raise DataError(f"none of the {stats.documents} documents has two or more sentences; GSG needs "
                             "multi-sentence documents")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return stats
 
 
