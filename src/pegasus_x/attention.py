@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear
+
 BACKENDS = ("sdpa", "eager")
 
 
@@ -53,10 +55,10 @@ class GlobalLocalAttention(nn.Module):
         self.num_heads, self.head_dim, self.block_size = num_heads, d_model // num_heads, block_size
         self.dropout = dropout
         self.backend = "sdpa"
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = Linear(d_model, d_model, bias=False)
+        self.k_proj = Linear(d_model, d_model, bias=False)
+        self.v_proj = Linear(d_model, d_model, bias=False)
+        self.out_proj = Linear(d_model, d_model, bias=False)
 
     def forward(self, x: Tensor, g: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         """Attend.
@@ -113,10 +115,10 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.dropout = dropout
         self.backend = "sdpa"
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = Linear(d_model, d_model, bias=False)
+        self.k_proj = Linear(d_model, d_model, bias=False)
+        self.v_proj = Linear(d_model, d_model, bias=False)
+        self.out_proj = Linear(d_model, d_model, bias=False)
 
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, S, D)`` → keys and values ``(B, H, S, hd)``."""

@@ -22,6 +22,7 @@ from .attention import BACKENDS, Attention, GlobalLocalAttention
 from .cache import DecoderCache
 from .config import PegasusXConfig
 from .errors import ConfigError, InputError
+from .linear import Linear
 
 IGNORE_INDEX = -100
 
@@ -144,8 +145,8 @@ class PegasusXEncoderLayer(nn.Module):
                                               config.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.global_self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
-        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
+        self.fc1 = Linear(d, config.encoder_ffn_dim)
+        self.fc2 = Linear(config.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
@@ -179,8 +180,8 @@ class PegasusXDecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.encoder_attn = Attention(d, heads, config.attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
-        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.fc1 = Linear(d, config.decoder_ffn_dim)
+        self.fc2 = Linear(config.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
@@ -476,7 +477,7 @@ class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
     def __init__(self, config: PegasusXConfig, init: bool = True):
         super().__init__(config)
         self.model = PegasusXModel(config, init=False)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.shared.weight
         if init:

@@ -1,0 +1,58 @@
+"""Linear layers, with a faster route for the few-row products of decoding on a CPU.
+
+A decode step multiplies one to a few rows (one per beam) by every decoder weight and the LM head: it is bound by
+how fast the weights stream from memory. For such products MKL's fp32 matrix-vector kernels on the CPU run on one
+thread and reach only part of the machine's bandwidth. Splitting the weight's output rows into one slab per thread
+and handing the slabs to ``torch.bmm`` streams them on every thread at once, from the weight as it is stored
+(a view, no copy). Measured at pegasus-x-base shapes on a 2-core AMD EPYC, 2 threads, weights larger than the
+caches (GB/s of weight read; ``benchmarks/generate.py`` has the end-to-end numbers):
+
+    rows      F.linear      mm(W, xᵀ)     bmm over row slabs (this module)
+    1         13–20         14–21         27–30
+    2–4       7–10          19–23         19–22
+    8         5–9           11–12         12
+
+Beyond a few rows the product is compute-bound and ``F.linear`` is the right kernel again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SMALL_ROWS = 4          # up to this many rows the product is bandwidth-bound and the slab route wins
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; few-row fp32 products on the CPU without autograd take the slab route.
+
+    The result equals ``F.linear``'s up to the order of floating-point summation.
+    """
+    parts = torch.get_num_threads()
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    if (rows == 0 or rows > SMALL_ROWS or parts < 2 or out_features < 64 * parts or torch.is_grad_enabled()
+            or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not weight.is_contiguous()):
+        return F.linear(x, weight, bias)
+    even = out_features - out_features % parts
+    # xᵀ as a column-major (in, rows) operand: MKL streams the slabs at full speed with this layout only (a
+    # row-major one runs ~4× slower).
+    xt = x.reshape(rows, in_features).contiguous().t()
+    slabs = (weight if even == out_features else weight[:even]).view(parts, even // parts, in_features)
+    y = torch.bmm(slabs, xt.expand(parts, in_features, rows))                 # (parts, even/parts, rows)
+    # Row-major (rows, even) again: the next layer's input and attention kernels need it.
+    y = y.view(1, even) if rows == 1 else y.view(even, rows).t().contiguous()
+    if even < out_features:                                                   # < parts leftover output rows
+        y = torch.cat([y, F.linear(xt.t(), weight[even:])], dim=1)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state_dict keys) whose forward is :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

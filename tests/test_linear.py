@@ -1,0 +1,101 @@
+"""The few-row CPU route of pegasus_x.linear: same numbers as F.linear, taken exactly when it should be."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pegasus_x.linear as lin
+from conftest import random_batch, reference_twin
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def bmm_calls(monkeypatch):
+    """Counts torch.bmm calls: the slab route is the only bmm in a linear."""
+    calls = []
+    real = torch.bmm
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("out_features", [384, 385, 1001])
+@pytest.mark.parametrize("bias", [False, True])
+def test_slab_route_equals_f_linear(threads, bmm_calls, parts, rows, out_features, bias):
+    threads(parts)
+    g = torch.Generator().manual_seed(rows * out_features + parts)
+    w = torch.randn(out_features, 200, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    x = torch.randn(rows, 1, 200, generator=g) / 200 ** 0.5          # (R, T=1, D) as in a decode step; outputs O(1)
+    with torch.inference_mode():
+        got = lin.linear(x, w, b)
+    expected = F.linear(x, w, b)
+    assert len(bmm_calls) == 1 and bmm_calls[0][0] == parts           # the route was taken, one slab per thread
+    assert got.shape == expected.shape == (rows, 1, out_features)
+    assert got.is_contiguous()                                        # row-major, like F.linear: the next kernels need it
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["many rows", "one thread", "grad", "bf16", "small", "non-contiguous"])
+def test_other_products_use_f_linear(threads, bmm_calls, case):
+    threads(1 if case == "one thread" else 2)
+    w = torch.randn(512, 64)
+    x = torch.randn(lin.SMALL_ROWS + 1 if case == "many rows" else 1, 64)
+    if case == "bf16":
+        w, x = w.bfloat16(), x.bfloat16()
+    if case == "small":
+        w = w[:100]
+    if case == "non-contiguous":
+        w = torch.randn(64, 512).t()
+    if case == "grad":
+        w.requires_grad_(True)
+        out = lin.linear(x, w)
+        out.sum().backward()                                          # autograd works through the fallback
+        assert w.grad is not None
+    else:
+        with torch.no_grad():
+            out = lin.linear(x, w)
+    assert not bmm_calls
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=4, length_penalty=0.8)], ids=["greedy", "beam4"])
+def test_generation_through_slabs_matches_reference(tmp_path, threads, bmm_calls, options):
+    """A model wide enough for the slab route (and an odd vocabulary: a leftover row) still generates the
+    reference's tokens."""
+    threads(2)
+    ref, ours, _ = reference_twin(tmp_path, seed=4, init_std=0.5, d_model=128, vocab_size=301,
+                                  decoder_ffn_dim=256, encoder_ffn_dim=256)
+    ours.eval()
+    ids, mask, _ = random_batch([20, 11], ref.config.vocab_size, seed=2)
+    if options:                                                       # 4 beams of one input: 4 rows
+        ids, mask = ids[:1], mask[:1]
+    options = dict(max_new_tokens=10, **options)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ref.generate(ids, attention_mask=mask, **options)
+    bmm_calls.clear()
+    got = ours.generate(ids, attention_mask=mask, **options)
+    assert bmm_calls, "the slab route was not taken"
+    if options.get("num_beams", 1) > 1:                               # the reference pads beams with EOS (pad or eos)
+        for row in expected:
+            ends = (row[1:] == 1).nonzero()
+            if len(ends):
+                row[int(ends[0]) + 2:] = 0
+    assert torch.equal(got, expected), f"\n{got}\n{expected}"
