@@ -21,7 +21,7 @@ class DecoderCache:
     self_v: list[Tensor]
     cross_k: list[Tensor]       # each (B, H, S, hd)
     cross_v: list[Tensor]
-    encoder_keep: Tensor        # (B, 1, 1, S) bool: False at padded encoder positions
+    encoder_keep: Tensor | None  # (B, 1, 1, S) bool, False at padded encoder positions; None: no padding
     length: int = 0             # tokens already written
 
     @property
@@ -65,7 +65,8 @@ class DecoderCache:
         self.self_v = [take(buf) for buf in self.self_v]
         self.cross_k = [k.index_select(0, inputs) for k in self.cross_k]
         self.cross_v = [v.index_select(0, inputs) for v in self.cross_v]
-        self.encoder_keep = self.encoder_keep.index_select(0, inputs)
+        if self.encoder_keep is not None:
+            self.encoder_keep = self.encoder_keep.index_select(0, inputs)
 
 
 def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, max_len: int) -> DecoderCache:
@@ -95,5 +96,6 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
         self_v=[torch.empty(shape, dtype=dtype, device=device) for _ in layers],
         cross_k=cross_k,
         cross_v=cross_v,
-        encoder_keep=encoder_keep[:, None, None, :],
+        # Without padding the cross-attention needs no mask, and the kernels run faster without one.
+        encoder_keep=None if bool(encoder_keep.all()) else encoder_keep[:, None, None, :],
     )

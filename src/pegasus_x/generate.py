@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .cache import DecoderCache, new_cache
 from .errors import GenerationError
+from .processors import Processor, build_processors, process
 
 NEG = -1.0e9                 # the "impossible" score of the reference's beam bookkeeping
 MIN_TEMPERATURE = 1e-4
@@ -240,147 +241,14 @@ def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed(_int("seed", seed, 0))
 
 
-# ---------------------------------------------------------------------------------------------------- processors
-# A processor maps scores (r, V) fp32 given the tokens so far (r, cur) and each row's input index (r,) to new scores.
-Processor = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def build_processors(opts: Options, encoder_ids: Tensor) -> list[Processor]:
-    """The reference's logits processors, in its order (penalties, bans, length rules, then sampling warpers)."""
-    procs: list[Processor] = []
-    eos = torch.tensor(opts.eos, device=encoder_ids.device)
-    if opts.repetition_penalty != 1.0:
-        procs.append(_repetition(opts.repetition_penalty))
-    if opts.no_repeat_ngram_size > 0:
-        procs.append(_no_repeat_ngram(opts.no_repeat_ngram_size))
-    if opts.encoder_no_repeat_ngram_size > 0:
-        procs.append(_encoder_no_repeat_ngram(opts.encoder_no_repeat_ngram_size, encoder_ids))
-    if opts.bad_words_ids:
-        procs.append(_bad_words_ban(opts.bad_words_ids, encoder_ids.device))
-    if opts.min_length > 0:
-        procs.append(lambda s, hist, _: s.index_fill(1, eos, -math.inf) if hist.shape[1] < opts.min_length else s)
-    if opts.forced_eos:
-        forced = torch.tensor(opts.forced_eos, device=encoder_ids.device)
-        procs.append(lambda s, hist, _: (torch.full_like(s, -math.inf).index_fill(1, forced, 0.0)
-                                         if hist.shape[1] == opts.max_length - 1 else s))
-    if opts.do_sample:
-        keep = len(opts.eos) + 1 if opts.num_beams > 1 else 1   # beams must keep a non-EOS continuation
-        if opts.temperature != 1.0:
-            procs.append(lambda s, *_: s / opts.temperature)
-        if opts.top_k != 0:
-            procs.append(_top_k(max(opts.top_k, keep)))
-        if opts.top_p < 1.0:
-            procs.append(_top_p(opts.top_p, keep))
-    return procs
-
-
-def _repetition(penalty: float) -> Processor:
-    def apply(s: Tensor, hist: Tensor, _: Tensor) -> Tensor:
-        seen = s.gather(1, hist)    # every earlier token (start token included) is penalised once
-        return s.scatter(1, hist, torch.where(seen < 0, seen * penalty, seen / penalty))
-    return apply
-
-
-def _ban(s: Tensor, tokens: Tensor, hit: Tensor) -> Tensor:
-    """-inf at ``tokens[r, j]`` wherever ``hit[r, j]``; misses go to a spare column past the vocabulary."""
-    V = s.shape[1]
-    banned = torch.zeros(s.shape[0], V + 1, dtype=torch.bool, device=s.device)
-    banned.scatter_(1, torch.where(hit, tokens, V), True)
-    return s.masked_fill(banned[:, :V], -math.inf)
-
-
-def _no_repeat_ngram(n: int) -> Processor:
-    def apply(s: Tensor, hist: Tensor, _: Tensor) -> Tensor:
-        cur = hist.shape[1]
-        if cur < n:
-            return s
-        windows = hist.unfold(1, n, 1)                                   # (r, cur-n+1, n)
-        prefix = hist[:, cur - n + 1:]                                   # the n-1 newest tokens
-        return _ban(s, windows[..., -1], (windows[..., :-1] == prefix[:, None]).all(-1))
-    return apply
-
-
-def _encoder_no_repeat_ngram(n: int, encoder_ids: Tensor) -> Processor:
-    windows = encoder_ids.unfold(1, n, 1) if encoder_ids.shape[1] >= n else None   # (B, S-n+1, n), pads included
-
-    def apply(s: Tensor, hist: Tensor, inputs: Tensor) -> Tensor:
-        cur = hist.shape[1]
-        if windows is None or cur < n - 1:
-            return s
-        w = windows.index_select(0, inputs)
-        prefix = hist[:, cur - n + 1:]
-        return _ban(s, w[..., -1], (w[..., :-1] == prefix[:, None]).all(-1))
-    return apply
-
-
-def _bad_words_ban(words: tuple[tuple[int, ...], ...], device: torch.device) -> Processor:
-    single = torch.tensor([w[0] for w in words if len(w) == 1], dtype=torch.long, device=device)
-    by_prefix: dict[int, list[tuple[int, ...]]] = {}
-    for w in words:
-        if len(w) > 1:
-            by_prefix.setdefault(len(w) - 1, []).append(w)
-    groups = [(torch.tensor([w[:-1] for w in ws], device=device), torch.tensor([w[-1] for w in ws], device=device))
-              for ws in by_prefix.values()]
-
-    def apply(s: Tensor, hist: Tensor, _: Tensor) -> Tensor:
-        if single.numel():
-            s = s.index_fill(1, single, -math.inf)
-        for prefixes, last in groups:                                    # prefixes (m, p), last (m,)
-            if prefixes.shape[1] <= hist.shape[1]:
-                hit = (hist[:, None, -prefixes.shape[1]:] == prefixes).all(-1)    # (r, m)
-                s = _ban(s, last.expand_as(hit), hit)
-        return s
-    return apply
-
-
-def _top_k(k: int) -> Processor:
-    def apply(s: Tensor, *_: Tensor) -> Tensor:
-        kth = torch.topk(s, min(k, s.shape[1])).values[:, -1:]
-        return s.masked_fill(s < kth, -math.inf)
-    return apply
-
-
-def _top_p(p: float, keep: int) -> Processor:
-    def apply(s: Tensor, *_: Tensor) -> Tensor:
-        sorted_s, order = torch.sort(s, descending=False)
-        drop = sorted_s.softmax(-1).cumsum(-1) <= 1 - p                 # the low tail holding <= 1-p of the mass
-        drop[:, -keep:] = False
-        return s.masked_fill(drop.scatter(1, order, drop), -math.inf)
-    return apply
-
-
-def process(procs: list[Processor], scores: Tensor, hist: Tensor, inputs: Tensor) -> Tensor:
-    for proc in procs:
-        scores = proc(scores, hist, inputs)
-    return scores
-
-
 # ---------------------------------------------------------------------------------------------------- decoding
-def make_step(model, cache: DecoderCache, rows: int) -> Callable[[Tensor], Tensor]:
+def make_step(model, cache: DecoderCache) -> Callable[[Tensor], Tensor]:
     """``step(tokens (R, T)) -> fp32 logits (R, V)`` of the last position; advances the cache by T."""
-    decoder, head = model.get_decoder(), _lm_head(model.lm_head.weight, rows)
+    decoder, head = model.get_decoder(), model.lm_head
 
     def step(tokens: Tensor) -> Tensor:
         return head(decoder(tokens, None, None, cache=cache)[:, -1]).float()
     return step
-
-
-def _lm_head(weight: Tensor, rows: int) -> Callable[[Tensor], Tensor]:
-    """Logits ``(R, V)`` from states ``(R, D)``: the (V, D) head is the biggest weight read at every step.
-
-    On CPU in fp32, BLAS streams it fastest in an operand order that depends on the row count (measured at base
-    size, 2 threads: one row 13 ms as h·(Wᵀ contiguous) vs 20 ms as F.linear; four rows 15 ms as W·hᵀ vs 55 ms).
-    The transposed copy costs V·D floats for the duration of one generate call, so only single-row decoding uses it.
-    """
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return lambda h: F.linear(h, weight)
-    transposed = weight.t().contiguous() if rows == 1 else None           # (D, V)
-
-    def head(h: Tensor) -> Tensor:
-        if h.shape[0] > 1:
-            return torch.mm(weight, h.t()).t()
-        return h @ transposed if transposed is not None else F.linear(h, weight)
-    return head
 
 
 def _sync_every(device: torch.device) -> int:
@@ -395,7 +263,7 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
 
     ``num_return_sequences`` rows per input (1 for greedy). Finished rows emit pad, like the reference.
     """
-    group, L, dev = opts.num_return_sequences, opts.max_length, cache.encoder_keep.device
+    group, L, dev = opts.num_return_sequences, opts.max_length, cache.cross_k[0].device
     eos = torch.tensor(opts.eos, device=dev)
     out = torch.full((batch * group, L), opts.pad, dtype=torch.long, device=dev)
     inputs = torch.arange(batch, device=dev)                             # active inputs
@@ -488,7 +356,7 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
     (``early_stopping`` False: judged at the current length; "never": at max_length when the penalty favours length)
     or, with ``early_stopping=True``, as soon as K hypotheses are finished. Done inputs leave the batch.
     """
-    K, L, dev = opts.num_beams, opts.max_length, cache.encoder_keep.device
+    K, L, dev = opts.num_beams, opts.max_length, cache.cross_k[0].device
     C = max(2, 1 + len(opts.eos)) * K
     eos = torch.tensor(opts.eos, device=dev)
     seqs = torch.full((batch, K, L), opts.pad, dtype=torch.long, device=dev)
@@ -611,5 +479,5 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, **o
         del enc
         procs = build_processors(opts, input_ids.long())
         search = beam_search if opts.num_beams > 1 else greedy_or_sample
-        result = search(make_step(model, cache, rows), cache, opts, procs, batch)
+        result = search(make_step(model, cache), cache, opts, procs, batch)
     return result if opts.return_dict else result.sequences
