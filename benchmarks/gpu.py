@@ -8,7 +8,8 @@ pegasus-x-base shape, random weights shared by both implementations, batch 1:
 2. encoder forward at 16,384 tokens, fp32 and bf16: time (best of 3) and peak GPU memory, ours/reference;
    ours alone at 32,768 and 65,536 tokens in bf16;
 3. bf16 encoder output vs fp32 (relative error), ours and reference;
-4. beam 4 at 16,384 tokens, 128 new tokens forced, bf16: time and peak memory, ours/reference.
+4. beam 4 (bf16) and greedy (fp32) at 16,384 tokens, 128 new tokens forced: time and peak memory, ours/reference,
+   and whether the tokens are the same.
 """
 
 from __future__ import annotations
@@ -104,16 +105,22 @@ def encoder(results: dict, T: int) -> None:
 
 
 def generate(results: dict, T: int, new: int) -> None:
-    cfg, ours, ref = _pair(torch.bfloat16)
-    ids = torch.randint(2, cfg.vocab_size, (1, T), device=DEVICE)
-    kw = dict(num_beams=4, min_new_tokens=new, max_new_tokens=new, length_penalty=0.8)
-    with torch.no_grad():
-        t_o, m_o, s_o = _timed(lambda: ours.generate(ids, **kw), repeats=2)
-        t_r, m_r, s_r = _timed(lambda: ref.generate(input_ids=ids, do_sample=False, **kw), repeats=2)
-    results[f"beam4_{T}_bf16"] = {"ours_s": t_o, "ref_s": t_r, "speedup": t_r / t_o, "ours_peak_gb": m_o,
-                                   "ref_peak_gb": m_r, "mem_ratio": m_o / m_r if m_r else None,
-                                   "same_tokens": s_o.shape == s_r.shape and bool((s_o == s_r).all())}
-    print(results[f"beam4_{T}_bf16"], flush=True)
+    """Beam 4 in bf16 and greedy in fp32 (where the two implementations should pick the same tokens)."""
+    for mode, dtype, beams in (("beam4", torch.bfloat16, 4), ("greedy", torch.float32, 1)):
+        cfg, ours, ref = _pair(dtype)
+        ids = torch.randint(2, cfg.vocab_size, (1, T), device=DEVICE)
+        kw = dict(num_beams=beams, min_new_tokens=new, max_new_tokens=new, length_penalty=0.8)
+        with torch.no_grad():
+            t_o, m_o, s_o = _timed(lambda: ours.generate(ids, **kw), repeats=2)
+            t_r, m_r, s_r = _timed(lambda: ref.generate(input_ids=ids, do_sample=False, **kw), repeats=2)
+        key = f"{mode}_{T}_{'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+        results[key] = {"ours_s": t_o, "ref_s": t_r, "speedup": t_r / t_o, "ours_peak_gb": m_o,
+                        "ref_peak_gb": m_r, "mem_ratio": m_o / m_r if m_r else None,
+                        "same_tokens": s_o.shape == s_r.shape and bool((s_o == s_r).all())}
+        print(key, results[key], flush=True)
+        ours = ref = None
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
