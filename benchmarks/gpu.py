@@ -1,6 +1,6 @@
 """One prepared GPU check: encoder and beam search, ours vs the reference, on a CUDA device.
 
-    PYTHONPATH=src python benchmarks/gpu.py [--skip-generate] [--out results.json]
+    PYTHONPATH=src python benchmarks/gpu.py [--sections parity encoder generate] [--out results.json]
     PYTHONPATH=src python benchmarks/gpu.py --device cpu --tokens 1024 --new-tokens 4   # smoke test, no GPU
 
 pegasus-x-base shape, random weights shared by both implementations, batch 1:
@@ -125,7 +125,8 @@ def generate(results: dict, T: int, new: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--sections", nargs="+", choices=["parity", "encoder", "generate"],
+                   default=["parity", "encoder", "generate"])
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a quick smoke test of this script")
     p.add_argument("--tokens", type=int, default=16384, help="encoder input length (ours alone also runs 2x, 4x)")
@@ -137,10 +138,9 @@ def main() -> None:
     results = {"device": name, "torch": torch.__version__}
     import transformers
     results["transformers"] = transformers.__version__
-    sections = [lambda: results.update(parity()), lambda: encoder(results, args.tokens)]
-    if not args.skip_generate:
-        sections.append(lambda: generate(results, args.tokens, args.new_tokens))
-    for section in sections:
+    sections = {"parity": lambda: results.update(parity()), "encoder": lambda: encoder(results, args.tokens),
+                "generate": lambda: generate(results, args.tokens, args.new_tokens)}
+    for section in (sections[name] for name in args.sections):
         try:            # one failing section must not cost the others their (expensive) device time
             section()
         except Exception as exc:  # noqa: BLE001 - reported, not hidden

@@ -156,16 +156,21 @@ def read_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]] | None:
     return out
 
 
-def read_tensors(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of the checkpoint in ``folder`` (CPU)."""
-    from safetensors.torch import load_file
+def read_tensors(folder: Path, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint in ``folder`` (CPU); floating-point ones cast to ``dtype`` when given.
 
+    Safetensors files are read with plain reads, one tensor at a time, each cast before the next is read: a memory
+    map would keep every page of the file resident beside the model, and casting after reading everything would
+    hold the checkpoint twice (peak RSS of a bf16 load from fp32 files: ~1.5× the fp32 model instead of ~0.6×).
+    """
     files = _safetensors_files(folder)
     if files:
         state: dict[str, Tensor] = {}
         for file in files:
             try:
-                state.update(load_file(file))
+                state.update(_read_safetensors(file, dtype))
+            except CheckpointError:
+                raise
             except Exception as exc:
                 raise CheckpointError(f"{file} could not be read ({exc}); re-download it") from None
         return state
@@ -181,7 +186,40 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{file} could not be read ({type(exc).__name__}: {exc}); re-download it") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{file} does not hold a flat state dict of tensors")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
+
+
+def _finite(t: Tensor) -> bool:
+    """No NaN/inf in ``t``; checked a slice at a time because isfinite's temporaries are as big as its input."""
+    return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 22))
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _read_safetensors(file: Path, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """Tensors of one safetensors file (header already validated by :func:`read_shapes`)."""
+    out: dict[str, Tensor] = {}
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if stored is None:
+                raise CheckpointError(f"{file}: tensor {name} has dtype {info['dtype']}, not a floating-point type")
+            start, end = info["data_offsets"]
+            buf = bytearray(end - start)
+            f.seek(8 + size + start)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{file} is truncated (tensor {name}); re-download it")
+            t = torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, dtype=stored)
+            t = t.view(info["shape"])
+            out[name] = t.to(dtype) if dtype is not None else t
+    return out
 
 
 def normalise_keys(names: list[str], with_head: bool) -> dict[str, str]:
@@ -224,7 +262,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     if shapes is not None:                         # validate before materialising anything
         _check_names_shapes({k: v[0] for k, v in shapes.items()}, expected, with_head, folder)
         _check_dtypes({k: v[1] for k, v in shapes.items()}, folder)
-    state = read_tensors(folder)
+    state = read_tensors(folder, dtype)
     if shapes is None:
         _check_names_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, with_head, folder)
         _check_dtypes({k: str(v.dtype) for k, v in state.items()}, folder)
@@ -234,6 +272,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     for name, ours in mapping.items():
         if ours in expected and ours not in loaded:
             loaded[ours] = state[name]
+    del state                                      # `loaded` holds the only references: casts below free as they go
     if with_head and config.tie_word_embeddings:
         loaded.pop("lm_head.weight", None)
     target_dtype = dtype or next(iter(loaded.values())).dtype
@@ -241,7 +280,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
         target_dtype = torch.float32
     bad = []
     for name, t in loaded.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _finite(t):
             bad.append(name)
         loaded[name] = t.to(device=device or "cpu", dtype=target_dtype)
     if bad:
