@@ -1,0 +1,449 @@
+"""The training loop: :class:`Trainer` sets a run up and runs it, single process or ``torchrun`` (DDP / FSDP).
+
+A *step* is one optimizer update over ``grad_accum`` global batches. Every rank computes the same batch
+plan (see :mod:`pegasus_x.data`) and takes its shard of each global batch; the loss of a step is the sum
+of token losses divided by the number of target tokens in the whole step, so a step is the same update
+whatever the world size. Checkpoints (:mod:`pegasus_x.train_state`) hold the optimizer, RNG and data position,
+so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import PegasusXConfig
+from .data import BatchStream, DataPosition, collate, load_pairs, plan_batches, shard, tokenize_pairs
+from .errors import ConfigError
+from .metrics import GenerationOptions, evaluate
+from .model import IGNORE_INDEX, PegasusXForConditionalGeneration, shift_tokens_right
+from .optim import build_optimizer, lr_at
+from .train_options import DEFAULT_BATCH_SIZE, METRICS, PRESETS, TrainOptions
+from .train_state import STATE_JSON, STATE_PT, latest_checkpoint, rng_state, set_rng_state, write_model
+
+METRICS_LOG = "metrics.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def label_smoothed_loss(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
+    """Summed (not averaged) token loss ``(1-ε)·NLL + ε·mean_v(-log p_v)`` over labels ≠ -100, in fp32.
+
+    Args:
+        logits: ``(B, T, V)``.
+        labels: ``(B, T)``, -100 where ignored.
+        smoothing: ε in [0, 1).
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum", label_smoothing=smoothing)
+
+
+def token_loss(model: torch.nn.Module, batch: dict[str, Tensor], config: PegasusXConfig, smoothing: float
+               ) -> Tensor:
+    """Forward pass on a collated batch and the summed label-smoothed loss of its target tokens."""
+    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=decoder_input_ids)
+    return label_smoothed_loss(out.logits, batch["labels"], smoothing)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_model_and_tokenizer(spec: str, tokenizer: str | None = None, overrides: dict[str, Any] | None = None,
+                             seed: int = 0) -> tuple[PegasusXForConditionalGeneration, Any]:
+    """A model to train and its tokenizer.
+
+    Args:
+        spec: checkpoint folder, hub id, or preset name (random init; vocab_size follows the tokenizer).
+        tokenizer: tokenizer folder; default: the checkpoint's own, or the shipped PEGASUS vocabulary for presets.
+        overrides: config fields changed on a preset.
+        seed: seed of the random initialisation.
+    Raises:
+        ConfigError / CheckpointError / TokenizerError: bad preset overrides or unreadable files.
+    """
+    from .tokenizer import PegasusTokenizer
+
+    if spec in PRESETS:
+        tok = PegasusTokenizer.from_pretrained(tokenizer) if tokenizer else PegasusTokenizer.pegasus()
+        try:
+            config = PRESETS[spec](**{"vocab_size": tok.vocab_size, **(overrides or {})})
+        except TypeError as exc:
+            raise ConfigError(f"bad config override: {exc}") from None
+        torch.manual_seed(seed)
+        return PegasusXForConditionalGeneration(config), tok
+    model = PegasusXForConditionalGeneration.from_pretrained(spec, dtype=torch.float32)
+    return model, PegasusTokenizer.from_pretrained(tokenizer or spec)
+
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainResult:
+    """Outcome of :meth:`Trainer.train`: the last step, its training loss, the last evaluation, kept checkpoints."""
+
+    step: int
+    train_loss: float | None
+    eval_metrics: dict[str, Any]
+    checkpoints: list[dict[str, Any]]
+    output_dir: str
+
+
+class Trainer:
+    """Sets a run up (process group, data, model, optimizer, resume) and runs it with :meth:`train`.
+
+    Example::
+
+        result = Trainer(TrainOptions(model="tiny", train="train.jsonl", output_dir="out", max_steps=100)).train()
+    """
+
+    def __init__(self, options: TrainOptions):
+        self.options = o = options
+        self.output_dir = Path(o.output_dir)
+        self._owns_group = _init_distributed()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = resolve_device(o.device)
+        random.seed(o.seed)
+        np.random.seed(o.seed)
+        resume_from = self._resume_folder()
+        # Data first: a wrong path or column should not wait for a large model to load.
+        self.train_set = load_pairs(o.train, o.source_column, o.target_column)
+        self.val_set = load_pairs(o.validation, o.source_column, o.target_column) if o.validation else None
+        model, self.tokenizer = load_model_and_tokenizer(str(resume_from or o.model), o.tokenizer if not
+                                                         resume_from else None, o.config_overrides, o.seed)
+        self.config = model.config
+        model.generation_config = {**_default_generation(self.config, o.max_target_length),
+                                   **model.generation_config, **o.generation_config}
+        if o.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.model = model.to(self.device).train()
+        self.train_pairs = tokenize_pairs(self.train_set.examples, self.tokenizer, o.max_source_length,
+                                          o.max_target_length)
+        self.val_pairs = (tokenize_pairs(self.val_set.examples, self.tokenizer, o.max_source_length,
+                                         o.max_target_length) if self.val_set else None)
+        limits = dict(batch_size=o.batch_size or (None if o.max_tokens_per_batch else DEFAULT_BATCH_SIZE),
+                      max_tokens=o.max_tokens_per_batch)
+        self.stream = BatchStream(self.train_pairs, seed=o.seed, **limits)
+        self.limits = limits
+        self.max_steps = o.max_steps or math.ceil(o.epochs * len(self.stream.plan(0)) / o.grad_accum)
+        self.wrapped = self._wrap()
+        self.optimizer = build_optimizer(self.model, o.optimizer, o.learning_rate, o.weight_decay)
+        self.step, self.checkpoints, self.eval_metrics = 0, [], {}
+        torch.manual_seed(o.seed + self.rank)      # dropout masks differ between ranks
+        if resume_from:
+            self._restore(resume_from)
+        self._log_file = self._tensorboard = None
+
+    # ------------------------------------------------------------------------------------------ setup helpers
+    def _resume_folder(self) -> Path | None:
+        found = latest_checkpoint(self.output_dir)
+        if self.options.resume:
+            if found is None:
+                self._say(f"no checkpoint in {self.output_dir}: starting from scratch")
+            return found
+        if found is not None:
+            raise ConfigError(f"{self.output_dir} already holds {found.name}; pass --resume to continue that run "
+                              "or choose another --output-dir")
+        return None
+
+    def _wrap(self) -> torch.nn.Module:
+        if self.world_size == 1:
+            return self.model
+        if self.options.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            # Encoder layers are FSDP units of their own. The decoder stays in the root unit: it projects the
+            # cross-attention keys/values of all its layers before the layer loop, outside their forward hooks.
+            for layer in self.model.model.encoder.layers:
+                fully_shard(layer)
+            fully_shard(self.model)
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _restore(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        meta = json.loads((folder / STATE_JSON).read_text())
+        state = torch.load(folder / STATE_PT, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=self.options.fsdp and self.world_size > 1))
+        self.step = meta["step"]
+        self.stream.position = DataPosition.from_dict(meta["position"])
+        self.checkpoints, self.eval_metrics = meta["checkpoints"], meta.get("eval_metrics", {})
+        if meta["world_size"] == self.world_size:
+            set_rng_state(state["rng"][self.rank])
+        else:
+            self._say(f"resuming a {meta['world_size']}-process run on {self.world_size}: data and optimizer "
+                      "continue exactly, dropout masks do not")
+        self._say(f"resumed from {folder} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Run until ``max_steps``; returns a :class:`TrainResult`. Rank 0 writes every file."""
+        from tqdm.auto import tqdm
+
+        o = self.options
+        self._say(f"{self.train_set.describe()}; {self.max_steps} steps of {o.grad_accum} global batch(es); "
+                  f"{self.model.num_parameters():,} parameters on {self.device} x{self.world_size}")
+        if self.val_set:
+            self._say(f"validation {self.val_set.describe()}")
+        self._open_logs()
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", file=sys.stderr, dynamic_ncols=True,
+                   disable=self.rank != 0 or not sys.stderr.isatty())
+        loss, started = None, time.perf_counter()
+        try:
+            while self.step < self.max_steps:
+                batches = [next(self.stream) for _ in range(o.grad_accum)]
+                loss, grad_norm, tokens = self._train_step(batches)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step % o.log_every == 0 or self.step == self.max_steps:
+                    self._record({"split": "train", "step": self.step, "epoch": self.stream.position.epoch,
+                                  "loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+                                  "lr": self.optimizer.param_groups[0]["lr"],
+                                  "elapsed_s": round(time.perf_counter() - started, 3)})
+                last = self.step == self.max_steps
+                evaluate_now = self.val_set is not None and o.eval_every and (self.step % o.eval_every == 0 or last)
+                if evaluate_now:
+                    self.eval_metrics = self._evaluate()
+                    self._record({"split": "validation", "step": self.step, **self.eval_metrics})
+                    self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval_metrics.items()))
+                save_every = o.save_every or o.eval_every
+                if evaluate_now or last or (save_every and self.step % save_every == 0):
+                    self._save_checkpoint(self.eval_metrics if evaluate_now else {})
+            self._save_final()
+        finally:
+            bar.close()
+            self._close_logs()
+            if self._owns_group:
+                dist.destroy_process_group()
+        return TrainResult(self.step, loss, self.eval_metrics, self.checkpoints, str(self.output_dir))
+
+    def _train_step(self, batches: list[list[int]]) -> tuple[float, float | None, int]:
+        """One optimizer update over the global ``batches``; returns (mean token loss, grad norm, tokens)."""
+        o = self.options
+        lr = lr_at(self.step, o.learning_rate, o.schedule, o.warmup_steps, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens = sum(len(self.train_pairs.target_ids[i]) for batch in batches for i in batch)
+        # DDP and FSDP average gradients over ranks; × world_size turns that into the sum over the step.
+        scale = self.world_size / tokens
+        total = torch.zeros((), dtype=torch.float64)
+        for k, batch in enumerate(batches):
+            local = shard(batch, self.rank, self.world_size)
+            # A rank without examples still runs forward/backward (collectives) on one example, weighted 0.
+            weight = scale if local else 0.0
+            inputs = _to(collate(self.train_pairs, local or batch[:1], self.config.pad_token_id), self.device)
+            with self._gradient_sync(k == len(batches) - 1):
+                with self._autocast():
+                    loss_sum = token_loss(self.wrapped, inputs, self.config, o.label_smoothing)
+                (loss_sum * weight).backward()
+            total += loss_sum.detach().double().cpu() * (1.0 if local else 0.0)
+        grad_norm = None
+        if o.clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self._all_sum(total)) / tokens, grad_norm, tokens
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce on all but the last micro-batch of a step (the result is the same)."""
+        if self.world_size > 1 and self.options.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+            yield
+        elif self.world_size > 1 and not sync:
+            with self.wrapped.no_sync():
+                yield
+        else:
+            yield
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16)
+
+    def _all_sum(self, value: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return value
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        value = value.to(device)
+        dist.all_reduce(value)
+        return value.cpu()
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        """Validation loss (plain cross-entropy per target token) and, with ``eval_samples``, generated-text scores."""
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        plan = plan_batches(*self.val_pairs.lengths(), shuffle=False, **self.limits)
+        for batch in plan:
+            local = shard(batch, self.rank, self.world_size)
+            inputs = _to(collate(self.val_pairs, local or batch[:1], self.config.pad_token_id), self.device)
+            with self._autocast():
+                loss_sum = token_loss(self.wrapped, inputs, self.config, 0.0)
+            if local:
+                sums += torch.tensor([loss_sum.item(), int((inputs["labels"] != IGNORE_INDEX).sum())])
+        total, count = self._all_sum(sums).tolist()
+        metrics = {"loss": total / count}
+        if self.options.eval_samples:
+            metrics.update(self._generated_scores())
+        self.model.train()
+        return metrics
+
+    def _generated_scores(self) -> dict[str, float]:
+        """Scores of generated outputs on the first ``eval_samples`` validation pairs (rank 0 generates)."""
+        scores = torch.zeros(len(METRICS) - 1, dtype=torch.float64)
+        if self.rank == 0:
+            examples = self.val_set.examples[:self.options.eval_samples]
+            generation = GenerationOptions(max_new_tokens=self.model.generation_config.get("max_new_tokens"))
+            with self._autocast():
+                found = evaluate(self.model, self.tokenizer, examples, self.options.task, generation,
+                                 max_source_length=self.options.max_source_length)
+            scores = torch.tensor([found.get(name, math.nan) for name in METRICS[1:]], dtype=torch.float64)
+        if self.world_size > 1:                      # everyone logs and ranks checkpoints by the same numbers
+            device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            scores = scores.to(device)
+            dist.broadcast(scores, 0)
+        return {name: v for name, v in zip(METRICS[1:], scores.tolist()) if not math.isnan(v)}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, metrics: dict[str, float]) -> None:
+        """Write ``checkpoint-{step}`` (all ranks take part in gathering; rank 0 writes) and prune old ones."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        weights, optim = get_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rng = [rng_state()]
+        if self.world_size > 1:
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, rng_state())
+        if self.rank == 0:
+            value = metrics.get(self.options.metric)
+            self.checkpoints.append({"step": self.step, "metric": value})
+            staging = self.output_dir / f".checkpoint-{self.step}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            write_model(weights, self.config, self.model.generation_config, self.tokenizer, staging,
+                        torch.float32)
+            meta = {"step": self.step, "position": self.stream.position.to_dict(), "world_size": self.world_size,
+                    "eval_metrics": metrics, "checkpoints": self.checkpoints, "options": asdict(self.options)}
+            torch.save({"optimizer": optim, "rng": rng}, staging / STATE_PT)
+            (staging / STATE_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            final = self.output_dir / f"checkpoint-{self.step}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)        # the folder appears complete or not at all
+            self._prune()
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _prune(self) -> None:
+        """Keep the ``keep_best`` best checkpoints by the metric (or the newest ones without it) and the latest."""
+        scored = [c for c in self.checkpoints if c["metric"] is not None]
+        if scored:
+            lower_is_better = self.options.metric == "loss"
+            ranked = sorted(scored, key=lambda c: (c["metric"] if lower_is_better else -c["metric"], -c["step"]))
+        else:
+            ranked = sorted(self.checkpoints, key=lambda c: -c["step"])
+        keep = {c["step"] for c in ranked[:self.options.keep_best]} | {self.step}
+        for c in list(self.checkpoints):
+            if c["step"] not in keep:
+                shutil.rmtree(self.output_dir / f"checkpoint-{c['step']}", ignore_errors=True)
+                self.checkpoints.remove(c)
+
+    def _save_final(self) -> None:
+        """The final model in checkpoint layout directly in ``output_dir`` (each file replaced atomically)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            staging = self.output_dir / ".final.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            dtype = torch.bfloat16 if self.options.save_dtype == "bf16" else torch.float32
+            write_model(weights, self.config, self.model.generation_config, self.tokenizer, staging, dtype)
+            for file in staging.iterdir():
+                os.replace(file, self.output_dir / file.name)
+            staging.rmdir()
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _open_logs(self) -> None:
+        if self.rank != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.output_dir.glob(".checkpoint-*.tmp"):   # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        self._log_file = open(self.output_dir / METRICS_LOG, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:                       # TensorBoard is optional
+            return
+        self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        if self._log_file is None:
+            return
+        self._log_file.write(json.dumps(entry) + "\n")
+        self._log_file.flush()
+        if self._tensorboard is not None:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tensorboard.add_scalar(f"{entry['split']}/{key}", value, entry["step"])
+
+    def _close_logs(self) -> None:
+        for handle in (self._log_file, self._tensorboard):
+            if handle is not None:
+                handle.close()
+        self._log_file = self._tensorboard = None
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[train] {message}", file=sys.stderr, flush=True)
+
+
+def _init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """``requested`` (``cpu``, ``cuda:1`` …), else this rank's GPU (``LOCAL_RANK``) if CUDA is available, else CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _default_generation(config: PegasusXConfig, max_target_length: int) -> dict[str, Any]:
+    """generation_config.json of a model trained here, unless the checkpoint or the options say otherwise."""
+    return {"decoder_start_token_id": config.decoder_start_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id, "forced_eos_token_id": config.forced_eos_token_id,
+            "num_beams": 4, "length_penalty": 0.8, "max_new_tokens": max_target_length}
+
