@@ -1,4 +1,5 @@
-"""The few-row CPU route of pegasus_x.linear: same numbers as F.linear, taken exactly when it should be."""
+"""The few-row CPU routes of pegasus_x.linear (native kernels, else bmm slabs): same numbers as F.linear, each taken
+exactly when it should be. The native kernels themselves are tested in test_native.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import pegasus_x.linear as lin
 from conftest import random_batch, reference_twin
+from pegasus_x import native
 
 
 @pytest.fixture
@@ -17,6 +19,12 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """As on a machine without a C compiler: the slab route is the few-row route."""
+    monkeypatch.setattr(native, "library", lambda: None)
 
 
 @pytest.fixture
@@ -37,7 +45,7 @@ def bmm_calls(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("out_features", [384, 385, 1001])
 @pytest.mark.parametrize("bias", [False, True])
-def test_slab_route_equals_f_linear(threads, bmm_calls, parts, rows, out_features, bias):
+def test_slab_route_equals_f_linear(no_native, threads, bmm_calls, parts, rows, out_features, bias):
     threads(parts)
     g = torch.Generator().manual_seed(rows * out_features + parts)
     w = torch.randn(out_features, 200, generator=g)
@@ -53,7 +61,7 @@ def test_slab_route_equals_f_linear(threads, bmm_calls, parts, rows, out_feature
 
 
 @pytest.mark.parametrize("case", ["many rows", "one thread", "grad", "bf16", "small", "non-contiguous"])
-def test_other_products_use_f_linear(threads, bmm_calls, case):
+def test_other_products_use_f_linear(no_native, threads, bmm_calls, case):
     threads(1 if case == "one thread" else 2)
     w = torch.randn(512, 64)
     x = torch.randn(lin.SMALL_ROWS + 1 if case == "many rows" else 1, 64)
@@ -76,7 +84,7 @@ def test_other_products_use_f_linear(threads, bmm_calls, case):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(num_beams=4, length_penalty=0.8)], ids=["greedy", "beam4"])
-def test_generation_through_slabs_matches_reference(tmp_path, threads, bmm_calls, options):
+def test_generation_through_slabs_matches_reference(no_native, tmp_path, threads, bmm_calls, options):
     """A model wide enough for the slab route (and an odd vocabulary: a leftover row) still generates the
     reference's tokens."""
     threads(2)
@@ -99,3 +107,30 @@ def test_generation_through_slabs_matches_reference(tmp_path, threads, bmm_calls
             if len(ends):
                 row[int(ends[0]) + 2:] = 0
     assert torch.equal(got, expected), f"\n{got}\n{expected}"
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels are not built (test_native.py checks when they must be)")
+    calls = []
+    real = native.linear
+
+    def spy(*args):
+        calls.append(args[1].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(native, "linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 8, 9])
+def test_native_route_taken_for_few_rows(native_calls, bmm_calls, dtype, rows):
+    w, x = torch.randn(300, 64, dtype=dtype), torch.randn(rows, 64, dtype=dtype)
+    with torch.no_grad():
+        got = lin.linear(x, w)
+    assert native_calls == ([dtype] if rows <= native.MAX_ROWS else [])
+    assert not bmm_calls
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, F.linear(x, w), rtol=tol, atol=tol)

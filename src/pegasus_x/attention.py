@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .linear import Linear
 
 BACKENDS = ("sdpa", "eager")
-DECODE_ROWS = 8      # up to this many query rows per input, fp32 decoder attention on a GPU uses the matmul kernel
+DECODE_ROWS = 8      # up to this many query rows per input, decoder attention takes the decode-step kernels
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout_p: float = 0.0,
@@ -144,6 +145,13 @@ class Attention(nn.Module):
         group = R // B
         q = self.q_proj(x).view(B, group, T, H, hd).permute(0, 3, 1, 2, 4).reshape(B, H, group * T, hd)
         backend = self.backend
+        p_drop = self.dropout if self.training else 0.0
+        if (backend == "sdpa" and q.device.type == "cpu" and group * T <= DECODE_ROWS and p_drop == 0.0
+                and not torch.is_grad_enabled() and native.library() is not None
+                and native.attention_fits(q, k, v, keep)):
+            # A decode step on the CPU: the native kernel streams the keys and values once for all query rows.
+            out = native.attention(q, k, v, keep)
+            return self.out_proj(out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D))
         if q.is_cuda and q.dtype == torch.float32 and group * T <= DECODE_ROWS:
             # An fp32 decode step on a GPU: SDPA has no flash kernel for fp32, and its memory-efficient kernel splits
             # the work by query block, so a few query rows over 16K keys leave most of the GPU idle (H100, greedy at
@@ -151,6 +159,6 @@ class Attention(nn.Module):
             # reference over two runs). bf16 keeps SDPA's flash kernel: matmuls did no better there within the
             # run-to-run spread of beam search at 16K (1.0–1.8 s for either).
             backend = "eager"
-        out = attend(q, k, v, keep, self.dropout if self.training else 0.0, backend)
+        out = attend(q, k, v, keep, p_drop, backend)
         out = out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D)
         return self.out_proj(out)

@@ -21,21 +21,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+
 SMALL_ROWS = 4          # up to this many rows the product is bandwidth-bound and the slab route wins
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; few-row fp32 products on the CPU without autograd take the slab route.
+    """``F.linear(x, weight, bias)``; few-row products on the CPU without autograd stream the weight faster.
 
+    Route, in order: the native kernels (fp32 or bf16, when a C compiler is there), the slab route (fp32), torch.
     The result equals ``F.linear``'s up to the order of floating-point summation.
     """
-    parts = torch.get_num_threads()
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    if (rows == 0 or rows > SMALL_ROWS or parts < 2 or out_features < 64 * parts or torch.is_grad_enabled()
-            or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or not weight.is_contiguous()):
+    if (rows == 0 or rows > native.MAX_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
+            or x.dtype != weight.dtype or not weight.is_contiguous()):
         return F.linear(x, weight, bias)
+    if x.dtype in (torch.float32, torch.bfloat16) and native.library() is not None:
+        return native.linear(x, weight, bias)
+    parts = torch.get_num_threads()
+    if rows > SMALL_ROWS or x.dtype != torch.float32 or parts < 2 or out_features < 64 * parts:
+        return F.linear(x, weight, bias)
+    return _slabs(x, weight, bias, rows, parts)
+
+
+def _slabs(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int, parts: int) -> Tensor:
+    """The slab route: one ``torch.bmm`` over ``parts`` row slabs of the weight (a view, no copy)."""
+    out_features, in_features = weight.shape
     even = out_features - out_features % parts
     # xᵀ as a column-major (in, rows) operand: MKL streams the slabs at full speed with this layout only (a
     # row-major one runs ~4× slower).

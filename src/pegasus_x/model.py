@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import native
 from .attention import BACKENDS, Attention, GlobalLocalAttention
 from .cache import DecoderCache
 from .config import PegasusXConfig
@@ -281,14 +282,19 @@ class PegasusXDecoder(nn.Module):
         else:
             cross = [layer.encoder_attn.project_kv(encoder_states) for layer in self.layers]
             cross_keep = encoder_keep[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            if self.training and cfg.decoder_layerdrop > 0 and torch.rand(()) < cfg.decoder_layerdrop:
-                continue
-            args = (x, self_keep, cross[i][0], cross[i][1], cross_keep, cache, i)
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x = layer(*args)
+        if (cache is not None and T == 1 and keep is None and not self.training and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and native.library() is not None and native.decoder_fits(self, cache, x)):
+            # A decode step on the CPU: every layer in native code, each weight streamed once (native.py).
+            x = native.decoder_step(self, x, cache)
+        else:
+            for i, layer in enumerate(self.layers):
+                if self.training and cfg.decoder_layerdrop > 0 and torch.rand(()) < cfg.decoder_layerdrop:
+                    continue
+                args = (x, self_keep, cross[i][0], cross[i][1], cross_keep, cache, i)
+                if self.gradient_checkpointing and self.training and cache is None:
+                    x = checkpoint(layer, *args, use_reentrant=False)
+                else:
+                    x = layer(*args)
         if cache is not None:
             cache.length += T
         return self.layer_norm(x)

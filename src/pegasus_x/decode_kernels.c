@@ -1,0 +1,418 @@
+/* Decode-step kernels for the CPU: few-row linear layers and few-query attention.
+ *
+ * A decode step reads every decoder weight, the LM head and the cross-attention keys/values once, for one to a few
+ * query rows: it is bound by memory bandwidth. These kernels stream each tensor once, split across the threads of
+ * torch's own OpenMP pool (this file links the libgomp torch has already loaded, so no second pool competes for the
+ * cores), and keep everything else in registers or L1. Built on first use by native.py with the system C compiler;
+ * without one, the library uses torch kernels instead.
+ *
+ * Portable C with GCC/Clang vector extensions: the compiler maps v8f to the target's SIMD registers
+ * (-march=native: AVX2 on x86, NEON pairs on ARM). Accumulation is fp32; bf16 tensors are widened on load.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+typedef float v8f __attribute__((vector_size(32), aligned(4)));          /* unaligned loads are fine */
+typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+#define ROW_CHUNK 4           /* linear: query rows per pass over the weight */
+#define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
+#define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
+
+static inline float hsum(v8f v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+static inline v8f load_f32(const float *p) { return *(const v8f *)p; }
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* The 8 horizontal sums of a[0..7] as one vector: a transpose-and-add tree instead of 8 separate hsums. */
+static inline v8f hsum8(const v8f a[8]) {
+    v8f u0 = __builtin_shufflevector(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14)
+           + __builtin_shufflevector(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8f u1 = __builtin_shufflevector(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14)
+           + __builtin_shufflevector(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8f u2 = __builtin_shufflevector(a[4], a[5], 0, 8, 2, 10, 4, 12, 6, 14)
+           + __builtin_shufflevector(a[4], a[5], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8f u3 = __builtin_shufflevector(a[6], a[7], 0, 8, 2, 10, 4, 12, 6, 14)
+           + __builtin_shufflevector(a[6], a[7], 1, 9, 3, 11, 5, 13, 7, 15);
+    /* u0 = [a0 01, a1 01, a0 23, a1 23, a0 45, a1 45, a0 67, a1 67] (pairs of lanes summed) */
+    v8f w0 = __builtin_shufflevector(u0, u1, 0, 1, 8, 9, 4, 5, 12, 13)
+           + __builtin_shufflevector(u0, u1, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8f w1 = __builtin_shufflevector(u2, u3, 0, 1, 8, 9, 4, 5, 12, 13)
+           + __builtin_shufflevector(u2, u3, 2, 3, 10, 11, 6, 7, 14, 15);
+    /* w0 = [a0..a3 lanes 0-3, a0..a3 lanes 4-7] */
+    return __builtin_shufflevector(w0, w1, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(w0, w1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+static inline v8f vmax(v8f a, v8f b) {
+    v8i take = a < b;
+    return (v8f)(((v8i)a & ~take) | ((v8i)b & take));
+}
+
+/* exp(x) for x <= 0 (a softmax after subtracting the maximum); exp(-inf) = 0. 2^k · e^r with k = round(x/ln 2),
+ * r = x - k·ln 2 split in two constants (Cody–Waite), e^r by its degree-6 Taylor polynomial (|r| <= ln2/2:
+ * error below 2e-7 relative, about one fp32 ulp). A SIMD exp, since the scalar expf costs as much as the scores. */
+static inline v8f vexp(v8f x) {
+    const v8f lo = (v8f){0} - 87.0f;
+    v8i tiny = x < lo;                        /* below ~1.6e-38 (and -inf): 0 */
+    x = (v8f)(((v8i)x & ~tiny) | ((v8i)lo & tiny));
+    v8i k = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i);   /* x <= 0: truncation rounds */
+    v8f kf = __builtin_convertvector(k, v8f);
+    v8f r = (x - kf * 0.693359375f) + kf * 2.12194440e-4f;
+    v8f p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    v8f scale = (v8f)((k + 127) << 23);
+    return (v8f)((v8i)(p * scale) & ~tiny);
+}
+
+static inline v8f load_bf16(const uint16_t *p) {          /* bf16 is the top half of an fp32 */
+    v8u w = __builtin_convertvector(*(const v8h *)p, v8u) << 16;
+    v8f f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {             /* round to nearest even, like torch; NaN stays NaN */
+    uint32_t w;
+    memcpy(&w, &f, sizeof w);
+    if ((w & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((w >> 16) | 0x40);
+    return (uint16_t)((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
+}
+
+/* ------------------------------------------------------------------------------------------------ linear
+ * y[r, o] = sum_i W[o, i] x[r, i] + bias[o]  for r < rows <= MAX_ROWS.  W: (out, in) row-major, fp32 or bf16
+ * (is_bf16). x and y are fp32 (the caller widens/narrows the few activations; the weights are what costs).
+ * Each thread takes a contiguous range of output rows and streams that part of W once.
+ */
+#define DOT_BLOCK(NAME, T, LOAD, TO_F32)                                                                        \
+static inline void NAME(const T *W, int64_t o0, int64_t o1, int64_t in, const float *x, int rows, float *y,   \
+                        int64_t out) {                                                                          \
+    /* One weight row at a time: each thread then reads one sequential stream, which the hardware prefetcher  \
+     * follows at the rate of a plain sum (two or more interleaved rows ran ~10% slower). U vectors per step  \
+     * for every query row: U·rows ≤ 8 independent accumulators. */                                           \
+    const int U = rows == 1 ? 4 : 2;                                                                            \
+    int64_t inU = in - in % (8 * U);                                                                            \
+    for (int64_t o = o0; o < o1; o++) {                                                                         \
+        const T *w = W + o * in;                                                                                \
+        v8f acc[ROW_CHUNK][4];                                                                                  \
+        for (int r = 0; r < rows; r++)                                                                          \
+            for (int u = 0; u < U; u++) acc[r][u] = (v8f){0};                                                   \
+        for (int64_t i = 0; i < inU; i += 8 * U) {                                                              \
+            for (int u = 0; u < U; u++) {                                                                       \
+                v8f wv = LOAD(w + i + 8 * u);                                                                   \
+                for (int r = 0; r < rows; r++) acc[r][u] += wv * load_f32(x + r * in + i + 8 * u);              \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int r = 0; r < rows; r++) {                                                                        \
+            v8f a = acc[r][0];                                                                                  \
+            for (int u = 1; u < U; u++) a += acc[r][u];                                                         \
+            float s = hsum(a);                                                                                  \
+            for (int64_t i = inU; i < in; i++) s += TO_F32(w[i]) * x[r * in + i];                               \
+            y[r * out + o] = s;                                                                                 \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+
+static inline float id_f32(float v) { return v; }
+DOT_BLOCK(dot_block_f32, float, load_f32, id_f32)
+DOT_BLOCK(dot_block_bf16, uint16_t, load_bf16, bf16_to_f32)
+
+/* Specialise the block on the row count so the accumulator arrays live in registers. */
+#define DISPATCH_ROWS(FN, W, o0, o1, in, x, rows, y, out)                                                       \
+    switch (rows) {                                                                                             \
+    case 1: FN(W, o0, o1, in, x, 1, y, out); break;                                                            \
+    case 2: FN(W, o0, o1, in, x, 2, y, out); break;                                                            \
+    case 3: FN(W, o0, o1, in, x, 3, y, out); break;                                                            \
+    default: FN(W, o0, o1, in, x, 4, y, out); break;                                                           \
+    }
+
+static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows,
+                        const float *bias, float *y, int t, int n) {
+    /* Thread t of n: an even share of the output rows, boundaries on multiples of 8 rows so no two threads
+     * write the same cache line of y. */
+    int64_t per = ((out + n - 1) / n + 7) / 8 * 8;
+    int64_t o0 = t * per < out ? t * per : out, o1 = o0 + per < out ? o0 + per : out;
+    for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {       /* one pass over this thread's weight rows per chunk */
+        int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
+        const float *xc = x + r0 * in;
+        float *yc = y + r0 * out;
+        if (is_bf16) {
+            DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, o0, o1, in, xc, rn, yc, out)
+        } else {
+            DISPATCH_ROWS(dot_block_f32, (const float *)W, o0, o1, in, xc, rn, yc, out)
+        }
+    }
+    if (bias)
+        for (int r = 0; r < rows; r++)
+            for (int64_t o = o0; o < o1; o++) y[r * out + o] += bias[o];
+}
+
+int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows, const float *bias,
+              float *y, int threads) {
+    if (rows < 1 || rows > MAX_ROWS) return 1;
+#pragma omp parallel num_threads(threads)
+    linear_part(W, is_bf16, out, in, x, rows, bias, y, omp_get_thread_num(), omp_get_num_threads());
+    return 0;
+}
+
+/* --------------------------------------------------------------------------------------------- attention
+ * out[b, h, g] = softmax_s(scale · q[b, h, g] · k[b, h, s] + mask) v[b, h, s]   for g < G query rows, s < S.
+ * q and out: fp32, element (b, h, g, d) at b·sb + h·sh + g·sg + d (the same strides for both).
+ * k, v: fp32 or bf16 (kv_bf16), element (b, h, s, d) at b·k_sb + h·k_sh + s·D + d (a view of a preallocated
+ * cache works as is). keep: (B, S) bytes with batch stride keep_sb, nonzero = attend; NULL = every key.
+ * scores: fp32 scratch of G · S for this task. A row with no key to attend gets zeros.
+ * One (batch, head) pair per call: its keys and values stream once for all G query rows.
+ */
+typedef struct {
+    const float *q;
+    float *out;
+    int64_t sb, sh, sg;
+    const void *k, *v;
+    int64_t k_sb, k_sh, v_sb, v_sh;
+    int kv_bf16;
+    const uint8_t *keep;
+    int64_t keep_sb;
+    int64_t B, H, G, S, D;
+} attn_args;
+
+/* acc[g] += sum over s < S of p[g·S + s] · v[s] for gn query rows: each value row is read once for all of them.
+ * With gn and D constant the compiler unrolls the inner loops (one row's sums fit the registers). */
+static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t S,
+                              v8f acc[4][MAX_HEAD_DIM / 8], const int64_t D, const int gn) {
+    for (int64_t s = 0; s < S; s++) {
+        v8f vr[MAX_HEAD_DIM / 8];
+        if (a->kv_bf16) {
+            const uint16_t *vv = (const uint16_t *)a->v + b * a->v_sb + h * a->v_sh + s * D;
+            for (int64_t d = 0; d < D / 8; d++) vr[d] = load_bf16(vv + 8 * d);
+        } else {
+            const float *vv = (const float *)a->v + b * a->v_sb + h * a->v_sh + s * D;
+            for (int64_t d = 0; d < D / 8; d++) vr[d] = load_f32(vv + 8 * d);
+        }
+        for (int g = 0; g < gn; g++) {
+            float w = p[g * S + s];
+            for (int64_t d = 0; d < D / 8; d++) acc[g][d] += vr[d] * w;
+        }
+    }
+}
+
+static inline void attend_one(const attn_args *a, int64_t bh, float *scores, const int64_t D) {
+    int64_t b = bh / a->H, h = bh % a->H, G = a->G, S = a->S;
+    const float *qb = a->q + b * a->sb + h * a->sh;
+    const uint8_t *kp = a->keep ? a->keep + b * a->keep_sb : NULL;
+    float scale = 1.0f / sqrtf((float)D);
+    /* Scores: one pass over the keys, 8 keys at a time, every query row per block of keys. */
+    int64_t S8 = S - S % 8;
+    for (int64_t s0 = 0; s0 < S; s0 += 8) {
+        int64_t n = s0 < S8 ? 8 : S - s0;
+        v8f kr[8][MAX_HEAD_DIM / 8];
+        for (int64_t j = 0; j < n; j++) {
+            if (a->kv_bf16) {
+                const uint16_t *kk = (const uint16_t *)a->k + b * a->k_sb + h * a->k_sh + (s0 + j) * D;
+                for (int64_t d = 0; d < D / 8; d++) kr[j][d] = load_bf16(kk + 8 * d);
+            } else {
+                const float *kk = (const float *)a->k + b * a->k_sb + h * a->k_sh + (s0 + j) * D;
+                for (int64_t d = 0; d < D / 8; d++) kr[j][d] = load_f32(kk + 8 * d);
+            }
+        }
+        for (int64_t j = n; j < 8; j++)
+            for (int64_t d = 0; d < D / 8; d++) kr[j][d] = (v8f){0};
+        for (int64_t g = 0; g < G; g++) {
+            v8f acc[8];
+            for (int64_t j = 0; j < 8; j++) {
+                acc[j] = kr[j][0] * load_f32(qb + g * a->sg);
+                for (int64_t d = 1; d < D / 8; d++) acc[j] += kr[j][d] * load_f32(qb + g * a->sg + 8 * d);
+            }
+            v8f sc = hsum8(acc) * scale;
+            for (int64_t j = 0; j < n; j++)
+                scores[g * S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : sc[j];
+        }
+    }
+    /* Softmax per query row, in place (the scores of one head stay in L2: S floats per query row). */
+    for (int64_t g = 0; g < G; g++) {
+        float *row = scores + g * S, mx = -INFINITY, total;
+        v8f m = (v8f){0} - INFINITY, t = {0};
+        for (int64_t s = 0; s < S8; s += 8) m = vmax(m, load_f32(row + s));
+        for (int64_t j = 0; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
+        for (int64_t s = S8; s < S; s++) mx = row[s] > mx ? row[s] : mx;
+        if (mx == -INFINITY) {                    /* nothing to attend: the row's weights are all 0 */
+            memset(row, 0, S * sizeof(float));
+            continue;
+        }
+        for (int64_t s = 0; s < S8; s += 8) {
+            v8f e = vexp(load_f32(row + s) - mx);
+            memcpy(row + s, &e, sizeof e);
+            t += e;
+        }
+        total = hsum(t);
+        for (int64_t s = S8; s < S; s++) { row[s] = expf(row[s] - mx); total += row[s]; }
+        float inv = 1.0f / total;
+        for (int64_t s = 0; s < S; s++) row[s] *= inv;
+    }
+    /* Weighted sum of the values: one pass over them for up to 4 query rows. */
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        int64_t gn = G - g0 < 4 ? G - g0 : 4;
+        v8f acc[4][MAX_HEAD_DIM / 8];
+        memset(acc, 0, sizeof acc);
+        const float *p = scores + g0 * S;
+        switch (gn) {                         /* the row count as a constant */
+        case 1: value_rows(a, b, h, p, S, acc, D, 1); break;
+        case 2: value_rows(a, b, h, p, S, acc, D, 2); break;
+        case 3: value_rows(a, b, h, p, S, acc, D, 3); break;
+        default: value_rows(a, b, h, p, S, acc, D, 4); break;
+        }
+        for (int64_t g = 0; g < gn; g++)
+            memcpy(a->out + b * a->sb + h * a->sh + (g0 + g) * a->sg, acc[g], D * sizeof(float));
+    }
+}
+
+static void attend_all(const attn_args *a, float *work, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = work + (int64_t)omp_get_thread_num() * a->G * a->S;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < a->B * a->H; bh++) {
+            if (a->D == 64)                   /* every PEGASUS-X size: constant bounds, registers for the sums */
+                attend_one(a, bh, scores, 64);
+            else
+                attend_one(a, bh, scores, a->D);
+        }
+    }
+}
+
+/* q, out: fp32 (B, H, G, D) contiguous. work: fp32 scratch of threads · G · S. */
+int px_attention(const float *q, const void *k, const void *v, int kv_bf16, int64_t B, int64_t H, int64_t G,
+                 int64_t S, int64_t D, int64_t k_sb, int64_t k_sh, int64_t v_sb, int64_t v_sh,
+                 const uint8_t *keep, int64_t keep_sb, float *out, float *work, int threads) {
+    if (D > MAX_HEAD_DIM || D % 8 != 0) return 1;
+    attn_args a = {q, out, H * G * D, G * D, D, k, v, k_sb, k_sh, v_sb, v_sh, kv_bf16, keep, keep_sb, B, H, G, S, D};
+    attend_all(&a, work, threads);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------- decoder layer
+ * One pre-LN decoder layer for R rows and one new position, in place on x (R, D) fp32:
+ *   x += Wo · selfattn(Wq·LN1(x), cache)     (writes this position's Wk·LN1(x), Wv·LN1(x) into the cache first)
+ *   x += Wco · crossattn(Wcq·LN2(x), cross keys/values of the row's input)
+ *   x += W2 · act(W1 · LN3(x) + b1) + b2
+ * Weights, biases, LayerNorm parameters and caches share one dtype (fp32 or bf16); activations stay fp32.
+ * The R rows are B inputs × G rows each (beams): row r belongs to input r / G and reads that input's cross keys.
+ */
+enum { ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_TANH };
+
+typedef struct {
+    const void *ln1_w, *ln1_b, *q, *k, *v, *o;
+    const void *ln2_w, *ln2_b, *cq, *co;
+    const void *ln3_w, *ln3_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+    void *self_k, *self_v;            /* (R, H, max_len, hd), written at position `length` */
+    const void *cross_k, *cross_v;    /* (B, H, S, hd) */
+    const uint8_t *keep;              /* (B, S) or NULL */
+    int64_t R, B, H, hd, ffn, max_len, length, S;
+    int bf16, activation;
+    float eps;
+} px_layer;
+
+static inline float param(const void *p, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static void layer_norm(const float *x, int64_t rows, int64_t D, const void *w, const void *b, int bf16, float eps,
+                       float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * D;
+        float mean = 0.0f, var = 0.0f;
+        for (int64_t d = 0; d < D; d++) mean += xr[d];
+        mean /= (float)D;
+        for (int64_t d = 0; d < D; d++) var += (xr[d] - mean) * (xr[d] - mean);
+        float inv = 1.0f / sqrtf(var / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) y[r * D + d] = (xr[d] - mean) * inv * param(w, bf16, d) + param(b, bf16, d);
+    }
+}
+
+static float activate(float x, int kind) {
+    switch (kind) {
+    case ACT_RELU: return x > 0.0f ? x : 0.0f;
+    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case ACT_SILU: return x / (1.0f + expf(-x));
+    default: return tanhf(x);
+    }
+}
+
+/* y = W x (+ bias, converted to fp32 in `bias_f32`), every thread on its share of W. */
+static void project(const void *W, int bf16, int64_t out, int64_t in, const float *x, int64_t rows,
+                    const void *bias, float *bias_f32, float *y, int threads) {
+    if (bias)
+        for (int64_t o = 0; o < out; o++) bias_f32[o] = param(bias, bf16, o);
+#pragma omp parallel num_threads(threads)
+    linear_part(W, bf16, out, in, x, (int)rows, bias ? bias_f32 : NULL, y, omp_get_thread_num(),
+                omp_get_num_threads());
+}
+
+/* Scratch floats px_decoder_layer needs. */
+int64_t px_decoder_work(int64_t R, int64_t D, int64_t ffn, int64_t B, int64_t S, int64_t length, int threads) {
+    int64_t G = R / B, keys = S > length + 1 ? S : length + 1, rows = G > 1 ? G : 1;
+    return 5 * R * D + R * ffn + (ffn > D ? ffn : D) + threads * rows * keys;
+}
+
+int px_decoder_layer(const px_layer *L, float *x, float *work, int threads) {
+    int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, G = L->R / L->B;
+    int bf16 = L->bf16;
+    if (R < 1 || R > MAX_ROWS || L->R % L->B != 0 || hd > MAX_HEAD_DIM || hd % 8 != 0 || L->length >= L->max_len)
+        return 1;
+    float *h = work, *q = h + R * D, *k = q + R * D, *v = k + R * D, *a = v + R * D, *f = a + R * D,
+          *bias = f + R * F, *scratch = bias + F;
+
+    /* Self-attention over the cache, this position included. */
+    layer_norm(x, R, D, L->ln1_w, L->ln1_b, bf16, L->eps, h);
+    project(L->q, bf16, D, D, h, R, NULL, NULL, q, threads);
+    project(L->k, bf16, D, D, h, R, NULL, NULL, k, threads);
+    project(L->v, bf16, D, D, h, R, NULL, NULL, v, threads);
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t hh = 0; hh < H; hh++) {
+            int64_t at = ((r * H + hh) * L->max_len + L->length) * hd;
+            for (int64_t d = 0; d < hd; d++) {
+                float kv_k = k[r * D + hh * hd + d], kv_v = v[r * D + hh * hd + d];
+                if (bf16) {
+                    ((uint16_t *)L->self_k)[at + d] = f32_to_bf16(kv_k);
+                    ((uint16_t *)L->self_v)[at + d] = f32_to_bf16(kv_v);
+                } else {
+                    ((float *)L->self_k)[at + d] = kv_k;
+                    ((float *)L->self_v)[at + d] = kv_v;
+                }
+            }
+        }
+    attn_args self = {q, a, D, hd, D, L->self_k, L->self_v, H * L->max_len * hd, L->max_len * hd,
+                      H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1, L->length + 1, hd};
+    attend_all(&self, scratch, threads);
+    project(L->o, bf16, D, D, a, R, NULL, NULL, h, threads);
+    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+
+    /* Cross-attention: the G rows of input b share its keys and values. */
+    layer_norm(x, R, D, L->ln2_w, L->ln2_b, bf16, L->eps, h);
+    project(L->cq, bf16, D, D, h, R, NULL, NULL, q, threads);
+    attn_args cross = {q, a, G * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
+                       L->S * hd, bf16, L->keep, L->S, L->B, H, G, L->S, hd};
+    attend_all(&cross, scratch, threads);
+    project(L->co, bf16, D, D, a, R, NULL, NULL, h, threads);
+    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+
+    /* Feed-forward. */
+    layer_norm(x, R, D, L->ln3_w, L->ln3_b, bf16, L->eps, h);
+    project(L->fc1_w, bf16, F, D, h, R, L->fc1_b, bias, f, threads);
+    for (int64_t i = 0; i < R * F; i++) f[i] = activate(f[i], L->activation);
+    project(L->fc2_w, bf16, D, F, f, R, L->fc2_b, bias, h, threads);
+    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+    return 0;
+}

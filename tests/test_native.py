@@ -1,0 +1,226 @@
+"""The native decode-step kernels (native.py + decode_kernels.c): built when a compiler is there, equal to torch's
+kernels up to summation order, taken by generation exactly when they apply, and generating the reference's tokens."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_batch, reference_twin
+from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, native
+from pegasus_x.cache import new_cache
+from pegasus_x.generate import make_step
+
+HAVE_CC = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture
+def lib():
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine: the library falls back to torch kernels")
+    built = native.library()
+    assert built is not None, "a C compiler is here, yet the native kernels did not build"
+    return built
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """library() forgets its cached result, builds into an empty cache folder, and is reset afterwards."""
+    native.library.cache_clear()
+    monkeypatch.setenv("PEGASUS_X_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache"
+    native.library.cache_clear()
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------- build
+def test_builds_into_the_cache_folder_once(fresh_build):
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine")
+    assert native.library() is not None
+    built = sorted(fresh_build.glob("kernels/*"))
+    assert [p.suffix for p in built] == [".so"]                   # no temporary file left behind
+    stamp = built[0].stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp                   # the second process reuses the build
+
+
+def test_switched_off_by_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("PEGASUS_X_NATIVE", "0")
+    assert native.library() is None
+    assert not fresh_build.exists()
+
+
+def test_broken_compiler_warns_and_falls_back(fresh_build, monkeypatch, tmp_path):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.warns(UserWarning, match="could not build the native decode kernels.*PEGASUS_X_NATIVE=0"):
+        assert native.library() is None
+    assert not list(fresh_build.glob("kernels/*"))               # nothing half-written left
+
+
+def test_only_torchs_openmp_runtime_is_loaded(lib):
+    """The kernels must share torch's OpenMP thread pool: a second runtime would compete for the cores."""
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "gomp" in line or "libomp" in line or "libiomp" in line}
+    assert len(gomp) <= 1, gomp
+
+
+# ---------------------------------------------------------------------------------------------------------- linear
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("shape", [(384, 256), (385, 200), (7, 33), (1001, 72)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_equals_f_linear(lib, dtype, rows, shape, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(rows * shape[0] + threads)
+        w = torch.randn(*shape, generator=g).to(dtype)
+        b = torch.randn(shape[0], generator=g).to(dtype)
+        x = (torch.randn(rows, 1, shape[1], generator=g) / shape[1] ** 0.5).to(dtype)
+        for bias in (None, b):
+            got = native.linear(x, w, bias)
+            expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+            assert got.dtype == dtype and got.shape == (rows, 1, shape[0]) and got.is_contiguous()
+            torch.testing.assert_close(got.float(), expected, **tolerance(dtype))
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 2, 4, 5, 8])
+@pytest.mark.parametrize("S", [1, 7, 8, 9, 300])
+@pytest.mark.parametrize("D", [64, 16])
+def test_attention_equals_sdpa(lib, dtype, G, S, D):
+    g = torch.Generator().manual_seed(G * 1000 + S + D)
+    B, H = 2, 3
+    q = (torch.randn(B, H, G, D, generator=g) * 2).to(dtype)
+    # Views of a longer preallocated cache, as in decoding: strided batch/head dims.
+    k = torch.randn(B, H, S + 11, D, generator=g).to(dtype)[:, :, :S]
+    v = torch.randn(B, H, S + 11, D, generator=g).to(dtype)[:, :, :S]
+    keep = torch.rand(B, 1, 1, S, generator=g) > 0.4
+    keep[..., 0] = True
+    for mask in (None, keep):
+        assert native.attention_fits(q, k, v, mask)
+        got = native.attention(q, k, v, mask)
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        assert got.dtype == dtype and got.shape == (B, H, G, D)
+        torch.testing.assert_close(got.float(), expected, **tolerance(dtype))
+
+
+def test_attention_extreme_scores_and_empty_rows(lib):
+    q = torch.randn(2, 2, 3, 16) * 40                             # scores spanning hundreds: exp under/overflow
+    k, v = torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    keep = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    keep[1] = False                                              # input 1 has no key to attend
+    got = native.attention(q, k, v, keep)
+    expected = F.scaled_dot_product_attention(q[:1], k[:1], v[:1])
+    torch.testing.assert_close(got[:1], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))         # documented: zeros, never NaN
+
+
+def test_attention_refuses_what_it_cannot_take():
+    q, k = torch.randn(1, 2, 1, 12), torch.randn(1, 2, 5, 12)
+    assert not native.attention_fits(q, k, k, None)                                   # head_dim not a multiple of 8
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16)
+    assert not native.attention_fits(q, k.half(), k.half(), None)                      # fp16
+    assert not native.attention_fits(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, None)  # column-major
+    assert not native.attention_fits(q, k, k, torch.ones(1, 1, 1, 5))                 # float mask
+
+
+# ------------------------------------------------------------------------------------------------- decoder layers
+def small_model(activation="relu", dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cfg = PegasusXConfig(vocab_size=120, d_model=64, encoder_layers=1, decoder_layers=3, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_global_tokens=4,
+                         block_size=8, init_std=0.3, activation_function=activation)
+    return PegasusXForConditionalGeneration(cfg).eval().to(dtype)
+
+
+def run_steps(model, enc, keep, rows, tokens):
+    cache = new_cache(model, enc, keep, rows, len(tokens) + 1)
+    step = make_step(model, cache)
+    with torch.no_grad():
+        logits = [step(t) for t in tokens]
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_new", "silu", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inputs,rows", [(1, 1), (2, 2), (1, 4), (2, 4), (2, 8)], ids=["1x1", "2x1", "1x4", "2x2", "2x4"])
+def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, inputs, rows):
+    model = small_model(activation, dtype)
+    g = torch.Generator().manual_seed(rows)
+    enc = torch.randn(inputs, 13, 64, generator=g).to(dtype)
+    keep = torch.ones(inputs, 13, dtype=torch.bool)
+    keep[-1, 9:] = False                                         # the last input is padded
+    tokens = [torch.randint(3, 120, (rows, 1), generator=g) for _ in range(6)]
+    calls = []
+    real = native.decoder_step
+    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or real(*a))
+    got, got_cache = run_steps(model, enc, keep, rows, tokens)
+    assert len(calls) == len(tokens)                             # every step took the native layers
+    monkeypatch.setattr(native, "decoder_fits", lambda *a: False)
+    expected, expected_cache = run_steps(model, enc, keep, rows, tokens)
+    n = len(tokens)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        for mine, theirs in zip(got_cache.self_k + got_cache.self_v, expected_cache.self_k + expected_cache.self_v):
+            torch.testing.assert_close(mine[:, :, :n], theirs[:, :, :n], rtol=1e-4, atol=1e-4)
+    else:
+        # bf16: ours keeps activations in fp32 between operations, torch rounds after each. Both are measured
+        # against fp32 arithmetic on the same (bf16-valued) weights: ours must be no further from it.
+        exact, _ = run_steps(model.float(), enc.float(), keep, rows, tokens)
+        ours_err, torch_err = (got - exact).abs().max(), (expected - exact).abs().max()
+        assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
+
+
+def test_decoder_fits_only_what_it_can_run(lib):
+    model = small_model()
+    enc, keep = torch.randn(1, 9, 64), torch.ones(1, 9, dtype=torch.bool)
+    decoder = model.get_decoder()
+    cache = new_cache(model, enc, keep, 4, 8)
+    x = torch.randn(4, 1, 64)
+    assert native.decoder_fits(decoder, cache, x)
+    assert not native.decoder_fits(decoder, new_cache(model, enc, keep, 9, 8), torch.randn(9, 1, 64))  # > 8 rows
+    assert not native.decoder_fits(decoder, cache, x.bfloat16())                                     # mixed dtypes
+    model.set_attention_backend("eager")                         # the readable reference path is honoured
+    assert not native.decoder_fits(decoder, cache, x)
+    model.set_attention_backend("sdpa")
+    cache.length = cache.max_len                                 # full cache: the torch path raises the clear error
+    assert not native.decoder_fits(decoder, cache, x)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=4, length_penalty=0.8),
+                                     dict(num_beams=2, num_return_sequences=2, no_repeat_ngram_size=3)],
+                         ids=["greedy", "beam4", "beam2-nrs2"])
+def test_generation_through_native_layers_matches_reference(lib, tmp_path, monkeypatch, options):
+    ref, ours, _ = reference_twin(tmp_path, seed=5, init_std=0.5)
+    ids, mask, _ = random_batch([20, 11], ref.config.vocab_size, seed=3)
+    options = dict(max_new_tokens=12, **options)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ref.generate(ids, attention_mask=mask, **options)
+    calls = []
+    real = native.decoder_step
+    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or real(*a))
+    got = ours.generate(ids, attention_mask=mask, **options)
+    assert calls, "the native decoder layers were not used"
+    if options.get("num_beams", 1) > 1:                          # the reference pads finished beams with EOS
+        for row in expected:
+            ends = (row[1:] == 1).nonzero()
+            if len(ends):
+                row[int(ends[0]) + 2:] = 0
+    assert torch.equal(got, expected), f"\n{got}\n{expected}"
