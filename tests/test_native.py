@@ -172,7 +172,7 @@ def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, i
     monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or real(*a))
     got, got_cache = run_steps(model, enc, keep, rows, tokens)
     assert len(calls) == len(tokens)                             # every step took the native layers
-    monkeypatch.setattr(native, "decoder_fits", lambda *a: False)
+    monkeypatch.setattr(native, "decoder_plan", lambda *a: None)
     expected, expected_cache = run_steps(model, enc, keep, rows, tokens)
     n = len(tokens)
     if dtype == torch.float32:
@@ -187,20 +187,53 @@ def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, i
         assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
 
 
-def test_decoder_fits_only_what_it_can_run(lib):
+def test_decoder_plan_only_what_it_can_run(lib):
     model = small_model()
     enc, keep = torch.randn(1, 9, 64), torch.ones(1, 9, dtype=torch.bool)
     decoder = model.get_decoder()
     cache = new_cache(model, enc, keep, 4, 8)
     x = torch.randn(4, 1, 64)
-    assert native.decoder_fits(decoder, cache, x)
-    assert not native.decoder_fits(decoder, new_cache(model, enc, keep, 9, 8), torch.randn(9, 1, 64))  # > 8 rows
-    assert not native.decoder_fits(decoder, cache, x.bfloat16())                                     # mixed dtypes
+    assert native.decoder_plan(decoder, cache, x) is not None
+    assert native.decoder_plan(decoder, new_cache(model, enc, keep, 9, 8), torch.randn(9, 1, 64)) is None  # > 8 rows
+    assert native.decoder_plan(decoder, cache, x.bfloat16()) is None                                      # mixed dtypes
     model.set_attention_backend("eager")                         # the readable reference path is honoured
-    assert not native.decoder_fits(decoder, cache, x)
+    assert native.decoder_plan(decoder, cache, x) is None
     model.set_attention_backend("sdpa")
-    cache.length = cache.max_len                                 # full cache: the torch path raises the clear error
-    assert not native.decoder_fits(decoder, cache, x)
+    model.get_decoder().config.activation_function = "mish"     # an activation the kernels do not know
+    assert native.decoder_plan(decoder, cache, x) is None
+
+
+def test_full_cache_still_raises_the_clear_error(lib):
+    model = small_model()
+    cache = new_cache(model, torch.randn(1, 9, 64), torch.ones(1, 9, dtype=torch.bool), 1, 2)
+    step = make_step(model, cache)
+    with torch.no_grad():
+        step(torch.ones(1, 1, dtype=torch.long))
+        step(torch.ones(1, 1, dtype=torch.long))
+        assert cache.native_plan                                 # the native layers ran
+        with pytest.raises(RuntimeError, match="decoder cache holds 2 positions"):
+            step(torch.ones(1, 1, dtype=torch.long))
+
+
+def test_dropping_inputs_rebuilds_the_plan(lib):
+    model = small_model()
+    enc, keep = torch.randn(3, 9, 64), torch.ones(3, 9, dtype=torch.bool)
+    cache = new_cache(model, enc, keep, 6, 8)
+    step = make_step(model, cache)
+    tokens = torch.randint(3, 120, (6, 1))
+    with torch.no_grad():
+        step(tokens)
+        first = cache.native_plan
+        cache.keep_inputs(torch.tensor([0, 2]))
+        assert cache.native_plan is None                         # its pointers went with the old buffers
+        got = step(tokens[[0, 1, 4, 5]])
+    assert cache.native_plan and cache.native_plan is not first and cache.native_plan.rows == 4
+    reference = new_cache(model, enc[[0, 2]], keep[[0, 2]], 4, 8)
+    ref_step = make_step(model, reference)
+    with torch.no_grad():
+        ref_step(tokens[[0, 1, 4, 5]])                           # the kept rows' first step
+        expected = ref_step(tokens[[0, 1, 4, 5]])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(num_beams=4, length_penalty=0.8),

@@ -8,6 +8,7 @@ reordering is an in-place ``index_select`` copy). Cross-attention keys/values ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,9 @@ class DecoderCache:
     cross_v: list[Tensor]
     encoder_keep: Tensor | None  # (B, 1, 1, S) bool, False at padded encoder positions; None: no padding
     length: int = 0             # tokens already written
+    # native.decoder_plan's pointers into these buffers (made at the first native step; False: not native).
+    # Anything that replaces a buffer must reset it to None.
+    native_plan: Any = None
 
     @property
     def max_len(self) -> int:
@@ -61,6 +65,7 @@ class DecoderCache:
             kept[:, :, :n] = buf[:, :, :n].index_select(0, rows)
             return kept
 
+        self.native_plan = None
         self.self_k = [take(buf) for buf in self.self_k]
         self.self_v = [take(buf) for buf in self.self_v]
         self.cross_k = [k.index_select(0, inputs) for k in self.cross_k]

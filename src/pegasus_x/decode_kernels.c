@@ -29,6 +29,7 @@ static inline float hsum(v8f v) {
 static inline v8f load_f32(const float *p) { return *(const v8f *)p; }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int32_t v8i_u __attribute__((vector_size(32), aligned(2)));   /* unaligned load of 16 bf16 */
 
 /* The 8 horizontal sums of a[0..7] as one vector: a transpose-and-add tree instead of 8 separate hsums. */
 static inline v8f hsum8(const v8f a[8]) {
@@ -91,67 +92,110 @@ static inline uint16_t f32_to_bf16(float f) {             /* round to nearest ev
     return (uint16_t)((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
 }
 
+static inline float param(const void *p, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* ------------------------------------------------------------------------------------------------ linear
  * y[r, o] = sum_i W[o, i] x[r, i] + bias[o]  for r < rows <= MAX_ROWS.  W: (out, in) row-major, fp32 or bf16
  * (is_bf16). x and y are fp32 (the caller widens/narrows the few activations; the weights are what costs).
  * Each thread takes a contiguous range of output rows and streams that part of W once.
  */
-#define DOT_BLOCK(NAME, T, LOAD, TO_F32)                                                                        \
-static inline void NAME(const T *W, int64_t o0, int64_t o1, int64_t in, const float *x, int rows, float *y,   \
-                        int64_t out) {                                                                          \
-    /* One weight row at a time: each thread then reads one sequential stream, which the hardware prefetcher  \
-     * follows at the rate of a plain sum (two or more interleaved rows ran ~10% slower). U vectors per step  \
-     * for every query row: U·rows ≤ 8 independent accumulators. */                                           \
-    const int U = rows == 1 ? 4 : 2;                                                                            \
-    int64_t inU = in - in % (8 * U);                                                                            \
-    for (int64_t o = o0; o < o1; o++) {                                                                         \
-        const T *w = W + o * in;                                                                                \
-        v8f acc[ROW_CHUNK][4];                                                                                  \
-        for (int r = 0; r < rows; r++)                                                                          \
-            for (int u = 0; u < U; u++) acc[r][u] = (v8f){0};                                                   \
-        for (int64_t i = 0; i < inU; i += 8 * U) {                                                              \
-            for (int u = 0; u < U; u++) {                                                                       \
-                v8f wv = LOAD(w + i + 8 * u);                                                                   \
-                for (int r = 0; r < rows; r++) acc[r][u] += wv * load_f32(x + r * in + i + 8 * u);              \
-            }                                                                                                   \
-        }                                                                                                       \
-        for (int r = 0; r < rows; r++) {                                                                        \
-            v8f a = acc[r][0];                                                                                  \
-            for (int u = 1; u < U; u++) a += acc[r][u];                                                         \
-            float s = hsum(a);                                                                                  \
-            for (int64_t i = inU; i < in; i++) s += TO_F32(w[i]) * x[r * in + i];                               \
-            y[r * out + o] = s;                                                                                 \
-        }                                                                                                       \
-    }                                                                                                           \
+/* One weight row at a time: each thread then reads one sequential stream, which the hardware prefetcher follows at
+ * the rate of a plain sum (two or more interleaved rows ran ~10% slower). U vectors per step for every query row:
+ * U·rows ≤ 8 independent accumulators. With rows constant (DISPATCH_ROWS) the accumulators live in registers. */
+static inline void dot_block_f32(const float *W, int64_t o0, int64_t o1, int64_t in, const float *x,
+                                 const float *xs, int rows, float *y, int64_t out) {
+    (void)xs;
+    const int U = rows == 1 ? 4 : 2;
+    int64_t inU = in - in % (8 * U);
+    for (int64_t o = o0; o < o1; o++) {
+        const float *w = W + o * in;
+        v8f acc[ROW_CHUNK][4];
+        for (int r = 0; r < rows; r++)
+            for (int u = 0; u < U; u++) acc[r][u] = (v8f){0};
+        for (int64_t i = 0; i < inU; i += 8 * U)
+            for (int u = 0; u < U; u++) {
+                v8f wv = load_f32(w + i + 8 * u);
+                for (int r = 0; r < rows; r++) acc[r][u] += wv * load_f32(x + r * in + i + 8 * u);
+            }
+        for (int r = 0; r < rows; r++) {
+            v8f a = acc[r][0];
+            for (int u = 1; u < U; u++) a += acc[r][u];
+            float sum = hsum(a);
+            for (int64_t i = inU; i < in; i++) sum += w[i] * x[r * in + i];
+            y[r * out + o] = sum;
+        }
+    }
 }
 
-static inline float id_f32(float v) { return v; }
-DOT_BLOCK(dot_block_f32, float, load_f32, id_f32)
-DOT_BLOCK(dot_block_bf16, uint16_t, load_bf16, bf16_to_f32)
+/* bf16 weights, 16 per 32-byte load: the even elements are the low halves of its 32-bit lanes (shift them up),
+ * the odd ones the high halves (mask the low half off) — two fp32 vectors for two integer operations, where
+ * widening 8 at a time costs a shuffle each and streamed ~15% slower. xs holds each row of x split the same
+ * way: x[0], x[2], … x[n-2] then x[1], x[3], … x[n-1] over the first n = in − in % 16 elements. */
+static inline void dot_block_bf16(const uint16_t *W, int64_t o0, int64_t o1, int64_t in, const float *x,
+                                  const float *xs, int rows, float *y, int64_t out) {
+    const int U = rows == 1 ? 2 : 1;
+    int64_t n = in - in % 16, nU = in - in % (16 * U), half = n / 2;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint16_t *w = W + o * in;
+        v8f even[ROW_CHUNK][2], odd[ROW_CHUNK][2];
+        for (int r = 0; r < rows; r++)
+            for (int u = 0; u < U; u++) even[r][u] = odd[r][u] = (v8f){0};
+        for (int64_t i = 0; i < nU; i += 16 * U)
+            for (int u = 0; u < U; u++) {
+                v8i pair = *(const v8i_u *)(w + i + 16 * u);
+                v8i lo = pair << 16, hi = pair & (int32_t)0xffff0000;
+                v8f we, wo;
+                memcpy(&we, &lo, sizeof we);
+                memcpy(&wo, &hi, sizeof wo);
+                for (int r = 0; r < rows; r++) {
+                    const float *xe = xs + r * in + (i + 16 * u) / 2;
+                    even[r][u] += we * load_f32(xe);
+                    odd[r][u] += wo * load_f32(xe + half);
+                }
+            }
+        for (int r = 0; r < rows; r++) {
+            v8f a = even[r][0] + odd[r][0];
+            for (int u = 1; u < U; u++) a += even[r][u] + odd[r][u];
+            float sum = hsum(a);
+            for (int64_t i = nU; i < in; i++) sum += bf16_to_f32(w[i]) * x[r * in + i];
+            y[r * out + o] = sum;
+        }
+    }
+}
+
+/* xs for dot_block_bf16: each row's first in − in % 16 elements, even ones first, then odd ones. */
+static void split_even_odd(const float *x, int rows, int64_t in, float *xs) {
+    int64_t n = in - in % 16;
+    for (int r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) xs[r * in + (i % 2 ? n / 2 : 0) + i / 2] = x[r * in + i];
+}
 
 /* Specialise the block on the row count so the accumulator arrays live in registers. */
-#define DISPATCH_ROWS(FN, W, o0, o1, in, x, rows, y, out)                                                       \
+#define DISPATCH_ROWS(FN, W, o0, o1, in, x, xs, rows, y, out)                                                   \
     switch (rows) {                                                                                             \
-    case 1: FN(W, o0, o1, in, x, 1, y, out); break;                                                            \
-    case 2: FN(W, o0, o1, in, x, 2, y, out); break;                                                            \
-    case 3: FN(W, o0, o1, in, x, 3, y, out); break;                                                            \
-    default: FN(W, o0, o1, in, x, 4, y, out); break;                                                           \
+    case 1: FN(W, o0, o1, in, x, xs, 1, y, out); break;                                                        \
+    case 2: FN(W, o0, o1, in, x, xs, 2, y, out); break;                                                        \
+    case 3: FN(W, o0, o1, in, x, xs, 3, y, out); break;                                                        \
+    default: FN(W, o0, o1, in, x, xs, 4, y, out); break;                                                       \
     }
 
-static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows,
-                        const float *bias, float *y, int t, int n) {
-    /* Thread t of n: an even share of the output rows, boundaries on multiples of 8 rows so no two threads
-     * write the same cache line of y. */
+/* Thread t of n computes its share of y = W x (+ bias). xs: split_even_odd(x) when W is bf16. */
+static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
+                        int rows, const float *bias, float *y, int t, int n) {
+    /* An even share of the output rows, boundaries on multiples of 8 rows so no two threads write the same
+     * cache line of y. */
     int64_t per = ((out + n - 1) / n + 7) / 8 * 8;
     int64_t o0 = t * per < out ? t * per : out, o1 = o0 + per < out ? o0 + per : out;
     for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {       /* one pass over this thread's weight rows per chunk */
         int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
-        const float *xc = x + r0 * in;
+        const float *xc = x + r0 * in, *xsc = xs ? xs + r0 * in : NULL;
         float *yc = y + r0 * out;
         if (is_bf16) {
-            DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, o0, o1, in, xc, rn, yc, out)
+            DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, o0, o1, in, xc, xsc, rn, yc, out)
         } else {
-            DISPATCH_ROWS(dot_block_f32, (const float *)W, o0, o1, in, xc, rn, yc, out)
+            DISPATCH_ROWS(dot_block_f32, (const float *)W, o0, o1, in, xc, xsc, rn, yc, out)
         }
     }
     if (bias)
@@ -159,11 +203,15 @@ static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, con
             for (int64_t o = o0; o < o1; o++) y[r * out + o] += bias[o];
 }
 
+/* x: fp32 (rows, in); bias: fp32 or NULL; y: fp32 (rows, out); work: rows · in floats (used for bf16 W). */
 int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows, const float *bias,
-              float *y, int threads) {
+              float *y, float *work, int threads) {
     if (rows < 1 || rows > MAX_ROWS) return 1;
+    if (is_bf16)
+        split_even_odd(x, rows, in, work);
 #pragma omp parallel num_threads(threads)
-    linear_part(W, is_bf16, out, in, x, rows, bias, y, omp_get_thread_num(), omp_get_num_threads());
+    linear_part(W, is_bf16, out, in, x, is_bf16 ? work : NULL, rows, bias, y, omp_get_thread_num(),
+                omp_get_num_threads());
     return 0;
 }
 
@@ -277,17 +325,16 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
     }
 }
 
-static void attend_all(const attn_args *a, float *work, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        float *scores = work + (int64_t)omp_get_thread_num() * a->G * a->S;
+/* Every (batch, head) task of `a`, shared among the threads of the enclosing parallel region (an orphaned
+ * work-sharing loop: the caller opens the region). scratch: G · S floats per thread. */
+static void attend_tasks(const attn_args *a, float *scratch) {
+    float *scores = scratch + (int64_t)omp_get_thread_num() * a->G * a->S;
 #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < a->B * a->H; bh++) {
-            if (a->D == 64)                   /* every PEGASUS-X size: constant bounds, registers for the sums */
-                attend_one(a, bh, scores, 64);
-            else
-                attend_one(a, bh, scores, a->D);
-        }
+    for (int64_t bh = 0; bh < a->B * a->H; bh++) {
+        if (a->D == 64)                       /* every PEGASUS-X size: constant bounds, registers for the sums */
+            attend_one(a, bh, scores, 64);
+        else
+            attend_one(a, bh, scores, a->D);
     }
 }
 
@@ -297,7 +344,8 @@ int px_attention(const float *q, const void *k, const void *v, int kv_bf16, int6
                  const uint8_t *keep, int64_t keep_sb, float *out, float *work, int threads) {
     if (D > MAX_HEAD_DIM || D % 8 != 0) return 1;
     attn_args a = {q, out, H * G * D, G * D, D, k, v, k_sb, k_sh, v_sb, v_sh, kv_bf16, keep, keep_sb, B, H, G, S, D};
-    attend_all(&a, work, threads);
+#pragma omp parallel num_threads(threads)
+    attend_tasks(&a, work);
     return 0;
 }
 
@@ -323,9 +371,6 @@ typedef struct {
     float eps;
 } px_layer;
 
-static inline float param(const void *p, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
 
 static void layer_norm(const float *x, int64_t rows, int64_t D, const void *w, const void *b, int bf16, float eps,
                        float *y) {
@@ -350,69 +395,102 @@ static float activate(float x, int kind) {
     }
 }
 
-/* y = W x (+ bias, converted to fp32 in `bias_f32`), every thread on its share of W. */
-static void project(const void *W, int bf16, int64_t out, int64_t in, const float *x, int64_t rows,
-                    const void *bias, float *bias_f32, float *y, int threads) {
-    if (bias)
-        for (int64_t o = 0; o < out; o++) bias_f32[o] = param(bias, bf16, o);
-#pragma omp parallel num_threads(threads)
-    linear_part(W, bf16, out, in, x, (int)rows, bias ? bias_f32 : NULL, y, omp_get_thread_num(),
-                omp_get_num_threads());
-}
-
 /* Scratch floats px_decoder_layer needs. */
 int64_t px_decoder_work(int64_t R, int64_t D, int64_t ffn, int64_t B, int64_t S, int64_t length, int threads) {
     int64_t G = R / B, keys = S > length + 1 ? S : length + 1, rows = G > 1 ? G : 1;
-    return 5 * R * D + R * ffn + (ffn > D ? ffn : D) + threads * rows * keys;
+    int64_t wide = ffn > D ? ffn : D;
+    return 5 * R * D + R * ffn + wide + R * wide + threads * rows * keys;
 }
 
 int px_decoder_layer(const px_layer *L, float *x, float *work, int threads) {
-    int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, G = L->R / L->B;
-    int bf16 = L->bf16;
+    int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, G = L->R / L->B, wide = F > D ? F : D;
+    int bf16 = L->bf16, rows = (int)R;
     if (R < 1 || R > MAX_ROWS || L->R % L->B != 0 || hd > MAX_HEAD_DIM || hd % 8 != 0 || L->length >= L->max_len)
         return 1;
     float *h = work, *q = h + R * D, *k = q + R * D, *v = k + R * D, *a = v + R * D, *f = a + R * D,
-          *bias = f + R * F, *scratch = bias + F;
-
-    /* Self-attention over the cache, this position included. */
-    layer_norm(x, R, D, L->ln1_w, L->ln1_b, bf16, L->eps, h);
-    project(L->q, bf16, D, D, h, R, NULL, NULL, q, threads);
-    project(L->k, bf16, D, D, h, R, NULL, NULL, k, threads);
-    project(L->v, bf16, D, D, h, R, NULL, NULL, v, threads);
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t hh = 0; hh < H; hh++) {
-            int64_t at = ((r * H + hh) * L->max_len + L->length) * hd;
-            for (int64_t d = 0; d < hd; d++) {
-                float kv_k = k[r * D + hh * hd + d], kv_v = v[r * D + hh * hd + d];
-                if (bf16) {
-                    ((uint16_t *)L->self_k)[at + d] = f32_to_bf16(kv_k);
-                    ((uint16_t *)L->self_v)[at + d] = f32_to_bf16(kv_v);
-                } else {
-                    ((float *)L->self_k)[at + d] = kv_k;
-                    ((float *)L->self_v)[at + d] = kv_v;
-                }
-            }
-        }
+          *bias = f + R * F, *xs = bias + wide, *scratch = xs + R * wide;
     attn_args self = {q, a, D, hd, D, L->self_k, L->self_v, H * L->max_len * hd, L->max_len * hd,
                       H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1, L->length + 1, hd};
-    attend_all(&self, scratch, threads);
-    project(L->o, bf16, D, D, a, R, NULL, NULL, h, threads);
-    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
-
-    /* Cross-attention: the G rows of input b share its keys and values. */
-    layer_norm(x, R, D, L->ln2_w, L->ln2_b, bf16, L->eps, h);
-    project(L->cq, bf16, D, D, h, R, NULL, NULL, q, threads);
     attn_args cross = {q, a, G * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
                        L->S * hd, bf16, L->keep, L->S, L->B, H, G, L->S, hd};
-    attend_all(&cross, scratch, threads);
-    project(L->co, bf16, D, D, a, R, NULL, NULL, h, threads);
-    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+    const float *b1 = bf16 ? bias : (const float *)L->fc1_b, *b2 = bf16 ? bias : (const float *)L->fc2_b;
 
-    /* Feed-forward. */
-    layer_norm(x, R, D, L->ln3_w, L->ln3_b, bf16, L->eps, h);
-    project(L->fc1_w, bf16, F, D, h, R, L->fc1_b, bias, f, threads);
-    for (int64_t i = 0; i < R * F; i++) f[i] = activate(f[i], L->activation);
-    project(L->fc2_w, bf16, D, F, f, R, L->fc2_b, bias, h, threads);
-    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+    /* One parallel region for the whole layer: the threads go from one weight straight to the next (q, k and v
+     * without a pause), and meet only where a result is needed whole. The small serial steps (LayerNorm,
+     * residual adds, cache writes) run on one thread ("single", which ends in a barrier). */
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        /* Self-attention over the cache, this position included. */
+#pragma omp single
+        {
+            layer_norm(x, R, D, L->ln1_w, L->ln1_b, bf16, L->eps, h);
+            if (bf16) split_even_odd(h, rows, D, xs);
+        }
+        linear_part(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
+        linear_part(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
+        linear_part(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
+#pragma omp barrier
+#pragma omp single
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t hh = 0; hh < H; hh++) {
+                int64_t at = ((r * H + hh) * L->max_len + L->length) * hd;
+                for (int64_t d = 0; d < hd; d++) {
+                    float kk = k[r * D + hh * hd + d], vv = v[r * D + hh * hd + d];
+                    if (bf16) {
+                        ((uint16_t *)L->self_k)[at + d] = f32_to_bf16(kk);
+                        ((uint16_t *)L->self_v)[at + d] = f32_to_bf16(vv);
+                    } else {
+                        ((float *)L->self_k)[at + d] = kk;
+                        ((float *)L->self_v)[at + d] = vv;
+                    }
+                }
+            }
+        attend_tasks(&self, scratch);                       /* ends in a barrier */
+#pragma omp single
+        if (bf16) split_even_odd(a, rows, D, xs);
+        linear_part(L->o, bf16, D, D, a, xs, rows, NULL, h, t, n);
+#pragma omp barrier
+
+        /* Cross-attention: the G rows of input b share its keys and values. */
+#pragma omp single
+        {
+            for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+            layer_norm(x, R, D, L->ln2_w, L->ln2_b, bf16, L->eps, h);
+            if (bf16) split_even_odd(h, rows, D, xs);
+        }
+        linear_part(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
+#pragma omp barrier
+        attend_tasks(&cross, scratch);
+#pragma omp single
+        if (bf16) split_even_odd(a, rows, D, xs);
+        linear_part(L->co, bf16, D, D, a, xs, rows, NULL, h, t, n);
+#pragma omp barrier
+
+        /* Feed-forward. */
+#pragma omp single
+        {
+            for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+            layer_norm(x, R, D, L->ln3_w, L->ln3_b, bf16, L->eps, h);
+            if (bf16) {
+                split_even_odd(h, rows, D, xs);
+                for (int64_t o = 0; o < F; o++) bias[o] = param(L->fc1_b, 1, o);
+            }
+        }
+        linear_part(L->fc1_w, bf16, F, D, h, xs, rows, b1, f, t, n);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int64_t i = 0; i < R * F; i++) f[i] = activate(f[i], L->activation);
+            if (bf16) {
+                split_even_odd(f, rows, F, xs);
+                for (int64_t o = 0; o < D; o++) bias[o] = param(L->fc2_b, 1, o);
+            }
+        }
+        linear_part(L->fc2_w, bf16, D, F, f, xs, rows, b2, h, t, n);
+#pragma omp barrier
+#pragma omp single nowait
+        for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
+    }
     return 0;
 }

@@ -282,10 +282,16 @@ class PegasusXDecoder(nn.Module):
         else:
             cross = [layer.encoder_attn.project_kv(encoder_states) for layer in self.layers]
             cross_keep = encoder_keep[:, None, None, :]
+        plan = None
         if (cache is not None and T == 1 and keep is None and not self.training and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and native.library() is not None and native.decoder_fits(self, cache, x)):
-            # A decode step on the CPU: every layer in native code, each weight streamed once (native.py).
-            x = native.decoder_step(self, x, cache)
+                and x.device.type == "cpu" and cache.length < cache.max_len and native.library() is not None):
+            # A decode step on the CPU: every layer in native code, each weight streamed once (native.py). The
+            # plan is made at the cache's first step (False: these layers or this cache do not fit the kernels).
+            if cache.native_plan is None:
+                cache.native_plan = native.decoder_plan(self, cache, x) or False
+            plan = cache.native_plan or None
+        if plan is not None:
+            x = native.decoder_step(plan, x, cache)
         else:
             for i, layer in enumerate(self.layers):
                 if self.training and cfg.decoder_layerdrop > 0 and torch.rand(()) < cfg.decoder_layerdrop:

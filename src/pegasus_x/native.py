@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,7 +103,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"pegasus-x: could not build the native decode kernels with {cc} ({err}); decoding uses "
                       "torch kernels and is slower. Set PEGASUS_X_NATIVE=0 to silence this.", stacklevel=2)
         return None
-    lib.px_linear.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _int]
+    lib.px_linear.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
     lib.px_attention.argtypes = [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                  _ptr, _i64, _ptr, _ptr, _int]
     lib.px_decoder_work.argtypes = [_i64, _i64, _i64, _i64, _i64, _i64, _int]
@@ -122,9 +123,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     xf = x.reshape(rows, in_features).to(torch.float32).contiguous()
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
-    lib.px_linear(weight.data_ptr(), int(weight.dtype == torch.bfloat16), out_features, in_features,
-                  xf.data_ptr(), rows, None if bf is None else bf.data_ptr(), y.data_ptr(),
-                  torch.get_num_threads())
+    bf16 = weight.dtype == torch.bfloat16
+    work = torch.empty(rows * in_features if bf16 else 0)
+    lib.px_linear(weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
+                  None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
@@ -167,48 +169,65 @@ def _layer_tensors(layer) -> list[Tensor]:
             layer.final_layer_norm.bias, layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias]
 
 
-def decoder_fits(decoder, cache, x: Tensor) -> bool:
-    """Whether :func:`decoder_step` can run this decoder's layers on ``x`` ``(R, 1, D)`` with this cache."""
+@dataclass
+class DecoderPlan:
+    """``px_decoder_layer``'s arguments for every layer of one decoder over one cache (all but the position)."""
+
+    layers: list[_Layer]
+    tensors: list[Tensor]       # what the pointers point into, kept alive with the plan
+    rows: int
+    d_model: int
+    ffn: int
+    inputs: int
+    keys: int
+
+
+def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
+    """The plan for :func:`decoder_step` on ``x`` ``(R, 1, D)`` with this cache, or None where it cannot run.
+
+    Built once per cache: the pointers stay valid while the weights and the cache's buffers do (a cache that
+    replaces its buffers drops its plan).
+    """
     cfg = decoder.config
     attn = decoder.layers[0].self_attn
     dtype, rows = cache.self_k[0].dtype, x.shape[0]
-    if (cfg.activation_function not in ACTIVATIONS or rows > MAX_ROWS or rows % cache.cross_k[0].shape[0]
-            or attn.backend != "sdpa" or x.dtype != dtype
-            or attn.head_dim % 8 or attn.head_dim > MAX_HEAD_DIM or dtype not in (torch.float32, torch.bfloat16)
-            or cache.length >= cache.max_len):
-        return False
-    if cache.encoder_keep is not None and not cache.encoder_keep.is_contiguous():
-        return False
+    B, H, S, hd = cache.cross_k[0].shape
+    if (cfg.activation_function not in ACTIVATIONS or rows > MAX_ROWS or rows != cache.self_k[0].shape[0]
+            or rows % B or attn.backend != "sdpa" or x.dtype != dtype or hd % 8 or hd > MAX_HEAD_DIM
+            or dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    keep = cache.encoder_keep
+    if keep is not None:
+        if keep.shape != (B, 1, 1, S) or keep.dtype != torch.bool or not keep.is_contiguous():
+            return None
+        keep = keep.view(torch.uint8)
+    specs, tensors = [], [] if keep is None else [keep]
     for i, layer in enumerate(decoder.layers):
-        for t in (*_layer_tensors(layer), cache.self_k[i], cache.self_v[i], cache.cross_k[i], cache.cross_v[i]):
-            if t is None or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-                return False
         if layer.self_attn.q_proj.bias is not None or layer.encoder_attn.q_proj.bias is not None:
-            return False
-    return True
+            return None
+        own = [*_layer_tensors(layer), cache.self_k[i], cache.self_v[i], cache.cross_k[i], cache.cross_v[i]]
+        if any(t is None or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in own):
+            return None
+        tensors += own
+        specs.append(_Layer(*(t.data_ptr() for t in own), None if keep is None else keep.data_ptr(), rows, B, H, hd,
+                            cfg.decoder_ffn_dim, cache.max_len, 0, S, int(dtype == torch.bfloat16),
+                            ACTIVATIONS[cfg.activation_function], cfg.layer_norm_eps))
+    return DecoderPlan(specs, tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
 
 
-def decoder_step(decoder, x: Tensor, cache) -> Tensor:
-    """Run every decoder layer on ``x`` ``(R, 1, D)`` for position ``cache.length`` (check :func:`decoder_fits`).
+def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
+    """Run every decoder layer on ``x`` ``(R, 1, D)`` for position ``cache.length``.
 
     Writes this position's self-attention keys/values into ``cache`` (the caller advances ``cache.length``).
     Activations stay fp32 between the layers' operations; the result is returned in ``x``'s dtype.
     """
     lib = library()
-    cfg, layers = decoder.config, decoder.layers
-    R, _, D = x.shape
-    attn = layers[0].self_attn
-    B, S = cache.cross_k[0].shape[0], cache.cross_k[0].shape[2]
     threads = torch.get_num_threads()
-    state = x.reshape(R, D).to(torch.float32, copy=True).contiguous()
-    work = torch.empty(lib.px_decoder_work(R, D, cfg.decoder_ffn_dim, B, S, cache.length, threads))
-    keep = None if cache.encoder_keep is None else cache.encoder_keep.view(torch.uint8)
-    for i, layer in enumerate(layers):
-        spec = _Layer(*(t.data_ptr() for t in _layer_tensors(layer)), cache.self_k[i].data_ptr(),
-                      cache.self_v[i].data_ptr(), cache.cross_k[i].data_ptr(), cache.cross_v[i].data_ptr(),
-                      None if keep is None else keep.data_ptr(), R, B, attn.num_heads, attn.head_dim,
-                      cfg.decoder_ffn_dim, cache.max_len, cache.length, S, int(x.dtype == torch.bfloat16),
-                      ACTIVATIONS[cfg.activation_function], cfg.layer_norm_eps)
+    state = x.reshape(plan.rows, plan.d_model).to(torch.float32, copy=True)
+    work = torch.empty(lib.px_decoder_work(plan.rows, plan.d_model, plan.ffn, plan.inputs, plan.keys, cache.length,
+                                           threads))
+    for spec in plan.layers:
+        spec.length = cache.length
         if lib.px_decoder_layer(ctypes.byref(spec), state.data_ptr(), work.data_ptr(), threads):
-            raise RuntimeError("px_decoder_layer refused its arguments; decoder_fits should have caught this")
-    return state.to(x.dtype).view(R, 1, D)
+            raise RuntimeError("px_decoder_layer refused its arguments; decoder_plan should have caught this")
+    return state.to(x.dtype).view(x.shape)
