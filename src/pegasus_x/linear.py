@@ -1,18 +1,24 @@
-"""Linear layers, with a faster route for the few-row products of decoding on a CPU.
+"""Linear layers, with faster routes for the few-row products of decoding on a CPU.
 
 A decode step multiplies one to a few rows (one per beam) by every decoder weight and the LM head: it is bound by
 how fast the weights stream from memory. For such products MKL's fp32 matrix-vector kernels on the CPU run on one
-thread and reach only part of the machine's bandwidth. Splitting the weight's output rows into one slab per thread
-and handing the slabs to ``torch.bmm`` streams them on every thread at once, from the weight as it is stored
-(a view, no copy). Measured at pegasus-x-base shapes on a 2-core AMD EPYC, 2 threads, weights larger than the
-caches (GB/s of weight read; ``benchmarks/generate.py`` has the end-to-end numbers):
+thread and reach only part of the machine's bandwidth. Two routes do better, in this order:
 
-    rows      F.linear      mm(W, xᵀ)     bmm over row slabs (this module)
-    1         13–20         14–21         27–30
-    2–4       7–10          19–23         19–22
-    8         5–9           11–12         12
+- the native kernels (:mod:`pegasus_x.native`, fp32 and bf16), when a C compiler was there to build them: each
+  thread streams its share of the weight's rows once, at about the rate of a plain ``sum``;
+- else, for fp32, one ``torch.bmm`` over one slab of the weight's output rows per thread (a view, no copy).
 
-Beyond a few rows the product is compute-bound and ``F.linear`` is the right kernel again.
+GB/s of weight read at pegasus-x-base shapes on a 2-core AMD EPYC, 2 threads, weights larger than the caches
+(ad-hoc microbenchmarks; ``benchmarks/generate.py`` has the end-to-end numbers):
+
+    rows      F.linear      mm(W, xᵀ)     bmm over row slabs     native (fp32 / bf16)
+    1         13–20         14–21         25–30                  27–30 / 23–26
+    2–4       7–10          19–23         19–22                  22–26 / 18–22
+    8         5–9           11–12         12                     11   / 9
+
+In a decode step the native route runs whole decoder layers at once (``native.decoder_step``); this module's
+route serves the LM head and any layer the fused kernel does not take. Beyond a few rows the product is
+compute-bound and ``F.linear`` is the right kernel again.
 """
 
 from __future__ import annotations
