@@ -69,6 +69,16 @@ def test_broken_compiler_warns_and_falls_back(fresh_build, monkeypatch, tmp_path
     assert not list(fresh_build.glob("kernels/*"))               # nothing half-written left
 
 
+def test_unwritable_cache_warns_and_falls_back(fresh_build, monkeypatch, tmp_path):
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PEGASUS_X_CACHE", str(blocker / "cache"))     # a folder under a file cannot be made
+    with pytest.warns(UserWarning, match="PEGASUS_X_CACHE to a writable folder"):
+        assert native.library() is None
+
+
 def test_only_torchs_openmp_runtime_is_loaded(lib):
     """The kernels must share torch's OpenMP thread pool: a second runtime would compete for the cores."""
     with open("/proc/self/maps") as f:

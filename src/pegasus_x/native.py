@@ -100,8 +100,9 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"pegasus-x: could not build the native decode kernels with {cc} ({err}); decoding uses "
-                      "torch kernels and is slower. Set PEGASUS_X_NATIVE=0 to silence this.", stacklevel=2)
+        warnings.warn(f"pegasus-x: could not build the native decode kernels with {cc} into {_cache_dir()} "
+                      f"({err}); decoding uses torch kernels and is slower. Set PEGASUS_X_CACHE to a writable "
+                      "folder or CC to another compiler, or PEGASUS_X_NATIVE=0 to silence this.", stacklevel=2)
         return None
     lib.px_linear.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
     lib.px_attention.argtypes = [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
