@@ -385,6 +385,15 @@ static void layer_norm(const float *x, int64_t rows, int64_t D, const void *w, c
     }
 }
 
+/* x += delta (when given), then out = LayerNorm(x) and, for bf16 weights, its even/odd split into xs. */
+static void add_norm(float *x, const float *delta, int rows, int64_t D, const void *w, const void *b, int bf16,
+                     float eps, float *out, float *xs) {
+    if (delta)
+        for (int64_t i = 0; i < rows * D; i++) x[i] += delta[i];
+    layer_norm(x, rows, D, w, b, bf16, eps, out);
+    if (bf16) split_even_odd(out, rows, D, xs);
+}
+
 static float activate(float x, int kind) {
     switch (kind) {
     case ACT_RELU: return x > 0.0f ? x : 0.0f;
@@ -393,6 +402,18 @@ static float activate(float x, int kind) {
     case ACT_SILU: return x / (1.0f + expf(-x));
     default: return tanhf(x);
     }
+}
+
+/* y = Wo · attention(a) for the rows of a->q, inside a parallel region (thread t of n); ends in a barrier. */
+static void attend_project(const attn_args *a, float *scratch, const void *Wo, int bf16, float *xs, float *y, int t,
+                           int n) {
+    int rows = (int)(a->B * a->G);
+    int64_t D = a->H * a->D;
+    attend_tasks(a, scratch);                               /* ends in a barrier */
+#pragma omp single
+    if (bf16) split_even_odd(a->out, rows, D, xs);
+    linear_part(Wo, bf16, D, D, a->out, xs, rows, NULL, y, t, n);
+#pragma omp barrier
 }
 
 /* Scratch floats px_decoder_layer needs. */
@@ -423,10 +444,7 @@ int px_decoder_layer(const px_layer *L, float *x, float *work, int threads) {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         /* Self-attention over the cache, this position included. */
 #pragma omp single
-        {
-            layer_norm(x, R, D, L->ln1_w, L->ln1_b, bf16, L->eps, h);
-            if (bf16) split_even_odd(h, rows, D, xs);
-        }
+        add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
         linear_part(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
         linear_part(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
         linear_part(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
@@ -446,36 +464,21 @@ int px_decoder_layer(const px_layer *L, float *x, float *work, int threads) {
                     }
                 }
             }
-        attend_tasks(&self, scratch);                       /* ends in a barrier */
-#pragma omp single
-        if (bf16) split_even_odd(a, rows, D, xs);
-        linear_part(L->o, bf16, D, D, a, xs, rows, NULL, h, t, n);
-#pragma omp barrier
+        attend_project(&self, scratch, L->o, bf16, xs, h, t, n);
 
         /* Cross-attention: the G rows of input b share its keys and values. */
 #pragma omp single
-        {
-            for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
-            layer_norm(x, R, D, L->ln2_w, L->ln2_b, bf16, L->eps, h);
-            if (bf16) split_even_odd(h, rows, D, xs);
-        }
+        add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
         linear_part(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
 #pragma omp barrier
-        attend_tasks(&cross, scratch);
-#pragma omp single
-        if (bf16) split_even_odd(a, rows, D, xs);
-        linear_part(L->co, bf16, D, D, a, xs, rows, NULL, h, t, n);
-#pragma omp barrier
+        attend_project(&cross, scratch, L->co, bf16, xs, h, t, n);
 
         /* Feed-forward. */
 #pragma omp single
         {
-            for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
-            layer_norm(x, R, D, L->ln3_w, L->ln3_b, bf16, L->eps, h);
-            if (bf16) {
-                split_even_odd(h, rows, D, xs);
+            add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
+            if (bf16)
                 for (int64_t o = 0; o < F; o++) bias[o] = param(L->fc1_b, 1, o);
-            }
         }
         linear_part(L->fc1_w, bf16, F, D, h, xs, rows, b1, f, t, n);
 #pragma omp barrier
