@@ -220,7 +220,7 @@ int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *
  * q and out: fp32, element (b, h, g, d) at b·sb + h·sh + g·sg + d (the same strides for both).
  * k, v: fp32 or bf16 (kv_bf16), element (b, h, s, d) at b·k_sb + h·k_sh + s·D + d (a view of a preallocated
  * cache works as is). keep: (B, S) bytes with batch stride keep_sb, nonzero = attend; NULL = every key.
- * scores: fp32 scratch of G · S for this task. A row with no key to attend gets zeros.
+ * scores: fp32 scratch of G · (S + D) for this task. A row with no key to attend gets zeros.
  * One (batch, head) pair per call: its keys and values stream once for all G query rows.
  */
 typedef struct {
@@ -235,19 +235,31 @@ typedef struct {
     int64_t B, H, G, S, D;
 } attn_args;
 
+/* Row `off` of D elements of a key/value tensor as D/8 fp32 vectors. With `pairs` (bf16, D a multiple of 16) each
+ * 16 elements come from one 32-byte load as the vector of the even elements then that of the odd ones (see
+ * dot_block_bf16): the caller permutes the query the same way and un-permutes the output. */
+static inline void load_row(const void *base, int bf16, int pairs, int64_t off, const int64_t D, v8f *dst) {
+    if (!bf16) {
+        for (int64_t d = 0; d < D / 8; d++) dst[d] = load_f32((const float *)base + off + 8 * d);
+    } else if (pairs) {
+        for (int64_t d = 0; d < D / 16; d++) {
+            v8i pair = *(const v8i_u *)((const uint16_t *)base + off + 16 * d);
+            v8i lo = pair << 16, hi = pair & (int32_t)0xffff0000;
+            memcpy(&dst[2 * d], &lo, sizeof lo);
+            memcpy(&dst[2 * d + 1], &hi, sizeof hi);
+        }
+    } else {
+        for (int64_t d = 0; d < D / 8; d++) dst[d] = load_bf16((const uint16_t *)base + off + 8 * d);
+    }
+}
+
 /* acc[g] += sum over s < S of p[g·S + s] · v[s] for gn query rows: each value row is read once for all of them.
  * With gn and D constant the compiler unrolls the inner loops (one row's sums fit the registers). */
 static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t S,
-                              v8f acc[4][MAX_HEAD_DIM / 8], const int64_t D, const int gn) {
+                              v8f acc[4][MAX_HEAD_DIM / 8], const int64_t D, const int gn, int pairs) {
     for (int64_t s = 0; s < S; s++) {
         v8f vr[MAX_HEAD_DIM / 8];
-        if (a->kv_bf16) {
-            const uint16_t *vv = (const uint16_t *)a->v + b * a->v_sb + h * a->v_sh + s * D;
-            for (int64_t d = 0; d < D / 8; d++) vr[d] = load_bf16(vv + 8 * d);
-        } else {
-            const float *vv = (const float *)a->v + b * a->v_sb + h * a->v_sh + s * D;
-            for (int64_t d = 0; d < D / 8; d++) vr[d] = load_f32(vv + 8 * d);
-        }
+        load_row(a->v, a->kv_bf16, pairs, b * a->v_sb + h * a->v_sh + s * D, D, vr);
         for (int g = 0; g < gn; g++) {
             float w = p[g * S + s];
             for (int64_t d = 0; d < D / 8; d++) acc[g][d] += vr[d] * w;
@@ -256,31 +268,31 @@ static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const fl
 }
 
 static inline void attend_one(const attn_args *a, int64_t bh, float *scores, const int64_t D) {
-    int64_t b = bh / a->H, h = bh % a->H, G = a->G, S = a->S;
+    int64_t b = bh / a->H, h = bh % a->H, G = a->G, S = a->S, sg = a->sg;
     const float *qb = a->q + b * a->sb + h * a->sh;
     const uint8_t *kp = a->keep ? a->keep + b * a->keep_sb : NULL;
     float scale = 1.0f / sqrtf((float)D);
+    int pairs = a->kv_bf16 && D % 16 == 0;
+    if (pairs) {                              /* the query in load_row's order: 8 even, 8 odd elements per 16 */
+        float *qs = scores + G * S;
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t d = 0; d < D; d++) qs[g * D + (d & ~15) + (d & 1) * 8 + (d & 15) / 2] = qb[g * sg + d];
+        qb = qs;
+        sg = D;
+    }
     /* Scores: one pass over the keys, 8 keys at a time, every query row per block of keys. */
     int64_t S8 = S - S % 8;
     for (int64_t s0 = 0; s0 < S; s0 += 8) {
         int64_t n = s0 < S8 ? 8 : S - s0;
         v8f kr[8][MAX_HEAD_DIM / 8];
-        for (int64_t j = 0; j < n; j++) {
-            if (a->kv_bf16) {
-                const uint16_t *kk = (const uint16_t *)a->k + b * a->k_sb + h * a->k_sh + (s0 + j) * D;
-                for (int64_t d = 0; d < D / 8; d++) kr[j][d] = load_bf16(kk + 8 * d);
-            } else {
-                const float *kk = (const float *)a->k + b * a->k_sb + h * a->k_sh + (s0 + j) * D;
-                for (int64_t d = 0; d < D / 8; d++) kr[j][d] = load_f32(kk + 8 * d);
-            }
-        }
+        for (int64_t j = 0; j < n; j++) load_row(a->k, a->kv_bf16, pairs, b * a->k_sb + h * a->k_sh + (s0 + j) * D, D, kr[j]);
         for (int64_t j = n; j < 8; j++)
             for (int64_t d = 0; d < D / 8; d++) kr[j][d] = (v8f){0};
         for (int64_t g = 0; g < G; g++) {
             v8f acc[8];
             for (int64_t j = 0; j < 8; j++) {
-                acc[j] = kr[j][0] * load_f32(qb + g * a->sg);
-                for (int64_t d = 1; d < D / 8; d++) acc[j] += kr[j][d] * load_f32(qb + g * a->sg + 8 * d);
+                acc[j] = kr[j][0] * load_f32(qb + g * sg);
+                for (int64_t d = 1; d < D / 8; d++) acc[j] += kr[j][d] * load_f32(qb + g * sg + 8 * d);
             }
             v8f sc = hsum8(acc) * scale;
             for (int64_t j = 0; j < n; j++)
@@ -315,20 +327,25 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         memset(acc, 0, sizeof acc);
         const float *p = scores + g0 * S;
         switch (gn) {                         /* the row count as a constant */
-        case 1: value_rows(a, b, h, p, S, acc, D, 1); break;
-        case 2: value_rows(a, b, h, p, S, acc, D, 2); break;
-        case 3: value_rows(a, b, h, p, S, acc, D, 3); break;
-        default: value_rows(a, b, h, p, S, acc, D, 4); break;
+        case 1: value_rows(a, b, h, p, S, acc, D, 1, pairs); break;
+        case 2: value_rows(a, b, h, p, S, acc, D, 2, pairs); break;
+        case 3: value_rows(a, b, h, p, S, acc, D, 3, pairs); break;
+        default: value_rows(a, b, h, p, S, acc, D, 4, pairs); break;
         }
-        for (int64_t g = 0; g < gn; g++)
-            memcpy(a->out + b * a->sb + h * a->sh + (g0 + g) * a->sg, acc[g], D * sizeof(float));
+        for (int64_t g = 0; g < gn; g++) {
+            float *o = a->out + b * a->sb + h * a->sh + (g0 + g) * a->sg, *sum = (float *)acc[g];
+            if (pairs)                        /* back from load_row's order */
+                for (int64_t d = 0; d < D; d++) o[d] = sum[(d & ~15) + (d & 1) * 8 + (d & 15) / 2];
+            else
+                memcpy(o, sum, D * sizeof(float));
+        }
     }
 }
 
 /* Every (batch, head) task of `a`, shared among the threads of the enclosing parallel region (an orphaned
  * work-sharing loop: the caller opens the region). scratch: G · S floats per thread. */
 static void attend_tasks(const attn_args *a, float *scratch) {
-    float *scores = scratch + (int64_t)omp_get_thread_num() * a->G * a->S;
+    float *scores = scratch + (int64_t)omp_get_thread_num() * a->G * (a->S + a->D);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < a->B * a->H; bh++) {
         if (a->D == 64)                       /* every PEGASUS-X size: constant bounds, registers for the sums */
@@ -338,7 +355,7 @@ static void attend_tasks(const attn_args *a, float *scratch) {
     }
 }
 
-/* q, out: fp32 (B, H, G, D) contiguous. work: fp32 scratch of threads · G · S. */
+/* q, out: fp32 (B, H, G, D) contiguous. work: fp32 scratch of threads · G · (S + D). */
 int px_attention(const float *q, const void *k, const void *v, int kv_bf16, int64_t B, int64_t H, int64_t G,
                  int64_t S, int64_t D, int64_t k_sb, int64_t k_sh, int64_t v_sb, int64_t v_sh,
                  const uint8_t *keep, int64_t keep_sb, float *out, float *work, int threads) {
@@ -420,7 +437,7 @@ static void attend_project(const attn_args *a, float *scratch, const void *Wo, i
 int64_t px_decoder_work(int64_t R, int64_t D, int64_t ffn, int64_t B, int64_t S, int64_t length, int threads) {
     int64_t G = R / B, keys = S > length + 1 ? S : length + 1, rows = G > 1 ? G : 1;
     int64_t wide = ffn > D ? ffn : D;
-    return 5 * R * D + R * ffn + wide + R * wide + threads * rows * keys;
+    return 5 * R * D + R * ffn + wide + R * wide + threads * rows * (keys + D);
 }
 
 int px_decoder_layer(const px_layer *L, float *x, float *work, int threads) {

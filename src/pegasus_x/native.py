@@ -143,7 +143,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     qf = q.to(torch.float32).contiguous()
     out = torch.empty(B, H, G, D, dtype=torch.float32)
     threads = torch.get_num_threads()
-    work = torch.empty(threads * G * S, dtype=torch.float32)
+    work = torch.empty(threads * G * (S + D), dtype=torch.float32)
     keep_bytes = None if keep is None else keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
     lib.px_attention(qf.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), B, H, G, S, D,
                      k.stride(0), k.stride(1), v.stride(0), v.stride(1),
