@@ -114,11 +114,15 @@ static inline void dot_block_f32(const float *W, int64_t o0, int64_t o1, int64_t
         v8f acc[ROW_CHUNK][4];
         for (int r = 0; r < rows; r++)
             for (int u = 0; u < U; u++) acc[r][u] = (v8f){0};
-        for (int64_t i = 0; i < inU; i += 8 * U)
+        for (int64_t i = 0; i < inU; i += 8 * U) {
+            /* With several query rows each weight load carries more arithmetic and fewer loads are in flight: a
+             * prefetch 1 KB ahead keeps the stream going (+6-12% at 4 rows in an A/B run; none helps one row). */
+            if (rows > 1) __builtin_prefetch(w + i + 256);
             for (int u = 0; u < U; u++) {
                 v8f wv = load_f32(w + i + 8 * u);
                 for (int r = 0; r < rows; r++) acc[r][u] += wv * load_f32(x + r * in + i + 8 * u);
             }
+        }
         for (int r = 0; r < rows; r++) {
             v8f a = acc[r][0];
             for (int u = 1; u < U; u++) a += acc[r][u];
@@ -142,7 +146,8 @@ static inline void dot_block_bf16(const uint16_t *W, int64_t o0, int64_t o1, int
         v8f even[ROW_CHUNK][2], odd[ROW_CHUNK][2];
         for (int r = 0; r < rows; r++)
             for (int u = 0; u < U; u++) even[r][u] = odd[r][u] = (v8f){0};
-        for (int64_t i = 0; i < nU; i += 16 * U)
+        for (int64_t i = 0; i < nU; i += 16 * U) {
+            if (rows > 1) __builtin_prefetch(w + i + 512);  /* 1 KB ahead, as in dot_block_f32 */
             for (int u = 0; u < U; u++) {
                 v8i pair = *(const v8i_u *)(w + i + 16 * u);
                 v8i lo = pair << 16, hi = pair & (int32_t)0xffff0000;
@@ -155,6 +160,7 @@ static inline void dot_block_bf16(const uint16_t *W, int64_t o0, int64_t o1, int
                     odd[r][u] += wo * load_f32(xe + half);
                 }
             }
+        }
         for (int r = 0; r < rows; r++) {
             v8f a = even[r][0] + odd[r][0];
             for (int u = 1; u < U; u++) a += even[r][u] + odd[r][u];
