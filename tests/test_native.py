@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -53,6 +54,15 @@ def test_builds_into_the_cache_folder_once(fresh_build):
     native.library.cache_clear()
     assert native.library() is not None
     assert built[0].stat().st_mtime_ns == stamp                   # the second process reuses the build
+
+
+def test_source_compiles_without_warnings(tmp_path):
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine")
+    cc = next(shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c))
+    done = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+                           "-o", str(tmp_path / "k.so"), str(native.SOURCE), "-lm"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_switched_off_by_environment(fresh_build, monkeypatch):
