@@ -151,14 +151,14 @@ class Attention(nn.Module):
                 and native.attention_fits(q, k, v, keep)):
             # A decode step on the CPU: the native kernel streams the keys and values once for all query rows.
             out = native.attention(q, k, v, keep)
-            return self.out_proj(out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D))
-        if q.is_cuda and q.dtype == torch.float32 and group * T <= DECODE_ROWS:
-            # An fp32 decode step on a GPU: SDPA has no flash kernel for fp32, and its memory-efficient kernel splits
-            # the work by query block, so a few query rows over 16K keys leave most of the GPU idle (H100, greedy at
-            # 16K tokens: 2.2× slower than the reference). Matmuls spread the key axis (1.05–1.46× faster than the
-            # reference over two runs). bf16 keeps SDPA's flash kernel: matmuls did no better there within the
-            # run-to-run spread of beam search at 16K (1.0–1.8 s for either).
-            backend = "eager"
-        out = attend(q, k, v, keep, p_drop, backend)
+        else:
+            if q.is_cuda and q.dtype == torch.float32 and group * T <= DECODE_ROWS:
+                # An fp32 decode step on a GPU: SDPA has no flash kernel for fp32, and its memory-efficient kernel
+                # splits the work by query block, so a few query rows over 16K keys leave most of the GPU idle (H100,
+                # greedy at 16K tokens: 2.2× slower than the reference). Matmuls spread the key axis (1.05–1.46×
+                # faster than the reference over two runs). bf16 keeps SDPA's flash kernel: matmuls did no better
+                # there within the run-to-run spread of beam search at 16K (1.0–1.8 s for either).
+                backend = "eager"
+            out = attend(q, k, v, keep, p_drop, backend)
         out = out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D)
         return self.out_proj(out)
