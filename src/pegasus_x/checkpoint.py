@@ -12,7 +12,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +20,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from . import hugepages
 from .config import CONFIG_NAME, PegasusXConfig
 from .errors import CheckpointError, ConfigError
 
@@ -28,6 +29,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 GENERATION_CONFIG = "generation_config.json"
 # The tied trio: all three are the shared embedding; files may store any subset of them.
+# Where read_tensors may put a tensor: (file name, shape) → its final tensor, or None for a fresh one.
+Destination = Callable[[str, tuple[int, ...]], "Tensor | None"]
 TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -156,19 +159,22 @@ def read_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]] | None:
     return out
 
 
-def read_tensors(folder: Path, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def read_tensors(folder: Path, dtype: torch.dtype | None = None, into: Destination | None = None
+                 ) -> dict[str, Tensor]:
     """Every tensor of the checkpoint in ``folder`` (CPU); floating-point ones cast to ``dtype`` when given.
 
     Safetensors files are read with plain reads, one tensor at a time, each cast before the next is read: a memory
     map would keep every page of the file resident beside the model, and casting after reading everything would
     hold the checkpoint twice (peak RSS of a bf16 load from fp32 files: ~1.5× the fp32 model instead of ~0.6×).
+    ``into(name, shape)`` may give a safetensors tensor's final place (its dtype wins over ``dtype``); the file is
+    then read straight into it.
     """
     files = _safetensors_files(folder)
     if files:
         state: dict[str, Tensor] = {}
         for file in files:
             try:
-                state.update(_read_safetensors(file, dtype))
+                state.update(_read_safetensors(file, dtype, into))
             except CheckpointError:
                 raise
             except Exception as exc:
@@ -199,7 +205,7 @@ def _finite(t: Tensor) -> bool:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _read_safetensors(file: Path, dtype: torch.dtype | None) -> dict[str, Tensor]:
+def _read_safetensors(file: Path, dtype: torch.dtype | None, into: Destination | None) -> dict[str, Tensor]:
     """Tensors of one safetensors file (header already validated by :func:`read_shapes`)."""
     out: dict[str, Tensor] = {}
     with open(file, "rb") as f:
@@ -212,10 +218,19 @@ def _read_safetensors(file: Path, dtype: torch.dtype | None) -> dict[str, Tensor
             if stored is None:
                 raise CheckpointError(f"{file}: tensor {name} has dtype {info['dtype']}, not a floating-point type")
             start, end = info["data_offsets"]
-            buf = bytearray(end - start)
             f.seek(8 + size + start)
-            if f.readinto(buf) != len(buf):
+            dest = into(name, tuple(info["shape"])) if into is not None else None
+            if dest is not None and dest.dtype == stored:
+                buf = dest.view(-1).view(torch.uint8).numpy()          # no copy: the file lands in place
+            else:
+                buf = bytearray(end - start)
+            if f.readinto(buf) != end - start:
                 raise CheckpointError(f"{file} is truncated (tensor {name}); re-download it")
+            if dest is not None:
+                if dest.dtype != stored:
+                    dest.copy_(torch.frombuffer(buf, dtype=stored).view(dest.shape))
+                out[name] = dest
+                continue
             t = torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, dtype=stored)
             t = t.view(info["shape"])
             out[name] = t.to(dtype) if dtype is not None else t
@@ -234,6 +249,15 @@ def normalise_keys(names: list[str], with_head: bool) -> dict[str, str]:
         if bare in TIED_ALIASES:
             bare = "shared.weight"
         out[name] = prefix + bare
+    return out
+
+
+def _kept(names: list[str], expected: dict[str, tuple[int, ...]], with_head: bool, tied: bool) -> dict[str, str]:
+    """File name → our name of the tensors the model takes: the first alias of each, no LM head when tied."""
+    out: dict[str, str] = {}
+    for name, ours in normalise_keys(names, with_head).items():
+        if ours in expected and ours not in out.values() and not (tied and ours == "lm_head.weight"):
+            out[name] = ours
     return out
 
 
@@ -258,30 +282,33 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     expected = _expected(model)
     with_head = hasattr(model, "lm_head")
 
+    tied = with_head and config.tie_word_embeddings
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+
     shapes = read_shapes(folder)
+    into = None
     if shapes is not None:                         # validate before materialising anything
         _check_names_shapes({k: v[0] for k, v in shapes.items()}, expected, with_head, folder)
         _check_dtypes({k: v[1] for k, v in shapes.items()}, folder)
-    state = read_tensors(folder, dtype)
+        kept = _kept(list(shapes), expected, with_head, tied)
+        target_dtype = _target_dtype(dtype, _SAFETENSORS_DTYPES[shapes[next(iter(kept))][1]])
+        if on_cpu and hugepages.supported():
+            # Decoding streams the weights every token: read them straight into 2 MB pages (hugepages.py).
+            arena = hugepages.Arena(sum(hugepages.nbytes(shapes[name][0], target_dtype) for name in kept))
+
+            def into(name: str, shape: tuple[int, ...]) -> Tensor | None:
+                return arena.empty(shape, target_dtype) if name in kept else None
+    state = read_tensors(folder, dtype, into)
     if shapes is None:
         _check_names_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, with_head, folder)
         _check_dtypes({k: str(v.dtype) for k, v in state.items()}, folder)
+        kept = _kept(list(state), expected, with_head, tied)
+        target_dtype = _target_dtype(dtype, state[next(iter(kept))].dtype)
 
-    mapping = normalise_keys(list(state), with_head)
-    loaded: dict[str, Tensor] = {}
-    for name, ours in mapping.items():
-        if ours in expected and ours not in loaded:
-            loaded[ours] = state[name]
+    loaded = {ours: state[name] for name, ours in kept.items()}
     del state                                      # `loaded` holds the only references: casts below free as they go
-    if with_head and config.tie_word_embeddings:
-        loaded.pop("lm_head.weight", None)
-    target_dtype = dtype or next(iter(loaded.values())).dtype
-    if target_dtype == torch.float16:
-        target_dtype = torch.float32
-    bad = []
+    bad = [name for name, t in loaded.items() if t.is_floating_point() and not _finite(t)]
     for name, t in loaded.items():
-        if t.is_floating_point() and not _finite(t):
-            bad.append(name)
         loaded[name] = t.to(device=device or "cpu", dtype=target_dtype)
     if bad:
         msg = f"{folder} holds NaN/inf values in {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}"
@@ -299,6 +326,12 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
             raise CheckpointError(f"{gen} is not valid JSON ({exc}); delete or fix it") from None
     model.eval()
     return model
+
+
+def _target_dtype(requested: torch.dtype | None, stored: torch.dtype) -> torch.dtype:
+    """The model's dtype: the one asked for, else the checkpoint's (fp16 checkpoints load as fp32)."""
+    found = requested or stored
+    return torch.float32 if found == torch.float16 else found
 
 
 def _check_dtypes(dtypes: dict[str, str], folder: Path) -> None:
