@@ -12,7 +12,8 @@ tokens (min = max) for one random input of the given length. Per-step times come
 the decoder (one call per decoder step in both implementations); the first call marks the end of encoder + prefill.
 
 The floor: bytes of decoder + LM-head weights read per decode step ÷ measured memory bandwidth (the best of a large
-``sum``, a large matrix-vector product, and half a large copy's traffic). Also printed: the stricter floor that
+``sum``, a large matrix-vector product, and half a large copy's traffic, measured right before and right after our
+run of that row: the bandwidth of a shared machine drifts, and the floor must describe the same minutes). Also printed: the stricter floor that
 adds the cross-attention K/V cache (read every step, once per input) and drops the cross k/v projections (used once).
 """
 
@@ -156,23 +157,28 @@ def main() -> None:
     if not (folder / "model.safetensors").is_file():
         _spawn({**common, "impl": "weights"})
     bw = _spawn({**common, "impl": "bandwidth"})
-    best_bw = max(bw.values())
     print(f"device {args.device}, {args.threads} threads; read bandwidth GB/s: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()) + f" → using {best_bw:.1f}")
+          + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()) + f" (best {max(bw.values()):.1f})")
+    print("Each row's floor uses the best bandwidth measured just before and just after its own run (this machine's "
+          "bandwidth drifts by 30% over minutes).")
     rows = []
     header = (f"{'len':>6} {'mode':>6} {'dtype':>5} | {'ours s':>7} {'ref s':>7} {'speedup':>7} | {'ours GB':>7} "
-              f"{'ref GB':>7} {'ratio':>5} | {'ours ms/step':>12} {'ref ms/step':>11} | {'floor ms':>8} "
+              f"{'ref GB':>7} {'ratio':>5} | {'ours ms/step':>12} {'ref ms/step':>11} | {'GB/s':>5} {'floor ms':>8} "
               f"{'×floor':>6} {'strict floor':>12} {'×strict':>7}")
     print(header, flush=True)
     for length in args.lengths:
         for mode in args.modes:
             for dtype in args.dtypes:
                 spec = dict(common, length=length, mode=mode, dtype=dtype, new_tokens=args.new_tokens)
+                before = _spawn({**common, "impl": "bandwidth"})
                 ours = _spawn({**spec, "impl": "ours"})
+                after = _spawn({**common, "impl": "bandwidth"})
                 ref = None if args.ours_only else _spawn({**spec, "impl": "reference"})
+                best_bw = max(*before.values(), *after.values())
                 weights, strict = bytes_per_step(dtype, length)
                 floor, strict_floor = 1e3 * weights / (best_bw * 1e9), 1e3 * strict / (best_bw * 1e9)
-                row = dict(spec, ours=ours, reference=ref, floor_ms=floor, strict_floor_ms=strict_floor)
+                row = dict(spec, ours=ours, reference=ref, bandwidth_gbs=best_bw, floor_ms=floor,
+                           strict_floor_ms=strict_floor)
                 rows.append(row)
                 print(_format(row), flush=True)
     if args.json:
@@ -199,7 +205,7 @@ def _format(row: dict) -> str:
 
     speed = f"{r['wall_s'] / o['wall_s']:.1f}×" if o and r else "-"
     ratio = f"{o[mem] / r[mem]:.2f}" if o and r else "-"
-    times = (f"{num(o, 'ms_per_step', '.1f'):>12} {num(r, 'ms_per_step', '.1f'):>11} | {row['floor_ms']:8.1f} "
+    times = (f"{num(o, 'ms_per_step', '.1f'):>12} {num(r, 'ms_per_step', '.1f'):>11} | {row['bandwidth_gbs']:5.1f} {row['floor_ms']:8.1f} "
              + (f"{o['ms_per_step'] / row['floor_ms']:6.2f} {row['strict_floor_ms']:12.1f} "
                 f"{o['ms_per_step'] / row['strict_floor_ms']:7.2f}" if o else ""))
     return (f"{row['length']:>6} {row['mode']:>6} {row['dtype']:>5} | {num(o, 'wall_s', '.1f'):>7} "

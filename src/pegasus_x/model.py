@@ -224,7 +224,8 @@ class PegasusXEncoder(nn.Module):
                           f"{cfg.max_position_embeddings}; sinusoidal positions extrapolate, quality may drop",
                           stacklevel=3)
             self._warned_length = True
-        x = _embed(self.embed_tokens, input_ids, cfg, start=0)
+        x = _embed(self.embed_tokens, input_ids, cfg, sinusoidal_positions(0, input_ids.shape[1], cfg.d_model,
+                                                                            input_ids.device))
         x = F.dropout(x, cfg.dropout, self.training)
         K = cfg.block_size
         pad = -T % K                                       # pad once, on the right, to a block multiple
@@ -268,7 +269,13 @@ class PegasusXDecoder(nn.Module):
         cfg = self.config
         R, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        x = F.dropout(_embed(self.embed_tokens, input_ids, cfg, start=start), cfg.dropout, self.training)
+        if cache is not None and start + T <= cache.max_len:
+            if cache.positions is None:    # once per generation: a step then only slices it (saves ~0.1 ms a token)
+                cache.positions = sinusoidal_positions(0, cache.max_len, cfg.d_model, input_ids.device)
+            positions = cache.positions[start:start + T]
+        else:
+            positions = sinusoidal_positions(start, T, cfg.d_model, input_ids.device)
+        x = F.dropout(_embed(self.embed_tokens, input_ids, cfg, positions), cfg.dropout, self.training)
         # Self-attention mask: query i (absolute start+i) sees keys j <= start+i.
         self_keep = None
         if T > 1 or keep is not None:
@@ -315,11 +322,12 @@ def _embedding(rows: int, dim: int, padding_idx: int | None = None) -> nn.Embedd
     return nn.Embedding(rows, dim, padding_idx=padding_idx, _weight=torch.empty(rows, dim))
 
 
-def _embed(table: nn.Embedding, ids: Tensor, cfg: PegasusXConfig, start: int) -> Tensor:
+def _embed(table: nn.Embedding, ids: Tensor, cfg: PegasusXConfig, positions: Tensor) -> Tensor:
+    """Token embeddings (scaled) plus the fp32 sinusoidal ``positions`` ``(T, D)``, in the table's dtype."""
     x = table(ids)
     if cfg.scale_embedding:
         x = x * math.sqrt(cfg.d_model)
-    return x + sinusoidal_positions(start, ids.shape[1], cfg.d_model, ids.device).to(x.dtype)
+    return x + positions.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- models

@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
-MAX_ROWS = 8            # query rows per px_linear / px_decoder_layer call (4 per pass over the weights)
+MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
 MAX_HEAD_DIM = 256      # px_attention's limit
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-# The activation functions px_decoder_layer knows, by config name.
+# The activation functions px_decoder knows, by config name.
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_fast": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3,
                "tanh": 4}
 
@@ -45,7 +45,7 @@ class _Layer(ctypes.Structure):
     _fields_ = ([(name, _ptr) for name in ("ln1_w", "ln1_b", "q", "k", "v", "o", "ln2_w", "ln2_b", "cq", "co",
                                           "ln3_w", "ln3_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "self_k",
                                           "self_v", "cross_k", "cross_v", "keep")]
-                + [(name, _i64) for name in ("R", "B", "H", "hd", "ffn", "max_len", "length", "S")]
+                + [(name, _i64) for name in ("R", "B", "H", "hd", "ffn", "max_len", "S")]
                 + [("bf16", _int), ("activation", _int), ("eps", ctypes.c_float)])
 
 
@@ -109,7 +109,7 @@ def library() -> ctypes.CDLL | None:
                                  _ptr, _i64, _ptr, _ptr, _int]
     lib.px_decoder_work.argtypes = [_i64, _i64, _i64, _i64, _i64, _i64, _int]
     lib.px_decoder_work.restype = _i64
-    lib.px_decoder_layer.argtypes = [ctypes.POINTER(_Layer), _ptr, _ptr, _int]
+    lib.px_decoder.argtypes = [ctypes.POINTER(_Layer), _int, _i64, _ptr, _ptr, _int]
     return lib
 
 
@@ -122,7 +122,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     xf = x.reshape(rows, in_features).to(torch.float32).contiguous()
-    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    bf = None if bias is None else bias.to(weight.dtype).contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     bf16 = weight.dtype == torch.bfloat16
     work = torch.empty(rows * in_features if bf16 else 0)
@@ -172,9 +172,9 @@ def _layer_tensors(layer) -> list[Tensor]:
 
 @dataclass
 class DecoderPlan:
-    """``px_decoder_layer``'s arguments for every layer of one decoder over one cache (all but the position)."""
+    """``px_decoder``'s arguments for one decoder over one cache (all but the position)."""
 
-    layers: list[_Layer]
+    layers: ctypes.Array           # of _Layer, one per decoder layer
     tensors: list[Tensor]       # what the pointers point into, kept alive with the plan
     rows: int
     d_model: int
@@ -211,9 +211,9 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
             return None
         tensors += own
         specs.append(_Layer(*(t.data_ptr() for t in own), None if keep is None else keep.data_ptr(), rows, B, H, hd,
-                            cfg.decoder_ffn_dim, cache.max_len, 0, S, int(dtype == torch.bfloat16),
+                            cfg.decoder_ffn_dim, cache.max_len, S, int(dtype == torch.bfloat16),
                             ACTIVATIONS[cfg.activation_function], cfg.layer_norm_eps))
-    return DecoderPlan(specs, tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
+    return DecoderPlan((_Layer * len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
 
 
 def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
@@ -227,8 +227,6 @@ def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
     state = x.reshape(plan.rows, plan.d_model).to(torch.float32, copy=True)
     work = torch.empty(lib.px_decoder_work(plan.rows, plan.d_model, plan.ffn, plan.inputs, plan.keys, cache.length,
                                            threads))
-    for spec in plan.layers:
-        spec.length = cache.length
-        if lib.px_decoder_layer(ctypes.byref(spec), state.data_ptr(), work.data_ptr(), threads):
-            raise RuntimeError("px_decoder_layer refused its arguments; decoder_plan should have caught this")
+    if lib.px_decoder(plan.layers, len(plan.layers), cache.length, state.data_ptr(), work.data_ptr(), threads):
+        raise RuntimeError("px_decoder refused its arguments; decoder_plan should have caught this")
     return state.to(x.dtype).view(x.shape)
