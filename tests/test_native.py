@@ -122,7 +122,7 @@ def test_linear_equals_f_linear(lib, dtype, rows, shape, threads):
 
 # ------------------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("G", [1, 2, 4, 5, 8])
+@pytest.mark.parametrize("G", [1, 2, 4, 5, 8, 11])
 @pytest.mark.parametrize("S", [1, 7, 8, 9, 300])
 @pytest.mark.parametrize("D", [64, 16, 8])
 def test_attention_equals_sdpa(lib, dtype, G, S, D):
