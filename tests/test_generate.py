@@ -251,6 +251,26 @@ def test_sampling_is_reproducible_and_respects_top_k_top_p(twin):
                 assert int(seq[t]) in allowed(logp[i, t - 1]), (options, i, t)
 
 
+def test_sampling_with_a_tiny_repetition_penalty_draws_a_seen_token(twin):
+    # fp32's smallest normal (the smallest penalty allowed) divides a seen token's logit above 4 into +inf (once NaN
+    # in the softmax). Clamped to the largest float, the seen tokens with positive logits hold all the probability:
+    # every draw must be one of them.
+    _, ours, ids, mask = twin
+    seqs = ours.generate(ids[:1], attention_mask=mask[:1], do_sample=True, seed=0, top_k=0, max_new_tokens=4,
+                         min_new_tokens=4, repetition_penalty=torch.finfo(torch.float32).tiny,
+                         forced_eos_token_id=None)
+    assert seqs.shape == (1, 5)
+    with torch.no_grad():
+        logits = ours(input_ids=ids[:1], attention_mask=mask[:1], decoder_input_ids=seqs[:, :-1]).logits[0]
+    checked = 0
+    for t in range(1, 5):
+        boosted = {int(tok) for tok in seqs[0, :t] if logits[t - 1, tok] > 0}
+        if boosted:
+            assert int(seqs[0, t]) in boosted, t
+            checked += 1
+    assert checked, "no step had a seen token with a positive logit; pick another seed"
+
+
 def _top_k_allowed(k):
     return lambda logp: set(logp.topk(k).indices.tolist())
 
@@ -322,6 +342,7 @@ BAD = {
     "bad words shape": dict(bad_words_ids=[5, 6]),
     "bad words id": dict(bad_words_ids=[[10 ** 6]]),
     "repetition 0": dict(repetition_penalty=0.0),
+    "repetition 0 in fp32": dict(repetition_penalty=1e-69),
     "seed and generator": dict(do_sample=True, seed=1, generator=torch.Generator()),
     "streamer with beams": dict(num_beams=2, streamer=print),
     "eos out of vocab": dict(eos_token_id=-1),

@@ -128,8 +128,9 @@ def resolve_options(model, options: dict[str, Any], device: torch.device) -> Opt
         raise GenerationError(f"temperature must be >= {MIN_TEMPERATURE}, got {temperature}; for deterministic "
                               "output use do_sample=False")
     repetition = _float("repetition_penalty", value["repetition_penalty"])
-    if repetition <= 0.0:
-        raise GenerationError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition}")
+    if repetition < torch.finfo(torch.float32).tiny:       # smaller rounds to 0 in fp32: 0/0 = NaN scores
+        raise GenerationError(f"repetition_penalty must be > 0 (1.0 = off) and at least "
+                              f"{torch.finfo(torch.float32).tiny:.3g} (fp32's smallest normal), got {repetition}")
     gnmt = None if value["gnmt_alpha"] is None else _float("gnmt_alpha", value["gnmt_alpha"])
     eos = _token_ids("eos_token_id", value["eos_token_id"], vocab)
     forced = () if value["forced_eos_token_id"] is None else _token_ids("forced_eos_token_id",

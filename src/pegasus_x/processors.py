@@ -51,7 +51,10 @@ def build_processors(opts: Options, encoder_ids: Tensor) -> list[Processor]:
 def _repetition(penalty: float) -> Processor:
     def apply(s: Tensor, hist: Tensor, _: Tensor) -> Tensor:
         seen = s.gather(1, hist)    # every earlier token (start token included) is penalised once
-        return s.scatter(1, hist, torch.where(seen < 0, seen * penalty, seen / penalty))
+        # A tiny penalty overflows seen / penalty to +inf, which softmax turns into NaN for sampling: clamp to
+        # the largest finite value (argmax is unchanged; -inf bans stay).
+        boosted = (seen / penalty).clamp(max=torch.finfo(s.dtype).max)
+        return s.scatter(1, hist, torch.where(seen < 0, seen * penalty, boosted))
     return apply
 
 
