@@ -274,9 +274,9 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
     done = torch.zeros(batch * group, dtype=torch.bool, device=dev)
     stream = _Streamer(opts.streamer, out.shape[0], opts.pad, seqs[:, :1])
     cur, every = 1, _sync_every(dev)
-    tokens = seqs[:, :1]
+    tokens, row_inputs = seqs[:, :1], inputs.repeat_interleave(group)
     while True:
-        scores = process(procs, step(tokens), seqs[:, :cur], inputs.repeat_interleave(group))
+        scores = process(procs, step(tokens), seqs[:, :cur], row_inputs)
         if opts.do_sample:
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=opts.generator).squeeze(1)
         else:
@@ -288,7 +288,7 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
         cur += 1
         if cur == L:
             break
-        if cur % every == 0:
+        if cur % every == 0 and bool(done.any()):                        # (one check while nothing has ended)
             alive = ~done.view(-1, group).all(1)                         # inputs with an unfinished row
             if not bool(alive.any()):
                 break
@@ -297,6 +297,7 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
                 keep = alive.nonzero().squeeze(1)
                 cache.keep_inputs(keep)
                 inputs, kept_rows = inputs[keep], (keep[:, None] * group + torch.arange(group, device=dev)).flatten()
+                row_inputs = inputs.repeat_interleave(group)
                 rows, seqs, done, nxt = rows[kept_rows], seqs[kept_rows], done[kept_rows], nxt[kept_rows]
         tokens = nxt[:, None]
     out[rows] = seqs
