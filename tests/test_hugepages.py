@@ -43,6 +43,16 @@ def test_arena_hands_out_aligned_consecutive_tensors():
         arena.empty((1,), torch.float32)
 
 
+def test_arena_works_where_huge_pages_cannot_be_advised(monkeypatch, tmp_path):
+    monkeypatch.setattr(hugepages, "supported", lambda: False)
+    arena = hugepages.Arena(hugepages.nbytes((4, 4), torch.float32))
+    t = arena.take(torch.eye(4))
+    assert torch.equal(t, torch.eye(4)) and t.data_ptr() % hugepages.PAGE == 0
+    saved = _saved(tmp_path)                                           # loading takes the plain path
+    model = PegasusXForConditionalGeneration.from_pretrained(tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), saved.parameters()))
+
+
 def test_tensors_keep_their_block_alive():
     t = hugepages.Arena(1 << 22).empty((1 << 20,), torch.float32)
     gc.collect()                                                       # the arena object itself is gone

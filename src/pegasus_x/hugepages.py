@@ -30,17 +30,20 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 class Arena:
-    """One block of ``size`` bytes advised for huge pages; :meth:`take` hands out consecutive tensors.
+    """One block of ``size`` bytes advised for huge pages; :meth:`empty` and :meth:`take` hand out consecutive tensors.
 
     The block is an anonymous mapping that the tensors keep alive (``torch.frombuffer`` holds a reference), so it
-    is unmapped when the last of them goes. Pages are only touched, and so only counted, when written.
+    is unmapped when the last of them goes. Pages are only touched, and so only counted, when written. Where huge
+    pages cannot be advised the block is an ordinary tensor.
     """
 
     def __init__(self, size: int):
-        self._map = mmap.mmap(-1, size + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if supported():
+            self._map = mmap.mmap(-1, size + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self._map.madvise(mmap.MADV_HUGEPAGE)
-        raw = torch.frombuffer(self._map, dtype=torch.uint8)
+            raw = torch.frombuffer(self._map, dtype=torch.uint8)
+        else:                                              # ordinary pages, same interface
+            raw = torch.empty(size + PAGE, dtype=torch.uint8)
         start = -raw.data_ptr() % PAGE                     # huge pages need a 2 MB-aligned start
         self._block = raw[start:start + size]
         self._used = 0
