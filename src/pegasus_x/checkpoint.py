@@ -29,11 +29,11 @@ SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 GENERATION_CONFIG = "generation_config.json"
 # The tied trio: all three are the shared embedding; files may store any subset of them.
-# Where read_tensors may put a tensor: (file name, shape) → its final tensor, or None for a fresh one.
-Destination = Callable[[str, tuple[int, ...]], "Tensor | None"]
 TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+# Where read_tensors may put a tensor: (file name, shape) → its final tensor, or None for a fresh one.
+Destination = Callable[[str, tuple[int, ...]], "Tensor | None"]
 
 
 # ---------------------------------------------------------------------------------------------------- writing

@@ -221,7 +221,7 @@ static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, con
 }
 
 /* x: fp32 (rows, in); bias: W's dtype or NULL; y: fp32 (rows, out); work: rows · in floats (used for bf16 W). */
-int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows, const float *bias,
+int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows, const void *bias,
               float *y, float *work, int threads) {
     if (rows < 1 || rows > MAX_ROWS) return 1;
     if (is_bf16)
@@ -497,56 +497,54 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
     attn_args cross = {q, a, G * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
                        L->S * hd, bf16, L->keep, L->S, L->B, H, G, L->S, hd};
 
-    {
-        /* Self-attention over the cache, this position included. */
+    /* Self-attention over the cache, this position included. */
 #pragma omp single
-        add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-        linear_part(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
-        linear_part(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
-        linear_part(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
+    add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
+    linear_part(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_part(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
+    linear_part(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
 #pragma omp barrier
 #pragma omp single
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t hh = 0; hh < H; hh++) {
-                int64_t at = ((r * H + hh) * L->max_len + length) * hd;
-                for (int64_t d = 0; d < hd; d++) {
-                    float kk = k[r * D + hh * hd + d], vv = v[r * D + hh * hd + d];
-                    if (bf16) {
-                        ((uint16_t *)L->self_k)[at + d] = f32_to_bf16(kk);
-                        ((uint16_t *)L->self_v)[at + d] = f32_to_bf16(vv);
-                    } else {
-                        ((float *)L->self_k)[at + d] = kk;
-                        ((float *)L->self_v)[at + d] = vv;
-                    }
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t hh = 0; hh < H; hh++) {
+            int64_t at = ((r * H + hh) * L->max_len + length) * hd;
+            for (int64_t d = 0; d < hd; d++) {
+                float kk = k[r * D + hh * hd + d], vv = v[r * D + hh * hd + d];
+                if (bf16) {
+                    ((uint16_t *)L->self_k)[at + d] = f32_to_bf16(kk);
+                    ((uint16_t *)L->self_v)[at + d] = f32_to_bf16(vv);
+                } else {
+                    ((float *)L->self_k)[at + d] = kk;
+                    ((float *)L->self_v)[at + d] = vv;
                 }
             }
-        attend_project(&self, scratch, L->o, bf16, xs, h, t, n);
-
-        /* Cross-attention: the G rows of input b share its keys and values. */
-#pragma omp single
-        add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-        linear_part(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
-#pragma omp barrier
-        attend_project(&cross, scratch, L->co, bf16, xs, h, t, n);
-
-        /* Feed-forward. Each thread activates (and splits, into fs: xs is still being read) the part of the hidden
-         * layer it computed, so only one barrier separates the two products. */
-#pragma omp single
-        add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-        linear_part(L->fc1_w, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
-        {
-            int64_t o0, o1;
-            share(F, t, n, &o0, &o1);
-            for (int64_t r = 0; r < R; r++)
-                for (int64_t o = o0; o < o1; o++) f[r * F + o] = activate(f[r * F + o], L->activation);
-            if (bf16) split_range(f, rows, F, o0, o1, fs);
         }
+    attend_project(&self, scratch, L->o, bf16, xs, h, t, n);
+
+    /* Cross-attention: the G rows of input b share its keys and values. */
+#pragma omp single
+    add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
+    linear_part(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
 #pragma omp barrier
-        linear_part(L->fc2_w, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
+    attend_project(&cross, scratch, L->co, bf16, xs, h, t, n);
+
+    /* Feed-forward. Each thread activates (and splits, into fs: xs is still being read) the part of the hidden
+     * layer it computed, so only one barrier separates the two products. */
+#pragma omp single
+    add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
+    linear_part(L->fc1_w, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
+    {
+        int64_t o0, o1;
+        share(F, t, n, &o0, &o1);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t o = o0; o < o1; o++) f[r * F + o] = activate(f[r * F + o], L->activation);
+        if (bf16) split_range(f, rows, F, o0, o1, fs);
+    }
+#pragma omp barrier
+    linear_part(L->fc2_w, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
 #pragma omp barrier
 #pragma omp single
-        for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
-    }
+    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
 }
 
 /* Every layer of a decoder (`count` of them, in order) for one new position `length`, in place on x (R, D) fp32,
