@@ -33,7 +33,7 @@ def _mapping(ptr: int) -> tuple[int, int, set[str]]:
 def test_arena_hands_out_aligned_consecutive_tensors():
     arena = hugepages.Arena(hugepages.nbytes((3, 5), torch.float32) + hugepages.nbytes((7,), torch.bfloat16))
     a = arena.empty((3, 5), torch.float32)
-    b = arena.take(torch.arange(7.0), torch.bfloat16)
+    b = arena.empty((7,), torch.bfloat16).copy_(torch.arange(7.0))
     assert a.shape == (3, 5) and a.dtype == torch.float32 and a.is_contiguous()
     assert b.dtype == torch.bfloat16 and torch.equal(b, torch.arange(7.0).to(torch.bfloat16))
     assert a.data_ptr() % hugepages.PAGE == 0                          # the block starts on a huge page
@@ -46,7 +46,7 @@ def test_arena_hands_out_aligned_consecutive_tensors():
 def test_arena_works_where_huge_pages_cannot_be_advised(monkeypatch, tmp_path):
     monkeypatch.setattr(hugepages, "supported", lambda: False)
     arena = hugepages.Arena(hugepages.nbytes((4, 4), torch.float32))
-    t = arena.take(torch.eye(4))
+    t = arena.empty((4, 4), torch.float32).copy_(torch.eye(4))
     assert torch.equal(t, torch.eye(4)) and t.data_ptr() % hugepages.PAGE == 0
     saved = _saved(tmp_path)                                           # loading takes the plain path
     model = PegasusXForConditionalGeneration.from_pretrained(tmp_path)
