@@ -48,11 +48,19 @@ class DecoderCache:
     def reorder(self, rows: Tensor) -> None:
         """Keep decoder rows ``rows`` (beam search): row i of the new cache is old row ``rows[i]``.
 
-        Only the filled part is copied; the cross-attention cache is untouched by design.
+        Only the filled part is copied; the cross-attention cache is untouched by design. On the CPU only the rows
+        that take another row's place are copied (most beams usually extend their own hypothesis); on an
+        accelerator finding them would stall the queue, so every row is.
         """
         n = self.length
+        dst: Tensor | slice = slice(None)
+        if rows.device.type == "cpu":
+            dst = (rows != torch.arange(rows.numel())).nonzero().squeeze(1)
+            if dst.numel() == 0:
+                return
+            rows = rows[dst]
         for buf in (*self.self_k, *self.self_v):
-            buf[:, :, :n] = buf[:, :, :n].index_select(0, rows)
+            buf[dst, :, :n] = buf[rows, :, :n]              # the right side is a copy: overlaps are safe
 
     def keep_inputs(self, inputs: Tensor) -> None:
         """Keep only inputs ``inputs`` (sorted indices into the B inputs) and their decoder rows.
