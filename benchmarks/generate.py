@@ -13,8 +13,9 @@ the decoder (one call per decoder step in both implementations); the first call 
 
 The floor: bytes of decoder + LM-head weights read per decode step ÷ measured memory bandwidth (the best of a large
 ``sum``, a large matrix-vector product, and half a large copy's traffic, measured right before and right after our
-run of that row: the bandwidth of a shared machine drifts, and the floor must describe the same minutes). Also printed: the stricter floor that
-adds the cross-attention K/V cache (read every step, once per input) and drops the cross k/v projections (used once).
+run of that row: the bandwidth of a shared machine drifts, and the floor must describe the same minutes). Also
+printed: the stricter floor that adds the cross-attention K/V cache (read every step, once per input) and drops the
+cross k/v projections (used once).
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def _format(row: dict) -> str:
 
     speed = f"{r['wall_s'] / o['wall_s']:.1f}×" if o and r else "-"
     ratio = f"{o[mem] / r[mem]:.2f}" if o and r else "-"
-    times = (f"{num(o, 'ms_per_step', '.1f'):>12} {num(r, 'ms_per_step', '.1f'):>11} | {row['bandwidth_gbs']:5.1f} {row['floor_ms']:8.1f} "
+    times = (f"{num(o, 'ms_per_step', '.1f'):>12} {num(r, 'ms_per_step', '.1f'):>11} | "
+             f"{row['bandwidth_gbs']:5.1f} {row['floor_ms']:8.1f} "
              + (f"{o['ms_per_step'] / row['floor_ms']:6.2f} {row['strict_floor_ms']:12.1f} "
                 f"{o['ms_per_step'] / row['strict_floor_ms']:7.2f}" if o else ""))
     return (f"{row['length']:>6} {row['mode']:>6} {row['dtype']:>5} | {num(o, 'wall_s', '.1f'):>7} "
