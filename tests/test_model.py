@@ -169,3 +169,44 @@ def test_chunked_ffn_at_inference_equals_one_pass(tmp_path, monkeypatch):
     with torch.no_grad():
         chunked = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def _saved_activation_bytes(model, ids, labels) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward after one training forward.
+
+    Inside a checkpointed layer torch's own hooks take over (nothing is kept, it is recomputed), so this counts
+    what lives across layers: the checkpointed layers' inputs and anything computed outside them.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()    # saved tensors stay alive: addresses are not reused
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=labels).loss
+    assert loss.requires_grad
+    return sum(kept.values())
+
+
+def test_checkpointed_decoder_keeps_no_cross_keys_per_layer():
+    # Issue #16: the cross-attention keys/values of every decoder layer used to be projected before the layer loop,
+    # outside checkpointing, so training memory grew by 2·S·D per decoder layer. Projected inside each layer they
+    # are recomputed in the backward pass: a layer then keeps only its (R, T_dec, D) input.
+    B, S, T_dec, D = 1, 256, 4, 32
+    ids = torch.randint(2, 96, (B, S), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(2, 96, (B, T_dec), generator=torch.Generator().manual_seed(1))
+    saved = {}
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        model = PegasusXForConditionalGeneration(
+            PegasusXConfig(**tiny_kwargs(encoder_layers=1, decoder_layers=layers))).train()
+        model.gradient_checkpointing_enable()
+        saved[layers] = _saved_activation_bytes(model, ids, labels)
+    cross_kv_per_layer = 2 * B * S * D * 4                   # keys + values, fp32
+    per_layer = (saved[6] - saved[2]) / 4
+    assert saved[2] > cross_kv_per_layer / 2, saved          # the count sees the encoder's activations at least
+    assert per_layer <= 0.05 * cross_kv_per_layer, (per_layer, cross_kv_per_layer, saved)

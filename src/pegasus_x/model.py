@@ -187,12 +187,21 @@ class PegasusXDecoderLayer(nn.Module):
         self.activation = _ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
-    def forward(self, x: Tensor, self_keep: Tensor | None, cross_k: Tensor, cross_v: Tensor,
-                cross_keep: Tensor, cache: DecoderCache | None, index: int) -> Tensor:
+    def forward(self, x: Tensor, self_keep: Tensor | None, encoder_states: Tensor | None,
+                cross_keep: Tensor | None, cache: DecoderCache | None, index: int) -> Tensor:
+        """x ``(R, T, D)`` → ``(R, T, D)``; this is layer ``index`` of the decoder.
+
+        The cross-attention keys/values come from ``cache`` when there is one (generation: projected once per input
+        and shared by its beams), else they are projected here from ``encoder_states`` ``(B, S, D)``. Inside the
+        layer, gradient checkpointing recomputes them in the backward pass instead of keeping every layer's.
+        """
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.project_kv(h)
         if cache is not None:
             k, v = cache.update(index, k, v)
+            cross_k, cross_v = cache.cross_k[index], cache.cross_v[index]
+        else:
+            cross_k, cross_v = self.encoder_attn.project_kv(encoder_states)
         x = x + F.dropout(self.self_attn(h, k, v, self_keep), self.dropout, self.training)
         h = self.encoder_attn_layer_norm(x)
         x = x + F.dropout(self.encoder_attn(h, cross_k, cross_v, cross_keep), self.dropout, self.training)
@@ -259,7 +268,8 @@ class PegasusXDecoder(nn.Module):
 
         Args:
             input_ids: ``(R, T)`` decoder tokens (R = rows; with a cache, the new tokens only).
-            encoder_states: ``(B, S, D)``; unused when ``cache`` holds the cross-attention keys.
+            encoder_states: ``(B, S, D)``; each layer projects its cross-attention keys/values from it. Unused
+                with a cache, which holds them.
             encoder_keep: ``(B, S)`` bool; unused with a cache.
             keep: ``(R, T)`` bool decoder padding mask (training only), or None.
             cache: incremental-decoding cache; positions continue from ``cache.length``.
@@ -283,12 +293,7 @@ class PegasusXDecoder(nn.Module):
             self_keep = (j[None, :] <= j[start:, None])[None, None]                    # (1, 1, T, start+T)
             if keep is not None:
                 self_keep = self_keep & keep[:, None, None, :]
-        if cache is not None:
-            cross = list(zip(cache.cross_k, cache.cross_v))
-            cross_keep = cache.encoder_keep
-        else:
-            cross = [layer.encoder_attn.project_kv(encoder_states) for layer in self.layers]
-            cross_keep = encoder_keep[:, None, None, :]
+        cross_keep = cache.encoder_keep if cache is not None else encoder_keep[:, None, None, :]
         plan = None
         if (cache is not None and T == 1 and keep is None and not self.training and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and cache.length < cache.max_len and native.library() is not None):
@@ -303,7 +308,7 @@ class PegasusXDecoder(nn.Module):
             for i, layer in enumerate(self.layers):
                 if self.training and cfg.decoder_layerdrop > 0 and torch.rand(()) < cfg.decoder_layerdrop:
                     continue
-                args = (x, self_keep, cross[i][0], cross[i][1], cross_keep, cache, i)
+                args = (x, self_keep, encoder_states, cross_keep, cache, i)
                 if self.gradient_checkpointing and self.training and cache is None:
                     x = checkpoint(layer, *args, use_reentrant=False)
                 else:

@@ -165,9 +165,8 @@ class Trainer:
         if self.options.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            # Encoder layers are FSDP units of their own. The decoder stays in the root unit: it projects the
-            # cross-attention keys/values of all its layers before the layer loop, outside their forward hooks.
-            for layer in self.model.model.encoder.layers:
+            # Every layer is an FSDP unit of its own: its parameters are gathered only while it runs.
+            for layer in (*self.model.model.encoder.layers, *self.model.model.decoder.layers):
                 fully_shard(layer)
             fully_shard(self.model)
             return self.model
