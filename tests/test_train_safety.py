@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration
 from pegasus_x import trainer as trainer_module
 from pegasus_x.cli import main
-from pegasus_x.errors import ConfigError
+from pegasus_x.errors import ConfigError, DataError
 from pegasus_x.tokenizer import PegasusTokenizer
 from pegasus_x.train import TrainOptions, Trainer, latest_checkpoint, train
 from pegasus_x.train_options import MAX_STEPS
@@ -115,6 +115,15 @@ def test_a_foreign_checkpoint_is_neither_resumed_nor_deleted(corpus, tmp_path):
     assert (copied / "model.safetensors").is_file()
 
 
+def test_temporary_files_of_a_killed_write_do_not_block_the_next_run(corpus, tmp_path):
+    out = tmp_path / "out"
+    train(options(corpus, out))
+    leftover = out / ".metrics.jsonl.k1ll3d.tmp"          # what atomic_write_bytes leaves when killed mid-write
+    leftover.write_text("half")
+    assert train(options(corpus, out, resume=True)).step == 2
+    assert not leftover.exists()
+
+
 # ---------------------------------------------------------------------------------------------------- item 14
 def test_an_output_dir_that_is_a_file_or_unwritable_fails_before_any_work(corpus, tmp_path):
     afile = tmp_path / "afile"
@@ -149,7 +158,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match="another training run is writing to"):
         Trainer(options(corpus, out))
     held.close()
-    with pytest.raises(Exception, match="does not exist"):           # fails after taking the lock …
+    with pytest.raises(DataError, match="does not exist"):           # fails after taking the lock …
         Trainer(options(corpus, out, train=str(tmp_path / "missing.jsonl")))
     open_output_folder(out, "tiny").close()                           # … and released it
 

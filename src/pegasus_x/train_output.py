@@ -32,6 +32,8 @@ TENSORBOARD = "tensorboard"
 # saves, so both are reserved.
 FINAL_FILES = (CONFIG_NAME, SAFE_WEIGHTS, GENERATION_CONFIG, SPM_FILE, TOKENIZER_FILE, CONFIG_FILE, SPECIAL_MAP_FILE)
 STAGING = re.compile(r"^\.(checkpoint-\d+|final)\.tmp$")
+# Temporary files of atomic_write_bytes for the files a run writes directly into the folder, left by a killed run.
+_LEFTOVER = re.compile(rf"^\.({re.escape(MANIFEST)}|{re.escape(METRICS_LOG)})\..+\.tmp$")
 
 
 def run_writes(name: str) -> bool:
@@ -150,6 +152,9 @@ def open_output_folder(path: str | Path, model: str, overwrite: bool = False) ->
                           "choose another --output-dir") from None
     try:
         owned = owned_entries(path)
+        for name in os.listdir(path) if owned else ():      # only where a run of ours wrote before
+            if _LEFTOVER.match(name):
+                (path / name).unlink(missing_ok=True)
         present = set(os.listdir(path))
         foreign = sorted(present - owned - {MANIFEST, LOCK})
         if foreign and not overwrite:

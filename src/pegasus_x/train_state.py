@@ -61,7 +61,11 @@ def write_manifest(output_dir: str | Path, names: set[str]) -> None:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete ``checkpoint-{step}`` folder a run of ours wrote with the highest step, or None."""
+    """The complete ``checkpoint-{step}`` folder a run of ours wrote with the highest step, or None.
+
+    Raises:
+        CheckpointError: the folder's manifest is damaged.
+    """
     folder = Path(output_dir)
     owned = owned_entries(folder)
     found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*")
@@ -160,7 +164,8 @@ def set_generation_config(model: PegasusXForConditionalGeneration, max_target_le
             warnings.simplefilter("ignore")          # the length cap warning is for generate's callers
             resolve_options(model, {}, torch.device("cpu"))
     except GenerationError as exc:
-        raise ConfigError(f"the generation config to save is invalid: {exc}; fix --generation-config") from None
+        raise ConfigError(f"the generation_config.json this run would save is invalid: {exc}; set the value with "
+                          "--generation-config KEY=VALUE") from None
 
 
 def _default_generation(config: PegasusXConfig, max_target_length: int) -> dict[str, Any]:

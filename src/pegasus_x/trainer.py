@@ -78,6 +78,9 @@ class TrainResult:
 class Trainer:
     """Sets a run up (process group, data, model, optimizer, resume) and runs it with :meth:`train`.
 
+    Construction checks and locks the output folder (:func:`pegasus_x.train_output.open_output_folder`); the
+    lock is held until :meth:`train` returns or raises, or until construction fails.
+
     Example::
 
         result = Trainer(TrainOptions(model="tiny", train="train.jsonl", output_dir="out", max_steps=100)).train()
