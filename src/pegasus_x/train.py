@@ -3,7 +3,8 @@
 This module is the entry point: :func:`train` and the ``train`` / ``evaluate`` subcommands. The parts live in
 :mod:`pegasus_x.train_options` (what a run is asked to do), :mod:`pegasus_x.trainer` (the loop: what a step is,
 evaluation, saving), :mod:`pegasus_x.optim` (optimizer and learning-rate schedule) and
-:mod:`pegasus_x.train_state` (the checkpoint folders and their trainer state files).
+:mod:`pegasus_x.train_state` (the checkpoint folders and their trainer state files) and :mod:`pegasus_x.train_output`
+(what a run may write into its output folder, the lock on it, the metrics log).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from .metrics import GenerationOptions, evaluate
 from .model import PegasusXForConditionalGeneration
 from .optim import lr_at
 from .train_options import DEFAULT_BATCH_SIZE, METRICS, OPTIMIZERS, PRESETS, SCHEDULES, TrainOptions
-from .train_state import CHECKPOINT, STATE_JSON, STATE_PT, latest_checkpoint
-from .trainer import (METRICS_LOG, Trainer, TrainResult, label_smoothed_loss, load_model_and_tokenizer, resolve_device,
-                      token_loss)
+from .train_output import METRICS_LOG
+from .train_state import CHECKPOINT, STATE_JSON, STATE_PT, latest_checkpoint, load_model_and_tokenizer
+from .trainer import Trainer, TrainResult, label_smoothed_loss, resolve_device, token_loss
 
 # Re-exported: callers import the training API from here, whichever module now defines it.
 __all__ = ["CHECKPOINT", "DEFAULT_BATCH_SIZE", "METRICS", "METRICS_LOG", "OPTIMIZERS", "PRESETS", "SCHEDULES",
@@ -78,7 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="keep the K best checkpoints by --metric (plus the latest)")
     p.add_argument("--metric", choices=METRICS, default=d["metric"], help="validation metric ranking checkpoints")
     p.add_argument("--task", choices=("summarization", "translation"), default=d["task"])
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --output-dir (with the same options)")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="write into a folder that holds other files (never over them, never deleting them)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP under torchrun (default DDP)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--save-dtype", choices=("fp32", "bf16"), default=d["save_dtype"],
@@ -146,6 +150,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``pegasus-x evaluate``: print the metrics as JSON on stdout."""
     from .tokenizer import PegasusTokenizer
 
+    for name in ("batch_size", "max_source_length"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     device = resolve_device(args.device)
     model = PegasusXForConditionalGeneration.from_pretrained(args.model, device=device)
     tokenizer = PegasusTokenizer.from_pretrained(args.tokenizer or args.model)

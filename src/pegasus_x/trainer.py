@@ -4,7 +4,9 @@ A *step* is one optimizer update over ``grad_accum`` global batches. Every rank 
 plan (see :mod:`pegasus_x.data`) and takes its shard of each global batch; the loss of a step is the sum
 of token losses divided by the number of target tokens in the whole step, so a step is the same update
 whatever the world size. Checkpoints (:mod:`pegasus_x.train_state`) hold the optimizer, RNG and data position,
-so a resumed run continues exactly.
+so a resumed run continues exactly; they also record the options that exactness depends on, and a resume that
+changes one is refused. Files go only where :mod:`pegasus_x.train_output` allows (never over another tool's), and
+a step whose loss or gradient is not finite stops the run before it changes the model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,14 +30,15 @@ from torch import Tensor
 
 from .config import PegasusXConfig
 from .data import BatchStream, DataPosition, collate, load_pairs, plan_batches, shard, tokenize_pairs
-from .errors import ConfigError
+from .errors import ConfigError, PegasusXError
 from .metrics import GenerationOptions, evaluate
-from .model import IGNORE_INDEX, PegasusXForConditionalGeneration, shift_tokens_right
+from .model import IGNORE_INDEX, shift_tokens_right
 from .optim import build_optimizer, lr_at
-from .train_options import DEFAULT_BATCH_SIZE, METRICS, PRESETS, TrainOptions
-from .train_state import STATE_JSON, STATE_PT, latest_checkpoint, rng_state, set_rng_state, write_model
-
-METRICS_LOG = "metrics.jsonl"
+from .train_options import (DEFAULT_BATCH_SIZE, METRICS, TrainOptions, changed_options, check_step_count,
+                            resume_key)
+from .train_output import STAGING, TENSORBOARD, OutputFolder, json_safe, metrics_line, open_output_folder
+from .train_state import (STATE_JSON, STATE_PT, latest_checkpoint, load_model_and_tokenizer, rng_state,
+                          set_generation_config, set_rng_state, write_model)
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -61,34 +63,6 @@ def token_loss(model: torch.nn.Module, batch: dict[str, Tensor], config: Pegasus
     return label_smoothed_loss(out.logits, batch["labels"], smoothing)
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-def load_model_and_tokenizer(spec: str, tokenizer: str | None = None, overrides: dict[str, Any] | None = None,
-                             seed: int = 0) -> tuple[PegasusXForConditionalGeneration, Any]:
-    """A model to train and its tokenizer.
-
-    Args:
-        spec: checkpoint folder, hub id, or preset name (random init; vocab_size follows the tokenizer).
-        tokenizer: tokenizer folder; default: the checkpoint's own, or the shipped PEGASUS vocabulary for presets.
-        overrides: config fields changed on a preset.
-        seed: seed of the random initialisation.
-    Raises:
-        ConfigError / CheckpointError / TokenizerError: bad preset overrides or unreadable files.
-    """
-    from .tokenizer import PegasusTokenizer
-
-    if spec in PRESETS:
-        tok = PegasusTokenizer.from_pretrained(tokenizer) if tokenizer else PegasusTokenizer.pegasus()
-        try:
-            config = PRESETS[spec](**{"vocab_size": tok.vocab_size, **(overrides or {})})
-        except TypeError as exc:
-            raise ConfigError(f"bad config override: {exc}") from None
-        torch.manual_seed(seed)
-        return PegasusXForConditionalGeneration(config), tok
-    model = PegasusXForConditionalGeneration.from_pretrained(spec, dtype=torch.float32)
-    return model, PegasusTokenizer.from_pretrained(tokenizer or spec)
-
-
-
 # ---------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainResult:
@@ -104,18 +78,31 @@ class TrainResult:
 class Trainer:
     """Sets a run up (process group, data, model, optimizer, resume) and runs it with :meth:`train`.
 
+    Construction checks and locks the output folder (:func:`pegasus_x.train_output.open_output_folder`); the
+    lock is held until :meth:`train` returns or raises, or until construction fails.
+
     Example::
 
         result = Trainer(TrainOptions(model="tiny", train="train.jsonl", output_dir="out", max_steps=100)).train()
     """
 
     def __init__(self, options: TrainOptions):
-        self.options = o = options
-        self.output_dir = Path(o.output_dir)
+        self.options = options
+        self.output_dir = Path(options.output_dir).expanduser()
         self._owns_group = _init_distributed()
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.output: OutputFolder | None = None
+        try:
+            self._setup()
+        except BaseException:
+            self._release()
+            raise
+
+    def _setup(self) -> None:
+        o = self.options
         self.device = resolve_device(o.device)
+        self.output = self._open_output()
         random.seed(o.seed)
         np.random.seed(o.seed)
         resume_from = self._resume_folder()
@@ -125,8 +112,7 @@ class Trainer:
         model, self.tokenizer = load_model_and_tokenizer(str(resume_from or o.model), o.tokenizer if not
                                                          resume_from else None, o.config_overrides, o.seed)
         self.config = model.config
-        model.generation_config = {**_default_generation(self.config, o.max_target_length),
-                                   **model.generation_config, **o.generation_config}
+        set_generation_config(model, o.max_target_length, o.generation_config)
         if o.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.model = model.to(self.device).train()
@@ -139,6 +125,7 @@ class Trainer:
         self.stream = BatchStream(self.train_pairs, seed=o.seed, **limits)
         self.limits = limits
         self.max_steps = o.max_steps or math.ceil(o.epochs * len(self.stream.plan(0)) / o.grad_accum)
+        check_step_count(self.max_steps, f"epochs={o.epochs}")
         self.wrapped = self._wrap()
         self.optimizer = build_optimizer(self.model, o.optimizer, o.learning_rate, o.weight_decay)
         self.step, self.checkpoints, self.eval_metrics = 0, [], {}
@@ -148,11 +135,46 @@ class Trainer:
         self._log_file = self._tensorboard = None
 
     # ------------------------------------------------------------------------------------------ setup helpers
+    def _open_output(self) -> OutputFolder | None:
+        """Rank 0 checks and locks the output folder; every rank raises if that failed (none waits forever)."""
+        folder, failure = None, None
+        if self.rank == 0:
+            try:
+                folder = open_output_folder(self.output_dir, self.options.model, self.options.overwrite_output_dir)
+            except PegasusXError as exc:
+                failure = exc
+        if self.world_size > 1:
+            box = [None if failure is None else str(failure)]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and failure is None:
+                raise ConfigError(box[0])
+        if failure is not None:
+            raise failure
+        return folder
+
+    def _release(self) -> None:
+        """Unlock the output folder and leave the process group this trainer created."""
+        if self.output is not None:
+            self.output.close()
+            self.output = None
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
     def _resume_folder(self) -> Path | None:
         found = latest_checkpoint(self.output_dir)
         if self.options.resume:
             if found is None:
                 self._say(f"no checkpoint in {self.output_dir}: starting from scratch")
+                return None
+            stored = json.loads((found / STATE_JSON).read_text()).get("resume_key")
+            if stored is None:
+                raise ConfigError(f"{found} does not record the options of its run, so an exact resume cannot be "
+                                  "checked; continue from it with --model in a new --output-dir")
+            changes = changed_options(stored, resume_key(self.options))
+            if changes:
+                raise ConfigError(f"--resume: options differ from the run being resumed: {'; '.join(changes)}. "
+                                  "Resume with the same options or start a new --output-dir")
             return found
         if found is not None:
             raise ConfigError(f"{self.output_dir} already holds {found.name}; pass --resume to continue that run "
@@ -231,8 +253,7 @@ class Trainer:
         finally:
             bar.close()
             self._close_logs()
-            if self._owns_group:
-                dist.destroy_process_group()
+            self._release()
         return TrainResult(self.step, loss, self.eval_metrics, self.checkpoints, str(self.output_dir))
 
     def _train_step(self, batches: list[list[int]]) -> tuple[float, float | None, int]:
@@ -255,13 +276,24 @@ class Trainer:
                     loss_sum = token_loss(self.wrapped, inputs, self.config, o.label_smoothing)
                 (loss_sum * weight).backward()
             total += loss_sum.detach().double().cpu() * (1.0 if local else 0.0)
-        grad_norm = None
-        if o.clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        # The norm is needed even without clipping (max_norm inf scales by 1): a non-finite gradient is caught here.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip if o.clip > 0 else math.inf)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        loss = float(self._all_sum(total)) / tokens
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged(loss, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(self._all_sum(total)) / tokens, grad_norm, tokens
+        return loss, grad_norm, tokens
+
+    def _diverged(self, loss: float, grad_norm: float) -> None:
+        """Stop a run whose step is not finite, before that step changes the model (nothing of it is saved)."""
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise ConfigError(f"step {self.step + 1}: training diverged (loss {loss}, gradient norm {grad_norm}); the run "
+                          f"stopped without applying the step, and {kept}. Lower --learning-rate or set --clip "
+                          "(continuing from that checkpoint with --model in a new --output-dir), or check the data")
 
     @contextlib.contextmanager
     def _gradient_sync(self, sync: bool) -> Iterator[None]:
@@ -335,19 +367,22 @@ class Trainer:
             rng = [None] * self.world_size
             dist.all_gather_object(rng, rng_state())
         if self.rank == 0:
-            value = metrics.get(self.options.metric)
+            value = json_safe(metrics.get(self.options.metric))
             self.checkpoints.append({"step": self.step, "metric": value})
-            staging = self.output_dir / f".checkpoint-{self.step}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
+            name = f"checkpoint-{self.step}"
+            self.output.remove(f".{name}.tmp")
+            staging = self.output.claim(f".{name}.tmp")
             write_model(weights, self.config, self.model.generation_config, self.tokenizer, staging,
                         torch.float32)
             meta = {"step": self.step, "position": self.stream.position.to_dict(), "world_size": self.world_size,
-                    "eval_metrics": metrics, "checkpoints": self.checkpoints, "options": asdict(self.options)}
+                    "eval_metrics": metrics, "checkpoints": self.checkpoints, "options": asdict(self.options),
+                    "resume_key": resume_key(self.options)}
             torch.save({"optimizer": optim, "rng": rng}, staging / STATE_PT)
-            (staging / STATE_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            final = self.output_dir / f"checkpoint-{self.step}"
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)        # the folder appears complete or not at all
+            (staging / STATE_JSON).write_text(json.dumps(json_safe(meta), indent=2, allow_nan=False, default=str)
+                                              + "\n")
+            self.output.remove(name)
+            os.replace(staging, self.output.claim(name))    # the folder appears complete or not at all
+            self.output.remove(staging.name)                # gone already: only the manifest changes
             self._prune()
         if self.world_size > 1:
             dist.barrier()
@@ -363,7 +398,7 @@ class Trainer:
         keep = {c["step"] for c in ranked[:self.options.keep_best]} | {self.step}
         for c in list(self.checkpoints):
             if c["step"] not in keep:
-                shutil.rmtree(self.output_dir / f"checkpoint-{c['step']}", ignore_errors=True)
+                self.output.remove(f"checkpoint-{c['step']}")
                 self.checkpoints.remove(c)
 
     def _save_final(self) -> None:
@@ -372,13 +407,13 @@ class Trainer:
 
         weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            staging = self.output_dir / ".final.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
+            self.output.remove(".final.tmp")
+            staging = self.output.claim(".final.tmp")
             dtype = torch.bfloat16 if self.options.save_dtype == "bf16" else torch.float32
             write_model(weights, self.config, self.model.generation_config, self.tokenizer, staging, dtype)
             for file in staging.iterdir():
-                os.replace(file, self.output_dir / file.name)
-            staging.rmdir()
+                os.replace(file, self.output.claim(file.name))
+            self.output.remove(staging.name)
         if self.world_size > 1:
             dist.barrier()
 
@@ -386,20 +421,20 @@ class Trainer:
     def _open_logs(self) -> None:
         if self.rank != 0:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.output_dir.glob(".checkpoint-*.tmp"):   # left by a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        self._log_file = open(self.output_dir / METRICS_LOG, "a", encoding="utf-8")
+        for stale in sorted(self.output.owned):   # staging folders left by a run killed mid-save
+            if STAGING.match(stale):
+                self.output.remove(stale)
+        self._log_file = self.output.open_metrics_log(self.step)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:                       # TensorBoard is optional
             return
-        self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+        self._tensorboard = SummaryWriter(str(self.output.claim(TENSORBOARD)))
 
     def _record(self, entry: dict[str, Any]) -> None:
         if self._log_file is None:
             return
-        self._log_file.write(json.dumps(entry) + "\n")
+        self._log_file.write(metrics_line(entry))
         self._log_file.flush()
         if self._tensorboard is not None:
             for key, value in entry.items():
@@ -438,11 +473,3 @@ def resolve_device(requested: str | None) -> torch.device:
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _default_generation(config: PegasusXConfig, max_target_length: int) -> dict[str, Any]:
-    """generation_config.json of a model trained here, unless the checkpoint or the options say otherwise."""
-    return {"decoder_start_token_id": config.decoder_start_token_id, "eos_token_id": config.eos_token_id,
-            "pad_token_id": config.pad_token_id, "forced_eos_token_id": config.forced_eos_token_id,
-            "num_beams": 4, "length_penalty": 0.8, "max_new_tokens": max_target_length}
-
