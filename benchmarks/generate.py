@@ -3,7 +3,8 @@
     python benchmarks/generate.py                                  # full matrix (slow on 2 cores)
     python benchmarks/generate.py --lengths 1024 4096 --modes greedy beam4 --dtypes fp32
     python benchmarks/generate.py --lengths 16384 --modes beam4 --ours-only
-    PEGASUS_X_NATIVE=0 python benchmarks/generate.py --lengths 1024 --ours-only   # ours without the C kernels
+    CC=false python benchmarks/generate.py --lengths 1024 --ours-only             # ours without the C kernels
+    PEGASUS_X_NATIVE=0 python benchmarks/generate.py --lengths 1024 --ours-only   # ours on the torch reference path
 
 Random weights (``PegasusXConfig.base()``) are saved once in the Hugging Face layout; both implementations load that
 same folder (eval mode, dropout off). Every configuration runs in a fresh subprocess so peak RSS

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import tiny_kwargs
-from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, hugepages
+from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration
+from pegasus_x.native import hugepages
 from pegasus_x.cache import new_cache
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="huge pages are advised on Linux only")

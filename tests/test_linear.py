@@ -1,5 +1,5 @@
-"""The few-row CPU routes of pegasus_x.linear (native kernels, else bmm slabs): same numbers as F.linear, each taken
-exactly when it should be. The native kernels themselves are tested in test_native.py."""
+"""The few-row CPU routes of pegasus_x.native.linear (native kernels, else bmm slabs): same numbers as F.linear, each
+taken exactly when it should be. The native kernels themselves are tested in test_native.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pegasus_x.linear as lin
+import pegasus_x.native.linear as lin
 from conftest import random_batch, reference_twin
-from pegasus_x import native
+from pegasus_x.native import kernels, loader
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def threads():
 @pytest.fixture
 def no_native(monkeypatch):
     """As on a machine without a C compiler: the slab route is the few-row route."""
-    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(loader, "library", lambda: None)
 
 
 @pytest.fixture
@@ -111,16 +111,16 @@ def test_generation_through_slabs_matches_reference(no_native, tmp_path, threads
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    if native.library() is None:
+    if loader.library() is None:
         pytest.skip("no C compiler here: the native kernels are not built (test_native.py checks when they must be)")
     calls = []
-    real = native.linear
+    real = kernels.linear
 
     def spy(*args):
         calls.append(args[1].dtype)
         return real(*args)
 
-    monkeypatch.setattr(native, "linear", spy)
+    monkeypatch.setattr(kernels, "linear", spy)
     return calls
 
 
@@ -130,7 +130,7 @@ def test_native_route_taken_for_few_rows(native_calls, bmm_calls, dtype, rows):
     w, x = torch.randn(300, 64, dtype=dtype), torch.randn(rows, 64, dtype=dtype)
     with torch.no_grad():
         got = lin.linear(x, w)
-    assert native_calls == ([dtype] if rows <= native.MAX_ROWS else [])
+    assert native_calls == ([dtype] if rows <= kernels.MAX_ROWS else [])
     assert not bmm_calls
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, F.linear(x, w), rtol=tol, atol=tol)

@@ -1,11 +1,12 @@
-"""The native decode-step kernels (native.py + decode_kernels.c): built when a compiler is there, equal to torch's
-kernels up to summation order, taken by generation exactly when they apply, and generating the reference's tokens."""
+"""The native decode-step kernels (pegasus_x.native): equal to torch's kernels up to summation order, under any default
+dtype, taken by generation exactly when they apply and the switch is on, and generating the reference's tokens.
+Building, caching and loading them: test_native_loader.py."""
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
-import subprocess
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import random_batch, reference_twin
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, native
 from pegasus_x.cache import new_cache
 from pegasus_x.generate import make_step
+from pegasus_x.native import kernels
 
 # Where the kernels must build: Linux with a C compiler (elsewhere they may, e.g. clang without OpenMP may not).
 HAVE_CC = platform.system() == "Linux" and any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
@@ -30,67 +32,11 @@ def lib():
     return built
 
 
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    """library() forgets its cached result, builds into an empty cache folder, and is reset afterwards."""
-    native.library.cache_clear()
-    monkeypatch.setenv("PEGASUS_X_CACHE", str(tmp_path / "cache"))
-    yield tmp_path / "cache"
-    native.library.cache_clear()
-
-
 def tolerance(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
 
 # ----------------------------------------------------------------------------------------------------------- build
-def test_builds_into_the_cache_folder_once(fresh_build):
-    if not HAVE_CC:
-        pytest.skip("no C compiler on this machine")
-    assert native.library() is not None
-    built = sorted(fresh_build.glob("kernels/*"))
-    assert [p.suffix for p in built] == [".so"]                   # no temporary file left behind
-    stamp = built[0].stat().st_mtime_ns
-    native.library.cache_clear()
-    assert native.library() is not None
-    assert built[0].stat().st_mtime_ns == stamp                   # the second process reuses the build
-
-
-def test_source_compiles_without_warnings(tmp_path):
-    if not HAVE_CC:
-        pytest.skip("no C compiler on this machine")
-    cc = next(shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c))
-    done = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-                           "-o", str(tmp_path / "k.so"), str(native.SOURCE), "-lm"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
-def test_switched_off_by_environment(fresh_build, monkeypatch):
-    monkeypatch.setenv("PEGASUS_X_NATIVE", "0")
-    assert native.library() is None
-    assert not fresh_build.exists()
-
-
-def test_broken_compiler_warns_and_falls_back(fresh_build, monkeypatch, tmp_path):
-    broken = tmp_path / "cc"
-    broken.write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
-    broken.chmod(0o755)
-    monkeypatch.setenv("CC", str(broken))
-    with pytest.warns(UserWarning, match="could not build the native decode kernels.*PEGASUS_X_NATIVE=0"):
-        assert native.library() is None
-    assert not list(fresh_build.glob("kernels/*"))               # nothing half-written left
-
-
-def test_unwritable_cache_warns_and_falls_back(fresh_build, monkeypatch, tmp_path):
-    if not HAVE_CC:
-        pytest.skip("no C compiler on this machine")
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    monkeypatch.setenv("PEGASUS_X_CACHE", str(blocker / "cache"))     # a folder under a file cannot be made
-    with pytest.warns(UserWarning, match="PEGASUS_X_CACHE to a writable folder"):
-        assert native.library() is None
-
-
 def test_only_torchs_openmp_runtime_is_loaded(lib):
     """The kernels must share torch's OpenMP thread pool: a second runtime would compete for the cores."""
     with open("/proc/self/maps") as f:
@@ -112,7 +58,7 @@ def test_linear_equals_f_linear(lib, dtype, rows, shape, threads):
         b = torch.randn(shape[0], generator=g).to(dtype)
         x = (torch.randn(rows, 1, shape[1], generator=g) / shape[1] ** 0.5).to(dtype)
         for bias in (None, b):
-            got = native.linear(x, w, bias)
+            got = kernels.linear(x, w, bias)
             expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
             assert got.dtype == dtype and got.shape == (rows, 1, shape[0]) and got.is_contiguous()
             torch.testing.assert_close(got.float(), expected, **tolerance(dtype))
@@ -279,3 +225,120 @@ def test_generation_through_native_layers_matches_reference(lib, tmp_path, monke
             if len(ends):
                 row[int(ends[0]) + 2:] = 0
     assert torch.equal(got, expected), f"\n{got}\n{expected}"
+
+
+# ------------------------------------------------------------------------------- buffers under any default dtype
+@pytest.fixture
+def guarded_empty(monkeypatch):
+    """torch.empty whose every buffer is followed by a guard as long as itself, filled with a byte pattern; returns
+    a check that every guard is untouched (a kernel writing past a buffer's end changes it)."""
+    real, guards = torch.empty, []
+
+    def empty(*size, dtype=None, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        count = math.prod(shape)
+        block = real(2 * count + 64, dtype=dtype or torch.get_default_dtype(), **kwargs)
+        guards.append(block[count:].view(torch.uint8).fill_(0xA5))
+        return block[:count].view(shape)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    yield lambda: guards and all(bool((g == 0xA5).all()) for g in guards)
+    monkeypatch.undo()
+
+
+@pytest.fixture(params=[torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
+def default_dtype(request):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    yield request.param
+    torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_write_only_their_buffers_under_any_default_dtype(lib, default_dtype, guarded_empty, dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(200, 72, generator=g, dtype=torch.float32).to(dtype)
+    x = torch.randn(3, 72, generator=g, dtype=torch.float32).to(dtype)
+    q = torch.randn(2, 3, 4, 16, generator=g, dtype=torch.float32).to(dtype)
+    k, v = (torch.randn(2, 3, 9, 16, generator=g, dtype=torch.float32).to(dtype) for _ in range(2))
+    got_linear, got_attention = kernels.linear(x, w, None), kernels.attention(q, k, v, None)
+    assert guarded_empty(), "a kernel wrote past the end of a buffer"
+    torch.testing.assert_close(got_linear.float(), F.linear(x.float(), w.float()), **tolerance(dtype))
+    torch.testing.assert_close(got_attention.float(), F.scaled_dot_product_attention(q.float(), k.float(), v.float()),
+                               **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_step_writes_only_its_buffers_under_any_default_dtype(lib, default_dtype, guarded_empty, dtype):
+    model = small_model("gelu", dtype)
+    g = torch.Generator().manual_seed(2)
+    enc = torch.randn(2, 11, 64, generator=g, dtype=torch.float32).to(dtype)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    tokens = [torch.randint(3, 120, (4, 1), generator=g) for _ in range(3)]
+    got, cache = run_steps(model, enc, keep, 4, tokens)
+    assert cache.native_plan, "the native layers did not run"
+    assert guarded_empty(), "px_decoder wrote past the end of a buffer"
+    model.set_native(False)
+    expected, _ = run_steps(model, enc, keep, 4, tokens)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    else:                                   # as in test_decoder_step_equals_torch_layers: no further from fp32
+        exact, _ = run_steps(model.float(), enc.float(), keep, 4, tokens)
+        ours_err, torch_err = (got - exact).abs().max(), (expected - exact).abs().max()
+        assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
+
+
+# ------------------------------------------------------------------------------------------------- the one switch
+@pytest.fixture
+def fast_path_calls(monkeypatch):
+    """Counts every fast path taken: the decoder kernel, the attention and linear kernels, the slab route."""
+    calls = []
+    for owner, name in ((native, "decoder_step"), (native, "attention"), (kernels, "linear"), (torch, "bmm")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("how", ["model", "environment"])
+def test_one_switch_selects_the_reference_everywhere(lib, monkeypatch, fast_path_calls, how):
+    model = small_model("gelu")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 120, (2, 15), generator=g)
+    enc, keep = torch.randn(1, 13, 64, generator=g), torch.ones(1, 13, dtype=torch.bool)
+    tokens = [torch.randint(3, 120, (2, 1), generator=g) for _ in range(4)]
+    fast_tokens = model.generate(ids, num_beams=2, max_new_tokens=6)
+    fast_logits, _ = run_steps(model, enc, keep, 2, tokens)
+    assert "decoder_step" in fast_path_calls
+    with torch.no_grad():
+        model.lm_head(torch.randn(1, 64))                             # a few-row linear outside the fused kernel
+    assert "linear" in fast_path_calls
+    fast_path_calls.clear()
+    if how == "model":
+        model.set_native(False)
+    else:
+        monkeypatch.setenv("PEGASUS_X_NATIVE", "0")
+    assert not native.enabled(model.lm_head)
+    ref_tokens = model.generate(ids, num_beams=2, max_new_tokens=6)
+    ref_logits, ref_cache = run_steps(model, enc, keep, 2, tokens)
+    with torch.no_grad():
+        model.lm_head(torch.randn(1, 64))
+    assert fast_path_calls == [] and not ref_cache.native_plan        # nothing but the torch reference ran
+    assert torch.equal(fast_tokens, ref_tokens)
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-4, atol=1e-4)
+    model.set_native(True)
+    monkeypatch.delenv("PEGASUS_X_NATIVE", raising=False)
+    run_steps(model, enc, keep, 2, tokens)
+    assert "decoder_step" in fast_path_calls                         # switched back on
+
+
+# ---------------------------------------------------------------------------------------------- devices and fits
+def test_kernels_refuse_tensors_off_the_cpu():
+    x, w = torch.randn(2, 64), torch.randn(300, 64)
+    assert kernels.linear_fits(x, w, None) and kernels.linear_fits(x, w, torch.randn(300))
+    assert not kernels.linear_fits(x, w.to("meta"), None)                # the weight's device, not only x's
+    assert not kernels.linear_fits(x, w, torch.randn(300, device="meta"))
+    assert not kernels.linear_fits(x, w.t().contiguous().t(), None)      # column-major weight
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16)
+    assert kernels.attention_fits(q, k, k, None)
+    assert not kernels.attention_fits(q, k.to("meta"), k.to("meta"), None)
+    assert not kernels.attention_fits(q, k, k, torch.ones(1, 1, 1, 5, dtype=torch.bool, device="meta"))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .linear import Linear
+from .native.linear import Linear
 
 BACKENDS = ("sdpa", "eager")
 DECODE_ROWS = 8      # up to this many query rows per input, decoder attention takes the decode-step kernels
@@ -147,12 +147,11 @@ class Attention(nn.Module):
         backend = self.backend
         p_drop = self.dropout if self.training else 0.0
         if (backend == "sdpa" and q.device.type == "cpu" and group * T <= DECODE_ROWS and p_drop == 0.0
-                and not torch.is_grad_enabled() and native.library() is not None
-                and native.attention_fits(q, k, v, keep)):
+                and not torch.is_grad_enabled() and native.available(self) and native.attention_fits(q, k, v, keep)):
             # A decode step on the CPU: the native kernel streams the keys and values once for all query rows.
             out = native.attention(q, k, v, keep)
         else:
-            if q.is_cuda and q.dtype == torch.float32 and group * T <= DECODE_ROWS:
+            if q.is_cuda and q.dtype == torch.float32 and group * T <= DECODE_ROWS and native.enabled(self):
                 # An fp32 decode step on a GPU: SDPA has no flash kernel for fp32, and its memory-efficient kernel
                 # splits the work by query block, so a few query rows over 16K keys leave most of the GPU idle (H100,
                 # greedy at 16K tokens: 2.2× slower than the reference). Matmuls spread the key axis (1.05–1.46×

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import hugepages
+from .native import hugepages
 
 
 @dataclass

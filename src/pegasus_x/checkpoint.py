@@ -20,7 +20,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from . import hugepages
+from .native import hugepages
 from .config import CONFIG_NAME, PegasusXConfig
 from .errors import CheckpointError, ConfigError
 

@@ -23,7 +23,7 @@ from .attention import BACKENDS, Attention, GlobalLocalAttention
 from .cache import DecoderCache
 from .config import PegasusXConfig
 from .errors import ConfigError, InputError
-from .linear import Linear
+from .native.linear import Linear
 
 IGNORE_INDEX = -100
 
@@ -296,8 +296,8 @@ class PegasusXDecoder(nn.Module):
         cross_keep = cache.encoder_keep if cache is not None else encoder_keep[:, None, None, :]
         plan = None
         if (cache is not None and T == 1 and keep is None and not self.training and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and cache.length < cache.max_len and native.library() is not None):
-            # A decode step on the CPU: every layer in native code, each weight streamed once (native.py). The
+                and x.device.type == "cpu" and cache.length < cache.max_len and native.available(self)):
+            # A decode step on the CPU: every layer in native code, each weight streamed once (native/). The
             # plan is made at the cache's first step (False: these layers or this cache do not fit the kernels).
             if cache.native_plan is None:
                 cache.native_plan = native.decoder_plan(self, cache, x) or False
@@ -405,6 +405,10 @@ class PegasusXPreTrainedModel(nn.Module):
         for module in self.modules():
             if isinstance(module, (Attention, GlobalLocalAttention)):
                 module.backend = backend
+
+    def set_native(self, on: bool) -> None:
+        """Fast paths on (default) or off: off, every layer runs its torch reference path (``pegasus_x.native``)."""
+        native.set_enabled(self, on)
 
     def num_parameters(self) -> int:
         """Parameter count with the tied embedding counted once."""

@@ -3,13 +3,15 @@
  * A decode step reads every decoder weight, the LM head and the cross-attention keys/values once, for one to a few
  * query rows: it is bound by memory bandwidth. These kernels stream each tensor once, split across the threads of
  * torch's own OpenMP pool (this file links the libgomp torch has already loaded, so no second pool competes for the
- * cores), and keep everything else in registers or L1. Built on first use by native.py with the system C compiler;
- * without one, the library uses torch kernels instead.
+ * cores), and keep everything else in registers or L1. Built on first use by loader.py with the system C compiler;
+ * without one, the library uses torch kernels instead. kernels.py calls them; px_constants() below tells it this
+ * file's struct layout, limits and enum values, which it checks against its own at load.
  *
  * Portable C with GCC/Clang vector extensions: the compiler maps v8f to the target's SIMD registers
  * (-march=native: AVX2 on x86, NEON pairs on ARM). Accumulation is fp32; bf16 tensors are widened on load.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
@@ -21,6 +23,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define ROW_CHUNK 4           /* linear: query rows per pass over the weight */
 #define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
+#define ABI_VERSION 2         /* raise with any change to a px_ function's arguments */
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -220,7 +223,10 @@ static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, con
             for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, is_bf16, o);
 }
 
-/* x: fp32 (rows, in); bias: W's dtype or NULL; y: fp32 (rows, out); work: rows · in floats (used for bf16 W). */
+/* Scratch floats px_linear needs: the even/odd split of x for bf16 weights. */
+int64_t px_linear_work(int64_t rows, int64_t in, int is_bf16) { return is_bf16 ? rows * in : 0; }
+
+/* x: fp32 (rows, in); bias: W's dtype or NULL; y: fp32 (rows, out); work: px_linear_work floats. */
 int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows, const void *bias,
               float *y, float *work, int threads) {
     if (rows < 1 || rows > MAX_ROWS) return 1;
@@ -381,7 +387,10 @@ static void attend_tasks(const attn_args *a, float *scratch) {
     }
 }
 
-/* q, out: fp32 (B, H, G, D) contiguous. work: fp32 scratch of threads · G · (S + D). */
+/* Scratch floats px_attention needs: G · (S + D) per thread (attend_tasks). */
+int64_t px_attention_work(int64_t G, int64_t S, int64_t D, int threads) { return threads * G * (S + D); }
+
+/* q, out: fp32 (B, H, G, D) contiguous. work: px_attention_work floats. */
 int px_attention(const float *q, const void *k, const void *v, int kv_bf16, int64_t B, int64_t H, int64_t G,
                  int64_t S, int64_t D, int64_t k_sb, int64_t k_sh, int64_t v_sb, int64_t v_sh,
                  const uint8_t *keep, int64_t keep_sb, float *out, float *work, int threads) {
@@ -563,4 +572,30 @@ int px_decoder(const px_layer *layers, int count, int64_t length, float *x, floa
         for (int i = 0; i < count; i++) layer_step(layers + i, length, x, work, t, n);
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ ABI
+ * What kernels.py mirrors by hand, exported by name so it can check its copy at load: the ABI version, the limits,
+ * the activation enum and px_layer's size and every field's offset and size. */
+typedef struct {
+    const char *name;
+    int64_t value;
+} px_constant;
+
+#define FIELD(f) {"px_layer." #f, offsetof(px_layer, f)}, {"px_layer." #f ".size", sizeof(((px_layer *)0)->f)}
+
+static const px_constant constants[] = {
+    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_head_dim", MAX_HEAD_DIM},
+    {"act.relu", ACT_RELU}, {"act.gelu", ACT_GELU}, {"act.gelu_tanh", ACT_GELU_TANH}, {"act.silu", ACT_SILU},
+    {"act.tanh", ACT_TANH}, {"px_layer", sizeof(px_layer)},
+    FIELD(ln1_w), FIELD(ln1_b), FIELD(q), FIELD(k), FIELD(v), FIELD(o), FIELD(ln2_w), FIELD(ln2_b), FIELD(cq),
+    FIELD(co), FIELD(ln3_w), FIELD(ln3_b), FIELD(fc1_w), FIELD(fc1_b), FIELD(fc2_w), FIELD(fc2_b), FIELD(self_k),
+    FIELD(self_v), FIELD(cross_k), FIELD(cross_v), FIELD(keep), FIELD(R), FIELD(B), FIELD(H), FIELD(hd), FIELD(ffn),
+    FIELD(max_len), FIELD(S), FIELD(bf16), FIELD(activation), FIELD(eps),
+};
+
+/* The table above; its length in *count. */
+const px_constant *px_constants(int *count) {
+    *count = (int)(sizeof constants / sizeof constants[0]);
+    return constants;
 }

@@ -4,7 +4,7 @@ A decode step multiplies one to a few rows (one per beam) by every decoder weigh
 how fast the weights stream from memory. For such products MKL's fp32 matrix-vector kernels on the CPU run on one
 thread and reach only part of the machine's bandwidth. Two routes do better, in this order:
 
-- the native kernels (:mod:`pegasus_x.native`, fp32 and bf16), when a C compiler was there to build them: each
+- the native kernels (:mod:`.kernels`, fp32 and bf16), when a C compiler was there to build them: each
   thread streams its share of the weight's rows once, at about the rate of a plain ``sum``;
 - else, for fp32, one ``torch.bmm`` over one slab of the weight's output rows per thread (a view, no copy).
 
@@ -16,9 +16,10 @@ GB/s of weight read at pegasus-x-base shapes on a 2-core AMD EPYC, 2 threads, we
     2–4       7–10          19–23         19–22                  22–26 / 18–22
     8         5–9           11–12         12                     11   / 9
 
-In a decode step the native route runs whole decoder layers at once (``native.decoder_step``); this module's
+In a decode step the native route runs whole decoder layers at once (``kernels.decoder_step``); this module's
 route serves the LM head and any layer the fused kernel does not take. Beyond a few rows the product is
-compute-bound and ``F.linear`` is the right kernel again.
+compute-bound and ``F.linear`` is the right kernel again. With the fast paths switched off (``loader.enabled``)
+every product is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -27,26 +28,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
+from . import kernels, loader
 
 SMALL_ROWS = 4          # up to this many rows the product is bandwidth-bound and the slab route wins
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Module | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``; few-row products on the CPU without autograd stream the weight faster.
 
     Route, in order: the native kernels (fp32 or bf16, when a C compiler is there), the slab route (fp32), torch.
-    The result equals ``F.linear``'s up to the order of floating-point summation.
+    The result equals ``F.linear``'s up to the order of floating-point summation. ``module``: whose fast-path
+    switch applies (:func:`loader.enabled`).
     """
+    if torch.is_grad_enabled() or not loader.enabled(module):
+        return F.linear(x, weight, bias)
+    if kernels.linear_fits(x, weight, bias) and loader.library() is not None:
+        return kernels.linear(x, weight, bias)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    if (rows == 0 or rows > native.MAX_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != weight.dtype or not weight.is_contiguous()):
-        return F.linear(x, weight, bias)
-    if x.dtype in (torch.float32, torch.bfloat16) and native.library() is not None:
-        return native.linear(x, weight, bias)
     parts = torch.get_num_threads()
-    if rows > SMALL_ROWS or x.dtype != torch.float32 or parts < 2 or out_features < 64 * parts:
+    if (rows == 0 or rows > SMALL_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not kernels.on_cpu(x, weight, bias) or not weight.is_contiguous() or parts < 2
+            or out_features < 64 * parts):
         return F.linear(x, weight, bias)
     return _slabs(x, weight, bias, rows, parts)
 
@@ -73,4 +76,4 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state_dict keys) whose forward is :func:`linear`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self)

@@ -1,0 +1,170 @@
+"""The Python side of kernels.c: each kernel's argument checks, buffers and call (the library from loader.py).
+
+Decoding one token reads every decoder weight, the LM head and the cross-attention keys/values for one to a few
+query rows, so a step is as fast as those bytes stream from memory. torch's kernels for such products stream at
+~26 GB/s here (its batched matrix products) or less; a plain ``sum`` reaches ~31–34 GB/s. The C kernels stream each
+tensor once at the ``sum`` rate on the threads of torch's own OpenMP pool. ``benchmarks/generate.py`` has the
+end-to-end numbers.
+
+Every buffer the C side writes is allocated here with an explicit dtype (never the default dtype, which a caller
+may have set to bf16) and a size the library itself computes (``px_*_work``) or the output's shape.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import abi, loader
+from .abi import MAX_HEAD_DIM, MAX_ROWS
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _floats(count: int) -> Tensor:
+    """fp32 scratch of ``count`` elements, whatever torch's default dtype."""
+    return torch.empty(count, dtype=torch.float32)
+
+
+def on_cpu(*tensors: Tensor | None) -> bool:
+    """Whether every given tensor is on the CPU (the kernels read raw pointers: anything else would crash)."""
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def linear_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`linear` takes these tensors: CPU (weight and bias too), fp32 or bf16, one dtype, a contiguous
+    weight, 1 to ``MAX_ROWS`` rows."""
+    in_features = weight.shape[1]
+    rows = x.numel() // in_features if in_features else 0
+    return (0 < rows <= MAX_ROWS and x.shape[-1] == in_features and on_cpu(x, weight, bias)
+            and x.dtype == weight.dtype and x.dtype in _KERNEL_DTYPES and weight.is_contiguous()
+            and (bias is None or bias.shape == (weight.shape[0],)))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` for tensors :func:`linear_fits` takes, ``x`` ``(..., in)``.
+
+    Accumulates in fp32; a bf16 result is rounded once at the end (as torch's bf16 linear does).
+    """
+    lib = loader.library()
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    bf16 = weight.dtype == torch.bfloat16
+    xf = x.reshape(rows, in_features).to(torch.float32).contiguous()
+    bf = None if bias is None else bias.to(weight.dtype).contiguous()
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    work = _floats(lib.px_linear_work(rows, in_features, int(bf16)))
+    lib.px_linear(weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
+                  None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    """softmax(q kᵀ / sqrt(d) + mask) v for few query rows: q ``(B, H, G, d)``, k/v ``(B, H, S, d)``.
+
+    k and v may be views of a preallocated cache (rows of d contiguous, any batch/head strides).
+    ``keep``: bool ``(B, 1, 1, S)`` or None. Returns ``(B, H, G, d)`` in q's dtype. Only for what
+    :func:`attention_fits` takes.
+    """
+    lib = loader.library()
+    B, H, G, D = q.shape
+    S = k.shape[2]
+    qf = q.to(torch.float32).contiguous()
+    out = torch.empty(B, H, G, D, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    work = _floats(lib.px_attention_work(G, S, D, threads))
+    keep_bytes = None if keep is None else keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
+    lib.px_attention(qf.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), B, H, G, S, D,
+                     k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                     None if keep_bytes is None else keep_bytes.data_ptr(),
+                     0 if keep_bytes is None else keep_bytes.stride(0), out.data_ptr(),
+                     work.data_ptr(), threads)
+    return out.to(q.dtype)
+
+
+def attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> bool:
+    """Whether :func:`attention` takes these tensors (else the caller uses SDPA)."""
+    B, H, G, D = q.shape
+    return (D % 8 == 0 and D <= MAX_HEAD_DIM and on_cpu(q, k, v, keep) and k.dtype == v.dtype
+            and k.dtype in _KERNEL_DTYPES and k.shape == v.shape == (B, H, k.shape[2], D)
+            and k.stride(3) == v.stride(3) == 1 and k.stride(2) == v.stride(2) == D
+            and (keep is None or (keep.dtype == torch.bool and keep.shape == (B, 1, 1, k.shape[2]))))
+
+
+def _layer_tensors(layer) -> dict[str, Tensor]:
+    """A decoder layer's tensors by ``px_layer`` field."""
+    sa, ca = layer.self_attn, layer.encoder_attn
+    ln1, ln2, ln3 = layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm
+    return dict(ln1_w=ln1.weight, ln1_b=ln1.bias, q=sa.q_proj.weight, k=sa.k_proj.weight, v=sa.v_proj.weight,
+                o=sa.out_proj.weight, ln2_w=ln2.weight, ln2_b=ln2.bias, cq=ca.q_proj.weight, co=ca.out_proj.weight,
+                ln3_w=ln3.weight, ln3_b=ln3.bias, fc1_w=layer.fc1.weight, fc1_b=layer.fc1.bias,
+                fc2_w=layer.fc2.weight, fc2_b=layer.fc2.bias)
+
+
+@dataclass
+class DecoderPlan:
+    """``px_decoder``'s arguments for one decoder over one cache (all but the position)."""
+
+    layers: ctypes.Array           # of abi.Layer, one per decoder layer
+    tensors: list[Tensor]          # what the pointers point into, kept alive with the plan
+    rows: int
+    d_model: int
+    ffn: int
+    inputs: int
+    keys: int
+
+
+def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
+    """The plan for :func:`decoder_step` on ``x`` ``(R, 1, D)`` with this cache, or None where it cannot run.
+
+    Built once per cache: the pointers stay valid while the weights and the cache's buffers do (a cache that
+    replaces its buffers drops its plan).
+    """
+    cfg = decoder.config
+    attn = decoder.layers[0].self_attn
+    dtype, rows = cache.self_k[0].dtype, x.shape[0]
+    B, H, S, hd = cache.cross_k[0].shape
+    if (cfg.activation_function not in abi.ACTIVATIONS or rows > MAX_ROWS or rows != cache.self_k[0].shape[0]
+            or rows % B or attn.backend != "sdpa" or x.dtype != dtype or x.device.type != "cpu" or hd % 8
+            or hd > MAX_HEAD_DIM or dtype not in _KERNEL_DTYPES):
+        return None
+    keep = cache.encoder_keep
+    if keep is not None:
+        if (keep.shape != (B, 1, 1, S) or keep.dtype != torch.bool or not keep.is_contiguous()
+                or keep.device.type != "cpu"):
+            return None
+        keep = keep.view(torch.uint8)
+    specs, tensors = [], [] if keep is None else [keep]
+    for i, layer in enumerate(decoder.layers):
+        if layer.self_attn.q_proj.bias is not None or layer.encoder_attn.q_proj.bias is not None:
+            return None
+        own = {**_layer_tensors(layer), "self_k": cache.self_k[i], "self_v": cache.self_v[i],
+               "cross_k": cache.cross_k[i], "cross_v": cache.cross_v[i]}
+        if any(t is None or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
+               for t in own.values()):
+            return None
+        tensors += own.values()
+        specs.append(abi.Layer(**{name: t.data_ptr() for name, t in own.items()},
+                               keep=None if keep is None else keep.data_ptr(), R=rows, B=B, H=H, hd=hd,
+                               ffn=cfg.decoder_ffn_dim, max_len=cache.max_len, S=S, bf16=int(dtype == torch.bfloat16),
+                               activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps))
+    return DecoderPlan((abi.Layer * len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
+
+
+def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
+    """Run every decoder layer on ``x`` ``(R, 1, D)`` for position ``cache.length``.
+
+    Writes this position's self-attention keys/values into ``cache`` (the caller advances ``cache.length``).
+    Activations stay fp32 between the layers' operations; the result is returned in ``x``'s dtype.
+    """
+    lib = loader.library()
+    threads = torch.get_num_threads()
+    state = x.reshape(plan.rows, plan.d_model).to(torch.float32, copy=True)
+    work = _floats(lib.px_decoder_work(plan.rows, plan.d_model, plan.ffn, plan.inputs, plan.keys, cache.length,
+                                       threads))
+    if lib.px_decoder(plan.layers, len(plan.layers), cache.length, state.data_ptr(), work.data_ptr(), threads):
+        raise RuntimeError("px_decoder refused its arguments; decoder_plan should have caught this")
+    return state.to(x.dtype).view(x.shape)
