@@ -11,7 +11,6 @@ import argparse
 import importlib
 import json
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, PegasusXError
+from .markdown import markdown_to_text
 
 PROG = "pegasus-x"
 # Modules that add subcommands through `register(subparsers)`; each sets `func=` (args -> exit status).
@@ -349,24 +349,6 @@ def _decode(data: bytes, name: str, markdown: bool) -> str:
         text = markdown_to_text(text)
     if not text.strip():
         raise InputError(f"{name} is empty; there is nothing to summarize")
-    return text
-
-
-_MARKDOWN_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M), ""),         # fenced code blocks
-    (re.compile(r"<!--.*?-->", re.S), ""),                               # HTML comments
-    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),                      # images -> alt text
-    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),                       # links -> link text
-    (re.compile(r"^ {0,3}(#{1,6}|>+|[-*+]|\d+[.)])[ \t]+", re.M), ""),   # headings, quotes, list markers
-    (re.compile(r"(\*\*|__|`)(.+?)\1"), r"\2"),                          # bold, inline code
-    (re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])"), r"\1"),   # *emphasis*
-]
-
-
-def markdown_to_text(text: str) -> str:
-    """Plain prose from Markdown: code blocks and comments dropped; links, emphasis, headings reduced to text."""
-    for pattern, replacement in _MARKDOWN_RULES:
-        text = pattern.sub(replacement, text)
     return text
 
 
