@@ -5,14 +5,24 @@ The Markdown oracle below is the regex rule set the linear scanner replaced: on 
 
 from __future__ import annotations
 
+import io
+import json
 import re
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pegasus_x import cli
+from pegasus_x.cli import main
+from pegasus_x.data import load_pairs
+from pegasus_x.errors import DataError
 from pegasus_x.markdown import markdown_to_text
+from pegasus_x.pretraining import read_documents
 
 # The former rules (lazy, backtracking regexes): exact on ordinary Markdown, quadratic on adversarial input.
 REGEX_RULES = [
@@ -74,3 +84,99 @@ def test_markdown_is_linear_on_adversarial_input(name):
     start = time.perf_counter()
     markdown_to_text(text)
     assert time.perf_counter() - start < 2.0, f"{name}: {len(text):,} characters took too long"
+
+
+# ---------------------------------------------------------------------------------------------------- byte limits
+def summarize_error(args: list[str], capsys) -> str:
+    """main()'s one error line for inputs that fail while being read (before any model is loaded)."""
+    assert main(["summarize", "--model", "/nonexistent-model", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1].startswith("pegasus-x: error: ") and err.endswith("\n")
+    return err
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+@pytest.mark.parametrize("flag", [[], ["--input"]])
+def test_dev_zero_stops_at_the_limit(flag, capsys):
+    start = time.perf_counter()
+    err = summarize_error([*flag, "/dev/zero"], capsys)
+    assert "/dev/zero is a binary file" in err and err.count("\n") == 1
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_file_over_the_limit_is_cut_at_a_character_boundary(tmp_path, capsys):
+    path = tmp_path / "big.txt"
+    path.write_text("é" * 1000, encoding="utf-8")  # 2,000 bytes; 101 splits the 51st "é"
+    with pytest.warns(UserWarning) as caught:
+        assert cli._read_text(str(path), 101) == "é" * 50
+    (warning,) = caught
+    assert str(warning.message) == (f"{path}: read the first 100 bytes (--max-input-bytes 101) and dropped the last "
+                                    "1,900 bytes; raise --max-input-bytes to read more")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli._read_text(str(path), 2000) == "é" * 1000  # exactly the limit: nothing dropped, no warning
+    # Through main: the warning is one line, then reading goes on (here to the missing model).
+    err = summarize_error(["--max-input-bytes", "1000", str(path)], capsys)
+    assert err.startswith(f"pegasus-x: warning: {path}: read the first 1,000 bytes") and "does not exist" in err
+
+
+class Endless(io.RawIOBase):
+    """A stream that never ends (like `yes |`): reading it whole would never finish."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        buffer[:] = b"y\n" * (len(buffer) // 2) + b"y" * (len(buffer) % 2)
+        return len(buffer)
+
+
+def test_endless_stdin_is_read_up_to_the_limit(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(Endless())))
+    opts = cli.SummarizeOptions.from_args(cli.build_parser().parse_args(["summarize", "--max-input-bytes", "64"]))
+    with pytest.warns(UserWarning, match=r"stdin: read the first 64 bytes .* and did not read the rest"):
+        (doc,) = cli._read_documents(opts)
+    assert doc.text == "y\n" * 32
+
+
+def test_jsonl_lines_are_limited_not_the_corpus(tmp_path, capsys):
+    lines = [json.dumps({"text": f"document {i} " * 20, "id": i}) for i in range(50)]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    limit = max(len(line) for line in lines)
+    docs = cli._read_jsonl(str(corpus), "text", limit)  # the file is 50 times the limit; each line fits
+    assert [d.key for d in docs] == [{"index": i, "id": i} for i in range(50)]
+    corpus.write_text(lines[0] + "\n" + json.dumps({"text": "x" * (limit + 1)}) + "\n")
+    err = summarize_error(["--max-input-bytes", str(limit), "--input", str(corpus)], capsys)
+    assert f"docs.jsonl:2: the line is longer than --max-input-bytes ({limit:,} bytes)" in err
+
+
+# ---------------------------------------------------------------------------------------------------- JSON that parses
+BAD_JSON = {  # line 2 of a corpus -> the error's words
+    "lone surrogate in the text": ('{"text": "a\\ud800b"}', "a string holds the lone surrogate \\ud800"),
+    "lone surrogate in the id": ('{"text": "ok", "id": ["x", "\\udfff"]}', "a string holds the lone surrogate \\udfff"),
+    "NaN id": ('{"text": "ok", "id": NaN}', "NaN is not a JSON value"),
+    "Infinity": ('{"text": "ok", "score": -Infinity}', "-Infinity is not a JSON value"),
+    "deep nesting": ('{"text": "ok", "id": ' + "[" * 100000 + "]" * 100000 + "}", "nested more deeply"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_JSON))
+def test_jsonl_values_nothing_can_use_are_refused(name, tmp_path, capsys):
+    line, message = BAD_JSON[name]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "fine", "id": "a\\ud83d\\ude00b"}\n' + line + "\n")  # a surrogate *pair* is fine
+    err = summarize_error(["--input", str(corpus)], capsys)
+    assert err.count("\n") == 1 and f"docs.jsonl:2: {message}" in err, err
+
+
+@pytest.mark.parametrize("name", sorted(BAD_JSON))
+def test_training_data_values_nothing_can_use_are_refused(name, tmp_path):
+    line, message = BAD_JSON[name]
+    line = line.replace('"text"', '"source": "s", "target"')
+    (tmp_path / "train.jsonl").write_text('{"source": "s", "target": "t"}\n' + line + "\n")
+    with pytest.raises(DataError, match=re.escape(f"train.jsonl line 2: {message}")):
+        load_pairs(tmp_path / "train.jsonl")
+    (tmp_path / "docs.json").write_text("[" + line.replace('"target"', '"text"') + "]")
+    with pytest.raises(DataError, match=re.escape(f"docs.json: {message}")):
+        read_documents(tmp_path / "docs.json")
