@@ -14,15 +14,18 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pegasus_x import cli
+from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, cli
 from pegasus_x.cli import main
 from pegasus_x.data import load_pairs
-from pegasus_x.errors import DataError
+from pegasus_x.errors import DataError, InputError
 from pegasus_x.markdown import markdown_to_text
 from pegasus_x.pretraining import read_documents
+from pegasus_x.summarize import Summarizer
+from pegasus_x.tokenizer import PegasusTokenizer
 
 # The former rules (lazy, backtracking regexes): exact on ordinary Markdown, quadratic on adversarial input.
 REGEX_RULES = [
@@ -180,3 +183,77 @@ def test_training_data_values_nothing_can_use_are_refused(name, tmp_path):
     (tmp_path / "docs.json").write_text("[" + line.replace('"target"', '"text"') + "]")
     with pytest.raises(DataError, match=re.escape(f"docs.json: {message}")):
         read_documents(tmp_path / "docs.json")
+
+
+# ---------------------------------------------------------------------------------------------------- chunking
+LIMIT, BLOCK = 44, 8  # the tiny model's max_position_embeddings and block size: chunks of 40 tokens
+LONG = " ".join(f"Sentence {i} tells of rivers, mountains and the harvest of year {1900 + i}." for i in range(12))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random tiny PEGASUS-X (full PEGASUS vocabulary) saved with its tokenizer."""
+    torch.manual_seed(0)
+    config = PegasusXConfig.tiny(d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
+                                 encoder_ffn_dim=64, decoder_ffn_dim=64, num_global_tokens=4, block_size=BLOCK,
+                                 max_position_embeddings=LIMIT, init_std=1.0)
+    folder = tmp_path_factory.mktemp("tiny")
+    PegasusXForConditionalGeneration(config).save_pretrained(folder)
+    PegasusTokenizer.pegasus().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def summarizer(checkpoint) -> Summarizer:
+    return Summarizer(checkpoint, device="cpu")
+
+
+@pytest.mark.parametrize("limit, new, smallest", [(2, 6, 8), (2, 4, 6), (20, 16, 24), (15, 14, 16)])
+def test_chunks_no_longer_than_a_summary_are_refused(summarizer, limit, new, smallest):
+    def small_summarizer(limit: int) -> Summarizer:
+        return Summarizer(summarizer.model, summarizer.tokenizer, max_input_tokens=limit, max_new_tokens=new)
+
+    small = small_summarizer(limit)
+    with pytest.raises(InputError, match=f"a chunk holds {small.chunk_length() - 1} tokens of text but a summary "
+                                         f"may take {new}.*use max_input_tokens >= {smallest}"):
+        small(LONG, chunked=True)
+    assert small_summarizer(smallest).chunk_length() - 1 > new >= small_summarizer(smallest - 1).chunk_length() - 1
+
+
+def test_chunking_needs_a_summary_shorter_than_the_models_chunk(summarizer):
+    with pytest.raises(InputError, match="reads at most 44 tokens, so use a max_new_tokens below 39"):
+        summarizer(LONG, chunked=True, max_new_tokens=39)
+
+
+def test_chunked_command_refuses_a_limit_that_cannot_finish(checkpoint, tmp_path, capsys):
+    (tmp_path / "long.txt").write_text(LONG)
+    args = ["summarize", "--model", str(checkpoint), "--chunked", "--max-input-tokens", "2", "--max-new-tokens",
+            "6", str(tmp_path / "long.txt")]
+    start = time.perf_counter()
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "use max_input_tokens >= 8 (--max-input-tokens)" in err
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.slow
+def test_chunked_fallback_warning_advises_shorter_summaries(summarizer, checkpoint, tmp_path, capsys):
+    # Three chunks (39 + 39 + 2 text tokens) summarized in exactly 38 tokens each: together longer than the text,
+    # so chunking stops after one round and the joined summaries are truncated.
+    text = LONG[:len(LONG) // 2]
+    with pytest.warns(UserWarning) as caught:
+        summarizer(text, chunked=True, min_new_tokens=38, max_new_tokens=38)
+    (warning,) = caught
+    assert re.fullmatch(r"the text: the summaries of its 3 chunks together were no shorter than the text, so "
+                        r"chunking stopped and dropped the last \d+ tokens of those summaries; lower max_new_tokens "
+                        r"well below the 39 text tokens of a chunk", str(warning.message)), warning.message
+    (tmp_path / "long.txt").write_text(text)
+    assert main(["summarize", "--model", str(checkpoint), "--device", "cpu", "--chunked", "--min-new-tokens", "38",
+                 "--max-new-tokens", "38", str(tmp_path / "long.txt")]) == 0
+    err = capsys.readouterr().err
+    assert "--chunked" not in err and "lower --max-new-tokens well below the 39 text tokens" in err, err
+
+
+def test_python_texts_with_a_lone_surrogate_are_refused(summarizer):
+    with pytest.raises(InputError, match=r"text 1 holds the lone surrogate \\ud800 .* at character 2"):
+        summarizer(["fine", "ab\ud800c"])

@@ -250,9 +250,7 @@ def _summarize_share(opts: SummarizeOptions, docs: list[Document], mine: list[in
     records = []
     for i, result in zip(mine, results):
         if result.dropped_tokens:
-            warnings.warn(f"{docs[i].name}: {result.input_tokens:,} tokens but the model reads at most "
-                          f"{summarizer.max_input_tokens:,}; dropped the last {result.dropped_tokens:,} tokens "
-                          "(use --chunked to summarize all of it)")
+            warnings.warn(summarizer.dropped_message(docs[i].name, result, python=False))
         records.append((i, {**docs[i].key, "summary": result.text, "input_tokens": result.input_tokens,
                             "dropped_tokens": result.dropped_tokens, "seconds": round(result.seconds, 3)}))
     return records
