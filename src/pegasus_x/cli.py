@@ -11,14 +11,16 @@ import argparse
 import importlib
 import json
 import os
-import re
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from . import strict_json
 from .errors import InputError, PegasusXError
+from .markdown import markdown_to_text
 
 PROG = "pegasus-x"
 # Modules that add subcommands through `register(subparsers)`; each sets `func=` (args -> exit status).
@@ -26,6 +28,10 @@ _PLUGINS = ("pegasus_x.train", "pegasus_x.convert", "pegasus_x.pretraining")
 TEXT_FIELD = "text"
 MARKDOWN_SUFFIXES = (".md", ".markdown")
 # Generation flags of `summarize`: flag dest == generate() option name; None means "the checkpoint's default".
+# Default of --max-input-bytes: far more text than 16,384 tokens, and room for a book with --chunked, yet an
+# endless or huge input (/dev/zero, a disk image) stops after a moment. Also the longest --input line.
+MAX_INPUT_BYTES = 8 * 2**20
+_READ_PIECE = 2**20  # bytes per read while an input is read up to its limit
 GENERATION_FLAGS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size")
 
 
@@ -115,6 +121,7 @@ class SummarizeOptions:
     device: str | None
     batch_size: int
     max_input_tokens: int | None
+    max_input_bytes: int
     chunked: bool
     stream: bool
     newline_to_n: bool
@@ -124,7 +131,8 @@ class SummarizeOptions:
     def from_args(cls, args: argparse.Namespace) -> SummarizeOptions:
         return cls(paths=args.paths, input=args.input, text_field=args.text_field, output=args.output,
                    model=args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-                   batch_size=args.batch_size, max_input_tokens=args.max_input_tokens, chunked=args.chunked,
+                   batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
+                   max_input_bytes=args.max_input_bytes, chunked=args.chunked,
                    stream=args.stream, newline_to_n=args.newline_to_n,
                    generation={k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None})
 
@@ -153,6 +161,9 @@ def _register_summarize(subparsers: Any) -> None:
                    help="inputs generated together (default: %(default)s)")
     p.add_argument("--max-input-tokens", type=_positive_int, metavar="N", help="read at most N tokens of each "
                    "input (default: what the model takes)")
+    p.add_argument("--max-input-bytes", type=_positive_int, default=MAX_INPUT_BYTES, metavar="N",
+                   help="read at most N bytes of each file or stdin, dropping the rest with a warning; also the "
+                        "longest --input line (default: %(default)s, 8 MiB)")
     p.add_argument("--chunked", action="store_true", help="summarize a too-long input chunk by chunk, then the "
                    "joined chunk summaries (default: truncate it, with a warning)")
     p.add_argument("--stream", action="store_true", help="print each summary while it is generated (greedy "
@@ -239,9 +250,7 @@ def _summarize_share(opts: SummarizeOptions, docs: list[Document], mine: list[in
     records = []
     for i, result in zip(mine, results):
         if result.dropped_tokens:
-            warnings.warn(f"{docs[i].name}: {result.input_tokens:,} tokens but the model reads at most "
-                          f"{summarizer.max_input_tokens:,}; dropped the last {result.dropped_tokens:,} tokens "
-                          "(use --chunked to summarize all of it)")
+            warnings.warn(summarizer.dropped_message(docs[i].name, result, python=False))
         records.append((i, {**docs[i].key, "summary": result.text, "input_tokens": result.input_tokens,
                             "dropped_tokens": result.dropped_tokens, "seconds": round(result.seconds, 3)}))
     return records
@@ -303,10 +312,11 @@ class _progress_bar:
 
 # ---------------------------------------------------------------------------------------------------- inputs
 def _read_documents(opts: SummarizeOptions) -> list[Document]:
+    limit = opts.max_input_bytes
     if opts.input is not None:
         if opts.paths:
             raise InputError("give either PATHs or --input JSONL, not both")
-        return _read_jsonl(opts.input, opts.text_field)
+        return _read_jsonl(opts.input, opts.text_field, limit)
     paths = opts.paths
     if not paths:
         if sys.stdin is None or sys.stdin.isatty():
@@ -315,31 +325,67 @@ def _read_documents(opts: SummarizeOptions) -> list[Document]:
         paths = ["-"]
     if paths.count("-") > 1:
         raise InputError("'-' (stdin) can be given only once")
-    return [Document("<stdin>" if p == "-" else p, _read_text(p), {"path": p}) for p in paths]
+    return [Document("<stdin>" if p == "-" else p, _read_text(p, limit), {"path": p}) for p in paths]
 
 
-def _read_text(path: str) -> str:
-    """The text of a file (or of stdin for '-'); Markdown files lose their markup."""
+def _read_text(path: str, limit: int) -> str:
+    """The text of a file (or of stdin for '-'), cut to ``limit`` bytes; Markdown files lose their markup."""
     if path == "-":
-        return _decode(sys.stdin.buffer.read(), "stdin", markdown=False)
-    return _decode(_read_bytes(path), path, markdown=path.lower().endswith(MARKDOWN_SUFFIXES))
+        return _decode(_read_prefix(sys.stdin.buffer, "stdin", limit), "stdin", markdown=False)
+    with _open(path) as file:
+        data = _read_prefix(file, path, limit)
+    return _decode(data, path, markdown=path.lower().endswith(MARKDOWN_SUFFIXES))
 
 
-def _read_bytes(path: str) -> bytes:
-    file = Path(path)
-    if file.is_dir():
+def _open(path: str) -> BinaryIO:
+    if Path(path).is_dir():
         raise InputError(f"{path} is a directory; pass text or Markdown files (or --input docs.jsonl)")
     try:
-        return file.read_bytes()
+        return open(path, "rb")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _decode(data: bytes, name: str, markdown: bool) -> str:
+def _read_prefix(file: BinaryIO, name: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``file``, cut at a UTF-8 character boundary, with a warning when more was there.
+
+    Reads in pieces and stops at the limit, so an endless input (``/dev/zero``, ``yes |``) costs at most that.
+    """
+    pieces, size = [], 0
+    while size <= limit:
+        try:
+            piece = file.read(min(_READ_PIECE, limit + 1 - size))
+        except OSError as exc:
+            raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None
+        if not piece:
+            return b"".join(pieces)
+        _check_not_binary(piece, name)
+        pieces.append(piece)
+        size += len(piece)
+    data = b"".join(pieces)
+    cut = limit
+    while cut > max(limit - 3, 0) and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back to its start
+        cut -= 1
+    try:
+        info = os.fstat(file.fileno())
+    except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is both)
+        info = None
+    dropped = (f"dropped the last {info.st_size - cut:,} bytes" if info is not None and stat.S_ISREG(info.st_mode)
+               else "did not read the rest")  # a pipe or device: its length is unknown
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process reads every input; one warning is enough
+        warnings.warn(f"{name}: read the first {cut:,} bytes (--max-input-bytes {limit:,}) and {dropped}; raise "
+                      "--max-input-bytes to read more")
+    return data[:cut]
+
+
+def _check_not_binary(data: bytes, name: str) -> None:
     if b"\x00" in data:
         raise InputError(f"{name} is a binary file (it holds NUL bytes); pass plain text or Markdown")
+
+
+def _decode(data: bytes, name: str, markdown: bool) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -352,47 +398,42 @@ def _decode(data: bytes, name: str, markdown: bool) -> str:
     return text
 
 
-_MARKDOWN_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M), ""),         # fenced code blocks
-    (re.compile(r"<!--.*?-->", re.S), ""),                               # HTML comments
-    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),                      # images -> alt text
-    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),                       # links -> link text
-    (re.compile(r"^ {0,3}(#{1,6}|>+|[-*+]|\d+[.)])[ \t]+", re.M), ""),   # headings, quotes, list markers
-    (re.compile(r"(\*\*|__|`)(.+?)\1"), r"\2"),                          # bold, inline code
-    (re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])"), r"\1"),   # *emphasis*
-]
-
-
-def markdown_to_text(text: str) -> str:
-    """Plain prose from Markdown: code blocks and comments dropped; links, emphasis, headings reduced to text."""
-    for pattern, replacement in _MARKDOWN_RULES:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-def _read_jsonl(path: str, field: str) -> list[Document]:
-    text = _decode(_read_bytes(path), path, markdown=False)
+def _read_jsonl(path: str, field: str, limit: int) -> list[Document]:
+    """The records of a JSONL corpus, read line by line; each line may hold at most ``limit`` bytes."""
     docs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            raise InputError(f"{where}: no string field {field!r} (found: {keys}); name it with --text-field")
-        if not record[field].strip():
-            raise InputError(f"{where}: the {field!r} field is empty; there is nothing to summarize")
-        key: dict[str, Any] = {"index": len(docs)}
-        if "id" in record:
-            key["id"] = record["id"]
-        docs.append(Document(f"{where} (id {record['id']})" if "id" in record else where, record[field], key))
+    with _open(path) as file:
+        for number, raw in enumerate(iter(lambda: file.readline(limit + 1), b""), 1):
+            where = f"{path}:{number}"
+            _check_not_binary(raw, path)
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                raise InputError(f"{where}: the line is longer than --max-input-bytes ({limit:,} bytes); raise "
+                                 "it or shorten the record")
+            if raw.strip():
+                docs.append(_jsonl_record(raw, where, field, len(docs)))
     if not docs:
         raise InputError(f"{path} holds no records; expected one JSON object per line")
     return docs
+
+
+def _jsonl_record(raw: bytes, where: str, field: str, index: int) -> Document:
+    try:
+        record = strict_json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start} of the line); convert the "
+                         "file first, e.g. iconv -t UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+        raise InputError(f"{where}: no string field {field!r} (found: {keys}); name it with --text-field")
+    if not record[field].strip():
+        raise InputError(f"{where}: the {field!r} field is empty; there is nothing to summarize")
+    key: dict[str, Any] = {"index": index}
+    if "id" in record:
+        key["id"] = record["id"]
+    return Document(f"{where} (id {record['id']})" if "id" in record else where, record[field], key)
 
 
 def _check_output_path(path: Path) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import strict_json
 from .errors import DataError
 
 IGNORE_INDEX = -100
@@ -170,12 +171,14 @@ def _read_file(path: Path) -> tuple[list[dict], set[str]]:
 
 
 def _json(text: str, path: Path, line: int | None) -> Any:
+    where = f" line {line}" if line else ""
     try:
-        return json.loads(text)
+        return strict_json.loads(text)
     except json.JSONDecodeError as exc:
-        where = f" line {line}" if line else ""
         raise DataError(f"{path.name}{where} is not valid JSON ({exc.msg}); one JSON object per line is "
                         "expected") from None
+    except ValueError as exc:  # NaN, a lone surrogate, too deep: see strict_json
+        raise DataError(f"{path.name}{where}: {exc}") from None
 
 
 def _read_parquet(path: Path) -> tuple[list[dict], set[str]]:

@@ -168,10 +168,21 @@ class Summarizer:
         for i, result in enumerate(results):
             if result.dropped_tokens:
                 where = "the text" if single else f"text {i}"
-                warnings.warn(f"{where} has {result.input_tokens:,} tokens but the model reads at most "
-                              f"{self.max_input_tokens:,}: dropped the last {result.dropped_tokens:,} tokens "
-                              "(pass chunked=True to summarize all of it)", stacklevel=2)
+                warnings.warn(self.dropped_message(where, result, python=True), stacklevel=2)
         return results[0].text if single else [r.text for r in results]
+
+    def dropped_message(self, where: str, result: Summary, python: bool) -> str:
+        """The warning for a summary whose input was cut, with what to do about it (a ``python`` argument or a
+        command-line flag): chunk the input, or, when chunking gave up because the chunk summaries were no shorter
+        than their text, make the summaries shorter."""
+        if not result.chunks:
+            return (f"{where}: {result.input_tokens:,} tokens but the model reads at most "
+                    f"{self.max_input_tokens:,}; dropped the last {result.dropped_tokens:,} tokens "
+                    f"({'pass chunked=True' if python else 'use --chunked'} to summarize all of it)")
+        flag = "max_new_tokens" if python else "--max-new-tokens"
+        return (f"{where}: the summaries of its {result.chunks} chunks together were no shorter than the text, so "
+                f"chunking stopped and dropped the last {result.dropped_tokens:,} tokens of those summaries; lower "
+                f"{flag} well below the {self.chunk_length() - 1} text tokens of a chunk")
 
     def run(self, texts: Sequence[str], *, chunked: bool = False, streamer: Any = None,
             progress: Callable[[int], None] | None = None, **generate_options: Any) -> list[Summary]:
@@ -197,6 +208,8 @@ class Summarizer:
             return [self.run([t], chunked=chunked, streamer=streamer, progress=progress, **generate_options)[0]
                     for t in texts]
         options = self.generation_options(**generate_options)
+        if chunked:
+            self._check_chunk_room(options)
         rows = self.tokenizer(texts)["input_ids"]
         results: list[Summary | None] = [None] * len(texts)
         whole = [i for i, row in enumerate(rows) if not chunked or len(row) <= self.max_input_tokens]
@@ -220,8 +233,33 @@ class Summarizer:
     def chunk_length(self) -> int:
         """Tokens per chunk (``</s>`` included): the largest multiple of ``block_size`` within the input limit, so
         that no encoder block of a chunk is padding; the limit itself when it is shorter than one block."""
-        block, limit = self.model.config.block_size, self.max_input_tokens
-        return limit if limit < block else limit // block * block
+        return _chunk_length(self.max_input_tokens, self.model.config.block_size)
+
+    def _check_chunk_room(self, options: dict[str, Any]) -> None:
+        """Refuse chunks no longer than a summary may be: chunking would not get shorter, only spend time.
+
+        Each chunk holds ``chunk_length() - 1`` tokens of text (plus ``</s>``); its summary, up to the generation
+        length limit, must be able to be shorter than that.
+        """
+        longest = options.get("max_new_tokens")
+        if longest is None and isinstance(options.get("max_length"), int):
+            longest = options["max_length"] - 1  # max_length counts the decoder start token
+        if not isinstance(longest, int) or isinstance(longest, bool):  # a bad value: generate() names it
+            return
+        room = self.chunk_length() - 1
+        if room > longest:
+            return
+        block = self.model.config.block_size
+        # The smallest limit whose chunk holds longest + 1 text tokens plus </s> (chunks are block multiples).
+        smallest = longest + 2 if longest + 2 < block else -(-(longest + 2) // block) * block
+        model_limit = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        fix = (f"use max_input_tokens >= {smallest} (--max-input-tokens) or a max_new_tokens below {room}"
+               if smallest <= model_limit else
+               f"the model reads at most {model_limit} tokens, so use a max_new_tokens below "
+               f"{_chunk_length(model_limit, block) - 1}")
+        raise InputError(f"chunked summaries need chunks longer than a summary: with max_input_tokens="
+                         f"{self.max_input_tokens} a chunk holds {room} tokens of text but a summary may take "
+                         f"{longest} (max_new_tokens), so chunking would never get shorter; {fix}")
 
     def _summarize_chunked(self, row: list[int], options: dict[str, Any], streamer: Any) -> Summary:
         """Summarize block-aligned chunks, join their summaries, repeat while that is still too long."""
@@ -324,6 +362,10 @@ class TextStreamer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _chunk_length(limit: int, block: int) -> int:
+    return limit if limit < block else limit // block * block
+
+
 def _check_option_names(options: dict[str, Any]) -> None:
     """Raise GenerationError naming any option ``generate`` does not take (or that a Summarizer decides)."""
     from .generate import DEFAULTS
@@ -345,6 +387,12 @@ def _check_texts(texts: Any) -> list[str]:
             raise InputError(f"text {i} is a {type(text).__name__}, expected a str{_bytes_hint(text)}")
         if not text.strip():
             raise InputError(f"text {i} is empty; there is nothing to summarize")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # e.g. from json.loads('"\\ud800"'); the tokenizer cannot take it
+            raise InputError(f"text {i} holds the lone surrogate \\u{ord(text[exc.start]):04x} (half of a UTF-16 "
+                             f"pair) at character {exc.start}, which is not text; remove it, e.g. "
+                             "text.encode('utf-8', 'replace').decode()") from None
     return list(texts)
 
 
