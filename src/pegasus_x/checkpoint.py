@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +21,7 @@ from torch import Tensor
 from .native import hugepages
 from .config import CONFIG_NAME, PegasusXConfig
 from .errors import CheckpointError, ConfigError
+from .files import atomic_write_bytes, json_text
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -37,38 +36,6 @@ Destination = Callable[[str, tuple[int, ...]], "Tensor | None"]
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-@contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; on a clean exit it is synced and renamed onto ``path``.
-
-    A crash, or an exception inside the block, leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())              # mkstemp makes 0600; a saved file is an ordinary file
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
                         ) -> None:
     """safetensors file written to a temporary name and renamed into place."""
@@ -81,8 +48,14 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     """``config.json`` + ``model.safetensors`` (+ ``generation_config.json``), each written atomically.
 
     Like the reference, only ``model.shared.weight`` is stored for the tied embedding trio.
+
+    Raises:
+        InputError: a non-finite generation option (JSON cannot hold it), or a file that cannot be written.
     """
     directory = Path(directory)
+    generation = None
+    if getattr(model, "generation_config", None):  # refused (NaN) before anything is written
+        generation = json_text(model.generation_config, f"the generation config of {directory}", indent=2)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     prefix = "model." if hasattr(model, "lm_head") else ""
@@ -92,9 +65,8 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in drop}
     atomic_save_tensors(tensors, directory / SAFE_WEIGHTS)
     model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None):
-        atomic_write_bytes(directory / GENERATION_CONFIG,
-                           (json.dumps(model.generation_config, indent=2) + "\n").encode())
+    if generation is not None:
+        atomic_write_bytes(directory / GENERATION_CONFIG, (generation + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------- reading

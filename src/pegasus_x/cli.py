@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from . import strict_json
 from .errors import InputError, PegasusXError
 from .markdown import markdown_to_text
+from .files import SIGPIPE_STATUS, atomic_write_bytes, check_output, check_stdout, guarded_stdio, json_text
 
 PROG = "pegasus-x"
 # Modules that add subcommands through `register(subparsers)`; each sets `func=` (args -> exit status).
@@ -43,8 +44,30 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments after the program name (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for a usage error or a :class:`PegasusXError`, 130 on Ctrl-C.
+        The exit status: 0 on success, 2 for a usage error or a :class:`PegasusXError` (stdout that cannot be
+        written included: closed, or on a full disk), 130 on Ctrl-C, and 141 when the reader of stdout went away
+        (``| head``): what a shell reports for a program killed by SIGPIPE, without a traceback. SIGPIPE itself
+        stays ignored, because dying of it would leave an output's temporary file behind.
     """
+    with guarded_stdio() as stdout:
+        try:
+            status = _dispatch(argv)
+            sys.stdout.flush()  # a full disk under stdout shows here, not in the interpreter's exit
+            return status
+        except PegasusXError as exc:
+            message = " ".join(str(exc).split())
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            if stdout is None or not stdout.broken:
+                raise
+            return SIGPIPE_STATUS
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -55,15 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        try:
-            return args.func(args)
-        except PegasusXError as exc:
-            message = " ".join(str(exc).split())
-            print(f"{PROG}: error: {message}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
+        return args.func(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +211,7 @@ def run_summarize(opts: SummarizeOptions) -> int:
         PegasusXError: an unreadable input, a bad model or option (every process raises the same).
     """
     docs = _read_documents(opts)            # inputs are checked before the (slow) model load
-    if opts.output is not None:
-        _check_output_path(Path(opts.output))
+    _check_output_path(opts)
     rank, world, device = _init_distributed(opts.device)
     try:
         if opts.stream and world > 1:
@@ -259,9 +273,8 @@ def _summarize_share(opts: SummarizeOptions, docs: list[Document], mine: list[in
 def _emit(opts: SummarizeOptions, docs: list[Document], records: list[dict[str, Any]]) -> None:
     """Write the JSONL file (atomically), or print the summaries that were not streamed already."""
     if opts.output is not None:
-        from .checkpoint import atomic_write_bytes
-
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        lines = "".join(json_text(r, f"the record of {r.get('path', r.get('index'))}", ensure_ascii=False) + "\n"
+                        for r in records)
         atomic_write_bytes(opts.output, lines.encode("utf-8"))
         print(f"{PROG}: wrote {len(records)} summaries to {opts.output}", file=sys.stderr)
     elif not opts.stream:
@@ -436,11 +449,12 @@ def _jsonl_record(raw: bytes, where: str, field: str, index: int) -> Document:
     return Document(f"{where} (id {record['id']})" if "id" in record else where, record[field], key)
 
 
-def _check_output_path(path: Path) -> None:
-    if path.is_dir():
-        raise InputError(f"--output {path} is a directory; name a file such as summaries.jsonl")
-    if not path.parent.is_dir():
-        raise InputError(f"--output {path}: the folder {path.parent} does not exist; create it first")
+def _check_output_path(opts: SummarizeOptions) -> None:
+    """Where the summaries go must take them, and must not be an input: checked before the model loads."""
+    if opts.output is None:
+        check_stdout()
+    else:
+        check_output(opts.output, [*opts.paths, *([opts.input] if opts.input else [])])
 
 
 # ---------------------------------------------------------------------------------------------------- info

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ConfigError
+from .files import atomic_write_bytes, json_text
 
 CONFIG_NAME = "config.json"
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "swish", "tanh")
@@ -158,12 +159,11 @@ class PegasusXConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` into ``directory`` atomically; returns the file path."""
-        from .checkpoint import atomic_write_bytes
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         file = directory / CONFIG_NAME
-        atomic_write_bytes(file, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        text = json_text(self.to_dict(), f"the config of {directory}", indent=2)
+        atomic_write_bytes(file, (text + "\n").encode())
         return file
 
     def replace(self, **changes: Any) -> "PegasusXConfig":

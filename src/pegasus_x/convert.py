@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .config import CONFIG_NAME, PegasusXConfig
 from .errors import CheckpointError, ConfigError
+from .files import check_output_dir, same_file
 from .flax_checkpoint import (FLAX_LAYER_NORM_EPS, RELEASED_OPTIONS, flax_to_state_dict, infer_flax_config,
                               read_flax_params)
 
@@ -109,10 +110,22 @@ def _save_tokenizer(out_dir: Path, vocab_size: int) -> bool:
     return True
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if (out_dir / CONFIG_NAME).exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already holds a checkpoint; choose another folder or pass overwrite=True "
-                              "(--overwrite)")
+def _check_out_dir(out_dir: Path, overwrite: bool, source: Path) -> None:
+    """Before anything is read: ``out_dir`` can be written, is not the source's folder, and holds none of the
+    files a conversion writes unless ``overwrite`` (which replaces just those; no other file is touched)."""
+    from .checkpoint import GENERATION_CONFIG, SAFE_WEIGHTS
+    from .tokenizer import CONFIG_FILE, SPECIAL_MAP_FILE, TOKENIZER_FILE
+
+    folder = source if source.is_dir() else source.parent
+    if same_file(out_dir, folder):
+        raise CheckpointError(f"{out_dir} is the folder of the source checkpoint {source}; write the converted "
+                              "checkpoint to another folder")
+    names = (CONFIG_NAME, SAFE_WEIGHTS, GENERATION_CONFIG, TOKENIZER_FILE, CONFIG_FILE, SPECIAL_MAP_FILE)
+    check_output_dir(out_dir, [source], flag="output folder", files=names)
+    present = [name for name in names if (out_dir / name).exists()]
+    if present and not overwrite:
+        raise CheckpointError(f"{out_dir} already holds a checkpoint ({', '.join(present)}); choose another folder "
+                              "or pass overwrite=True (--overwrite) to replace those files")
 
 
 def convert_flax(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, config: PegasusXConfig | None = None,
@@ -132,15 +145,17 @@ def convert_flax(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, co
         block_size, stagger_local_blocks, activation_function: not recorded in the weights; released defaults.
         layer_norm_eps: recorded as ``layer_norm_eps`` in config.json (see the module docstring).
         write_tokenizer: add the PEGASUS tokenizer files (skipped with a warning if the vocabulary differs).
-        overwrite: allow writing into a folder that already holds a config.json.
+        overwrite: allow replacing the checkpoint files already in ``out_dir`` (other files are never touched).
     Returns:
         :class:`ConversionResult`.
     Raises:
-        CheckpointError: unreadable file, or parameters that do not form a PEGASUS-X model.
+        CheckpointError: unreadable file, parameters that do not form a PEGASUS-X model, ``out_dir`` the source's
+            folder or holding checkpoint files without ``overwrite``.
         ConfigError: invalid options.
+        InputError: ``out_dir`` cannot be written (checked before anything is read).
     """
     out = Path(out_dir).expanduser()
-    _check_out_dir(out, overwrite)
+    _check_out_dir(out, overwrite, Path(ckpt_path).expanduser())
     params = read_flax_params(ckpt_path)
     if config is None:
         config = infer_flax_config(params, num_heads=num_heads, block_size=block_size,
@@ -271,15 +286,17 @@ def convert_pegasus(pegasus_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         drop_bias: drop non-zero q/v/out attention biases and ``final_logits_bias`` instead of refusing.
         max_position_embeddings: recorded input length (positions are sinusoidal; longer inputs only warn).
         write_tokenizer: add the PEGASUS tokenizer files (when the vocabulary is PEGASUS').
-        overwrite: allow writing into a folder that already holds a config.json.
+        overwrite: allow replacing the checkpoint files already in ``out_dir`` (other files are never touched).
     Returns:
         :class:`ConversionResult` with the dropped tensors and the sampled global rows.
     Raises:
-        CheckpointError: missing/unreadable files, untied embeddings, non-zero biases without ``drop_bias``.
+        CheckpointError: missing/unreadable files, untied embeddings, non-zero biases without ``drop_bias``,
+            ``out_dir`` the source folder or holding checkpoint files without ``overwrite``.
         ConfigError: not a PEGASUS config, or invalid options.
+        InputError: ``out_dir`` cannot be written (checked before anything is read).
     """
     folder, out = Path(pegasus_dir).expanduser(), Path(out_dir).expanduser()
-    _check_out_dir(out, overwrite)
+    _check_out_dir(out, overwrite, folder)
     data = _read_pegasus_config(folder)
     state, dropped = _pegasus_state(folder, data, drop_bias)
     config = _pegasus_x_config(data, state, block_size=block_size, num_global_tokens=num_global_tokens,
@@ -324,7 +341,8 @@ def _add_shared_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=RELEASED_OPTIONS["block_size"])
     p.add_argument("--no-stagger", dest="stagger", action="store_false", help="do not stagger local blocks")
     p.add_argument("--no-tokenizer", dest="write_tokenizer", action="store_false", help="skip tokenizer files")
-    p.add_argument("--overwrite", action="store_true", help="write into a folder that already has a checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint files already in the output "
+                   "folder (no other file there is touched)")
 
 
 def _run_flax(args: argparse.Namespace) -> int:

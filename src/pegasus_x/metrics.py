@@ -8,7 +8,6 @@ per line. Scores are F-measures in percent, averaged over examples. BLEU and chr
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import DataError, InputError
+from .files import atomic_write_bytes, check_output_dir, json_text
 
 TASKS = ("summarization", "translation")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -148,14 +148,15 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Any], task: str = "s
         The metrics (percent) plus ``count``, ``task`` and ``generation``: the checkpoint's generation_config
         updated with the options given.
     Raises:
-        InputError: unknown task or no examples.
+        InputError: unknown task, no examples, an ``output_dir`` that cannot be written (checked before
+            generating), or a non-finite metric (JSON cannot hold it).
     """
-    from .checkpoint import atomic_write_bytes
-
     if task not in TASKS:
         raise InputError(f"task {task!r} is unknown; use one of {TASKS}")
     if not examples:
         raise InputError("nothing to evaluate: the dataset is empty")
+    if output_dir is not None:
+        check_output_dir(output_dir, flag="output_dir", files=(PREDICTIONS_FILE, METRICS_FILE))
     options = (generation or GenerationOptions()).as_kwargs()
     predictions = generate_texts(model, tokenizer, [e.source for e in examples], options, batch_size=batch_size,
                                  max_source_length=max_source_length)
@@ -165,8 +166,9 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Any], task: str = "s
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"source": e.source, "reference": e.target, "prediction": p}, ensure_ascii=False)
-                 for e, p in zip(examples, predictions)]
+        lines = [json_text({"source": e.source, "reference": e.target, "prediction": p}, "a prediction",
+                           ensure_ascii=False) for e, p in zip(examples, predictions)]
+        text = json_text(metrics, "the metrics", indent=2)  # both files prepared before either is written
         atomic_write_bytes(out / PREDICTIONS_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
-        atomic_write_bytes(out / METRICS_FILE, (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(out / METRICS_FILE, (text + "\n").encode("utf-8"))
     return metrics

@@ -20,7 +20,6 @@ cannot make an example and are skipped (counted).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -30,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .checkpoint import atomic_open
 from .errors import ConfigError, DataError
+from .files import atomic_open, check_output, json_text
 
 MASK_SENTENCE = "<mask_1>"
 # The training-data flag of the `train` subcommand that `pretrain` hands the GSG pairs to (columns source/target,
@@ -227,6 +226,7 @@ def write_gsg_jsonl(documents: Iterable[str], path: str | os.PathLike, seed: int
 
     Raises:
         DataError: no document yields an example.
+        InputError: ``path`` cannot be written (see :func:`pegasus_x.files.atomic_open`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,8 @@ def write_gsg_jsonl(documents: Iterable[str], path: str | os.PathLike, seed: int
                 stats.skipped += 1
                 continue
             stats.examples += 1
-            f.write(json.dumps({"source": example.source, "target": example.target}, ensure_ascii=False) + "\n")
+            f.write(json_text({"source": example.source, "target": example.target}, "a GSG pair",
+                              ensure_ascii=False) + "\n")
         if stats.examples == 0:        # raised inside the block: the temporary file is removed, nothing written
             raise DataError(f"none of the {stats.documents} documents has two or more sentences; GSG needs "
                             "multi-sentence documents")
@@ -281,6 +282,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     options = GSGOptions(args.min_ratio, args.max_ratio, args.mask_prob)
+    if args.pairs_out:  # before reading: the pairs must not replace the documents they are made from
+        check_output(args.pairs_out, [args.data], flag="--pairs-out", make_parents=True)
     documents = read_documents(args.data, args.text_column)
     with tempfile.TemporaryDirectory(prefix="pegasus-x-gsg-") as tmp:
         pairs = Path(args.pairs_out) if args.pairs_out else Path(tmp) / "gsg.jsonl"

@@ -30,8 +30,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
-from .checkpoint import atomic_write_bytes
 from .errors import TokenizerError
+from .files import atomic_write_bytes
 
 TOKENIZER_FILE, SPM_FILE = "tokenizer.json", "spiece.model"
 CONFIG_FILE, SPECIAL_MAP_FILE = "tokenizer_config.json", "special_tokens_map.json"

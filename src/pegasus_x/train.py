@@ -147,12 +147,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """``pegasus-x evaluate``: print the metrics as JSON on stdout."""
+    """``pegasus-x evaluate``: print the metrics as JSON on stdout (and write them to ``--output-dir``)."""
+    from .files import check_output_dir, check_stdout, json_text
+    from .metrics import METRICS_FILE, PREDICTIONS_FILE
     from .tokenizer import PegasusTokenizer
 
     for name in ("batch_size", "max_source_length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_stdout()  # before the model loads: the metrics must have somewhere to go
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir, [args.data], flag="--output-dir", files=(PREDICTIONS_FILE, METRICS_FILE))
     device = resolve_device(args.device)
     model = PegasusXForConditionalGeneration.from_pretrained(args.model, device=device)
     tokenizer = PegasusTokenizer.from_pretrained(args.tokenizer or args.model)
@@ -163,5 +168,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                    args.no_repeat_ngram_size)
     metrics = evaluate(model, tokenizer, data.examples, args.task, generation, batch_size=args.batch_size,
                        max_source_length=args.max_source_length, output_dir=args.output_dir)
-    print(json.dumps(metrics, indent=2))
+    print(json_text(metrics, "the metrics", indent=2))
     return 0
