@@ -269,12 +269,13 @@ class PegasusXDecoder(nn.Module):
         cfg = self.config
         R, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if cache is not None and start + T <= cache.max_len:
-            if cache.positions is None:    # once per generation: a step then only slices it (saves ~0.1 ms a token)
+        if cache is not None:
+            cache.reserve(T)               # grows the buffers when this step would pass their end
+            if cache.positions is None:    # once per buffer size: a step then only slices it (saves ~0.1 ms a token)
                 cache.positions = sinusoidal_positions(0, cache.max_len, cfg.d_model, input_ids.device)
             positions = cache.positions[start:start + T]
         else:
-            positions = sinusoidal_positions(start, T, cfg.d_model, input_ids.device)
+            positions = sinusoidal_positions(0, T, cfg.d_model, input_ids.device)
         x = F.dropout(_embed(self.embed_tokens, input_ids, cfg, positions), cfg.dropout, self.training)
         # Self-attention mask: query i (absolute start+i) sees keys j <= start+i.
         self_keep = None
@@ -291,7 +292,7 @@ class PegasusXDecoder(nn.Module):
             cross_keep = encoder_keep[:, None, None, :]
         plan = None
         if (cache is not None and T == 1 and keep is None and not self.training and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and cache.length < cache.max_len and native.library() is not None):
+                and x.device.type == "cpu" and native.library() is not None):
             # A decode step on the CPU: every layer in native code, each weight streamed once (native.py). The
             # plan is made at the cache's first step (False: these layers or this cache do not fit the kernels).
             if cache.native_plan is None:
