@@ -29,6 +29,7 @@ from .processors import Processor, build_processors, process
 
 NEG = -1.0e9                 # the "impossible" score of the reference's beam bookkeeping
 MIN_TEMPERATURE = 1e-4
+SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed's largest seed
 DEFAULT_NEW_TOKENS = 20      # the reference's length when nothing sets one
 DEFAULT_NEW_TOKENS_CAP = 256  # cap on a checkpoint's own max_length (the hub says 16384) when the caller gives none
 
@@ -196,9 +197,11 @@ def _resolve_min_length(options: dict[str, Any], stored: dict[str, Any]) -> int:
     return 0
 
 
-def _int(name: str, value: Any, low: int) -> int:
+def _int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise GenerationError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise GenerationError(f"{name} must be an integer <= {high}, got {value!r}")
     return value
 
 
@@ -240,7 +243,7 @@ def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generat
         return generator
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(_int("seed", seed, 0))
+    return torch.Generator(device=device).manual_seed(_int("seed", seed, 0, SEED_MAX))
 
 
 # ---------------------------------------------------------------------------------------------------- decoding

@@ -89,6 +89,9 @@ def check_ids(name: str, ids: Any, vocab_size: int) -> Tensor:
     if not isinstance(ids, Tensor):
         raise InputError(f"{name} must be a torch.LongTensor of shape (batch, length), got {type(ids).__name__}; "
                          "use the tokenizer with return_tensors='pt'")
+    if ids.device.type == "meta":
+        raise InputError(f"{name} is on the meta device (a shape without values); make it with the tokenizer or "
+                         "on the model's device")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise InputError(f"{name} must hold integer token ids, got dtype {ids.dtype}; convert with .long()")
     if ids.dim() != 2:
@@ -106,7 +109,7 @@ def check_ids(name: str, ids: Any, vocab_size: int) -> Tensor:
 
 
 def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor:
-    """Validate a 0/1 mask with the shape of ``ids`` and no all-zero row; returns it as bool."""
+    """Validate a 0/1 mask (bool, integer or float) of the shape of ``ids`` with no all-zero row; returns bool."""
     if not isinstance(mask, Tensor):
         raise InputError(f"{name} must be a tensor of shape {tuple(ids.shape)}, got {type(mask).__name__}")
     if mask.shape != ids.shape:
@@ -114,6 +117,12 @@ def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor:
                          "they must match")
     if mask.device != ids.device:
         raise InputError(f"{name} is on {mask.device} but the ids are on {ids.device}; move both to one device")
+    if mask.dtype != torch.bool:
+        # Anything but exactly 0 or 1 (NaN, 2, -1, 0.5) is not a mask: a typo or a tensor passed in the wrong place.
+        binary = (mask == 0) | (mask == 1)
+        if not bool(binary.all()):
+            bad = mask[~binary][0].item()
+            raise InputError(f"{name} holds {bad}; it must hold only 1 (real token) and 0 (padding)")
     keep = mask.bool() if mask.dtype == torch.bool else mask != 0
     if not bool(keep.any(dim=1).all()):
         raise InputError(f"{name} has a row of all zeros: every sequence needs at least one real token")
@@ -355,6 +364,8 @@ class PegasusXPreTrainedModel(nn.Module):
             strict: turn the warning about NaN/inf weights into an error.
         Raises:
             CheckpointError: files missing/unsafe, or keys/shapes not matching the config (all named at once).
+            ConfigError: a dtype other than fp32 / bf16.
+            InputError: a device that is unknown or not available here, or a path that is not a str / PathLike.
         """
         from .checkpoint import load_pretrained
 
