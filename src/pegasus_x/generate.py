@@ -92,7 +92,7 @@ def resolve_options(model, options: dict[str, Any], device: torch.device) -> Opt
 
     Length: ``max_new_tokens`` wins over ``max_length`` (total, start token included). When the caller gives
     neither, the checkpoint's value is used but capped at :data:`DEFAULT_NEW_TOKENS_CAP` new tokens with a warning
-    (the hub files say 16384, which would preallocate a huge cache); with no value anywhere, 20 new tokens.
+    (the hub files say 16384, meaning "no limit"); with no value anywhere, 20 new tokens.
 
     Raises:
         GenerationError: an unknown option name or a value out of range.
