@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_kwargs
 from pegasus_x import (CheckpointError, ConfigError, GenerationError, InputError, PegasusXConfig, PegasusXError,
-                       PegasusXForConditionalGeneration, TokenizerError)
+                       PegasusXForConditionalGeneration, Summarizer, TokenizerError)
+from pegasus_x.cli import main
 from pegasus_x.tokenizer import PegasusTokenizer
 
 V = 96
@@ -82,6 +83,17 @@ def _edit_weights(fn):
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+def _mask_with(value):
+    mask = torch.ones(2, 11)
+    mask[1, 4] = value
+    return mask
+
+
+# A device this machine lacks, whatever it has.
+NO_GPU = "cuda" if not torch.cuda.is_available() else "cuda:99"
+NO_MPS = "mps" if not torch.backends.mps.is_available() else "xpu"
 
 
 def _evil_bin(folder):
@@ -163,6 +175,35 @@ CASES = [
      CheckpointError, "malformed"),
     ("ckpt-bad-dtype-arg", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, dtype="int8"),
      ConfigError, "unknown"),
+    # masks, ids, seeds, devices, dtypes and paths (issue #15, items 13 and 16)
+    ("mask-nan", _fwd(attention_mask=_mask_with(float("nan"))), InputError, "attention_mask holds nan"),
+    ("mask-two", _fwd(attention_mask=_mask_with(2).long()), InputError, "attention_mask holds 2"),
+    ("mask-minus-one", _fwd(attention_mask=_mask_with(-1)), InputError, "holds -1.0; it must hold only 1"),
+    ("mask-half", _fwd(attention_mask=_mask_with(0.5)), InputError, "holds 0.5"),
+    ("dec-mask-two", _fwd(decoder_attention_mask=torch.tensor([[1, 1, 2], [1, 1, 1]])), InputError,
+     "decoder_attention_mask holds 2"),
+    ("gen-mask-nan", lambda: MODEL.generate(IDS, _mask_with(float("nan"))), InputError, "holds nan"),
+    ("ids-meta", _fwd(input_ids=torch.zeros(2, 4, dtype=torch.long, device="meta")), InputError, "meta device"),
+    ("gen-ids-meta", lambda: MODEL.generate(IDS.to("meta")), InputError, "meta device"),
+    ("gen-seed-huge", _gen(do_sample=True, seed=2**70, max_new_tokens=2), GenerationError, "seed must be"),
+    ("gen-seed-negative", _gen(do_sample=True, seed=-1, max_new_tokens=2), GenerationError, "seed must be"),
+    ("ckpt-device-banana", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, device="banana"),
+     InputError, "device 'banana' is unknown"),
+    ("ckpt-device-no-gpu", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, device=NO_GPU),
+     InputError, f"device '{NO_GPU}'"),
+    ("ckpt-device-no-mps", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, device=NO_MPS),
+     InputError, f"device '{NO_MPS}'"),
+    ("ckpt-device-meta", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, device="meta"),
+     InputError, "not supported"),
+    ("ckpt-dtype-int32", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, dtype=torch.int32),
+     ConfigError, "torch.int32 is not supported"),
+    ("ckpt-dtype-fp16", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, dtype="fp16"),
+     ConfigError, "float16 overflows"),
+    ("ckpt-path-none", lambda: PegasusXForConditionalGeneration.from_pretrained(None), InputError,
+     "checkpoint folder or a hub id"),
+    ("summarizer-device-no-mps", lambda: Summarizer(MODEL, TOK, device=NO_MPS), InputError, f"device '{NO_MPS}'"),
+    ("summarizer-device-banana", lambda: Summarizer(MODEL, TOK, device="banana"), InputError, "unknown"),
+    ("summarizer-dtype-int32", lambda: Summarizer(MODEL, TOK, dtype=torch.int32), ConfigError, "not supported"),
     # tokenizer
     ("tok-none", lambda: TOK(None), TokenizerError, "expected text"),
     ("tok-bytes", lambda: TOK(b"abc"), TokenizerError, "decode bytes"),
@@ -195,6 +236,16 @@ def test_bad_input_raises_our_error(case, tmp_path):
 
 def test_table_is_large_enough():
     assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("device", ["banana", NO_GPU, NO_MPS, "meta"])
+def test_cli_device_unavailable_is_one_line(device, tmp_path, capsys):
+    """``pegasus-x summarize --device X`` for a device this machine lacks: one line, exit 2, before any loading."""
+    text = tmp_path / "a.txt"
+    text.write_text("A short text to summarize.")
+    assert main(["summarize", "--model", str(tmp_path / "never-read"), "--device", device, str(text)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("pegasus-x: error: device"), err
 
 
 # ---------------------------------------------------------------------------------------------- properties

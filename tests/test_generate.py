@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import random_batch, reference_twin
-from pegasus_x import GenerationError
+import pegasus_x.cache as cache_module
+import pegasus_x.generate as generate_module
+from pegasus_x import GenerationError, native
 from pegasus_x.cache import new_cache
 
 EOS, PAD = 1, 0
@@ -183,9 +185,12 @@ def _teacher_forced_logprobs(model, ids, mask, seqs):
         return model(input_ids=ids, attention_mask=mask, decoder_input_ids=seqs[:, :-1]).logits.float().log_softmax(-1)
 
 
-def test_incremental_decoding_equals_full_recomputation(twin):
+@pytest.mark.parametrize("first_chunk", [256, 2], ids=["one-buffer", "growing"])
+def test_incremental_decoding_equals_full_recomputation(twin, monkeypatch, first_chunk):
     """Step-by-step logits through the cache (2 rows per input sharing its cross K/V, rows reordered twice and
-    inputs dropped midway) equal logits of one full forward pass."""
+    inputs dropped midway) equal logits of one full forward pass — also when the buffers grow (2 → 4 → 7) between
+    the reorders."""
+    monkeypatch.setattr(cache_module, "FIRST_CHUNK", first_chunk)
     _, ours, ids, mask = twin
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(2, ours.config.vocab_size, (6, 7), generator=g)
@@ -213,6 +218,7 @@ def test_incremental_decoding_equals_full_recomputation(twin):
                     decoder_input_ids=seqs).logits
     for t, (r, logits) in enumerate(steps):
         torch.testing.assert_close(logits, full[r, t], atol=1e-4, rtol=1e-5)
+    assert cache.max_len == 7 and cache.positions.shape[0] == 7
 
 
 def test_gnmt_alpha_scores_follow_the_formula(twin):
@@ -328,6 +334,84 @@ def test_bf16_and_default_length_cap(twin):
     with pytest.warns(UserWarning, match="capped at 256"):
         out = model.generate(ids[:1], forced_eos_token_id=None, min_new_tokens=10 ** 4)   # EOS banned throughout
     assert out.shape[1] == 257
+
+
+# ------------------------------------------------------------------------------------ buffers that grow
+def _generate_recording_cache(model, ids, mask, monkeypatch, first_chunk, **options):
+    """generate() with buffers that start at ``first_chunk`` positions → (output, the cache it used)."""
+    monkeypatch.setattr(cache_module, "FIRST_CHUNK", first_chunk)
+    monkeypatch.setattr(generate_module, "FIRST_CHUNK", first_chunk)
+    caches = []
+    monkeypatch.setattr(generate_module, "new_cache", lambda *a: caches.append(new_cache(*a)) or caches[-1])
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
+    return out, caches[0]
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """The CPU decode kernels (where a C compiler built them) or torch's (``PEGASUS_X_NATIVE=0``)."""
+    native.library.cache_clear()
+    if request.param == "torch":
+        monkeypatch.setenv("PEGASUS_X_NATIVE", "0")
+    yield request.param
+    native.library.cache_clear()
+
+
+GROW = {
+    "greedy": dict(forced_eos_token_id=None),
+    "beam4": dict(num_beams=4, length_penalty=1.2),
+    "beam2-min-new": dict(num_beams=2, min_new_tokens=10),
+    "sample-return2": dict(do_sample=True, num_return_sequences=2, seed=7),
+}
+
+
+@pytest.mark.parametrize("case", list(GROW))
+def test_growing_buffers_are_token_exact(twin, monkeypatch, kernels, case):
+    """Buffers that start at 3 positions and grow (3 → 6 → 12 → 20) give the tokens and scores of buffers sized
+    for max_new_tokens at once, through beam reorders, inputs leaving the batch, and both kernel paths."""
+    _, ours, ids, mask = twin
+    options = {"max_new_tokens": 20, **GROW[case]}
+    whole, whole_cache = _generate_recording_cache(ours, ids, mask, monkeypatch, 10 ** 6, **options)
+    grown, grown_cache = _generate_recording_cache(ours, ids, mask, monkeypatch, 3, **options)
+    assert whole_cache.max_len == 20 and 3 < grown_cache.max_len <= 20
+    assert torch.equal(grown.sequences, whole.sequences), f"\n{grown.sequences}\n{whole.sequences}"
+    if whole.sequences_scores is not None:
+        assert torch.equal(grown.sequences_scores, whole.sequences_scores)
+    if case == "greedy" and kernels == "native" and native.library() is not None:
+        assert grown_cache.native_plan                           # the kernels ran on the grown buffers
+    assert _ended_early(whole.sequences) and grown.sequences.shape[1] > 7   # inputs left; the buffers grew
+
+
+def _eos_after(model, steps):
+    """A copy of ``model`` whose decoder output is the EOS embedding whatever the input: with
+    ``min_new_tokens=steps - 1`` every summary is ``steps`` tokens long (EOS last)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        norm = model.get_decoder().layer_norm
+        norm.weight.zero_()
+        norm.bias.copy_(model.model.shared.weight[EOS])         # EOS's row is the longest (the twin doubled it)
+    return model
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=3, early_stopping=True)], ids=["greedy", "beam3"])
+def test_memory_follows_the_output_not_max_new_tokens(twin, monkeypatch, options):
+    """A 48-token summary with max_new_tokens=10**8 allocates what max_new_tokens=64 does (the cache, its position
+    table and the token buffers), and gives the same tokens."""
+    _, ours, ids, mask = twin
+    model = _eos_after(ours, 48)
+    widths = []
+    widen = generate_module._widen
+    monkeypatch.setattr(generate_module, "_widen", lambda seqs, width, pad: widths.append(width) or
+                        widen(seqs, width, pad))
+    small, small_cache = _generate_recording_cache(model, ids, mask, monkeypatch, cache_module.FIRST_CHUNK,
+                                                   max_new_tokens=64, min_new_tokens=47, **options)
+    assert small.sequences.shape[1] == 49 and bool((small.sequences[:, 48] == EOS).all())
+    huge, huge_cache = _generate_recording_cache(model, ids, mask, monkeypatch, cache_module.FIRST_CHUNK,
+                                                 max_new_tokens=10 ** 8, min_new_tokens=47, **options)
+    assert torch.equal(huge.sequences, small.sequences)
+    assert small_cache.max_len == 64 and huge_cache.max_len == cache_module.FIRST_CHUNK
+    assert huge_cache.positions.shape[0] == huge_cache.max_len
+    assert max(widths) <= cache_module.FIRST_CHUNK
 
 
 BAD = {

@@ -1,31 +1,64 @@
 """The decoder's key/value cache for incremental decoding.
 
-Self-attention keys/values live in buffers preallocated for the maximum length (no reallocation per step; beam
-reordering is an in-place ``index_select`` copy). Cross-attention keys/values are computed once per *input*
-(not per beam) from the encoder states and never reordered: every beam of an input reads the same encoder keys.
+Self-attention keys/values live in buffers that hold the positions written so far plus room to grow: they start at
+:data:`FIRST_CHUNK` positions (or the whole limit when it is smaller) and double when a step would pass their end,
+up to the limit, so memory follows the real output rather than ``max_new_tokens``. Between growths a step writes in
+place (beam reordering is an in-place ``index_select`` copy). Cross-attention keys/values are computed once per
+*input* (not per beam) from the encoder states and never reordered: every beam of an input reads the same encoder
+keys.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .native import hugepages
 
+FIRST_CHUNK = 256   # positions a growing buffer starts with: most summaries never need a second allocation
+
+
+def next_capacity(needed: int, have: int, limit: int) -> int:
+    """The size a growing buffer of ``have`` positions takes to hold ``needed`` (≤ ``limit``): at least double, so
+    the copies cost O(1) per position overall, and never past ``limit``."""
+    return min(limit, max(needed, 2 * have))
+
+
+def _allocator(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, ...]]) -> Callable[..., Tensor]:
+    """``empty(shape)`` for tensors of these shapes: from one huge-page arena on a Linux CPU, else ``torch.empty``.
+
+    Every decode step streams the cache as it does the weights, so CPU caches take 2 MB pages (hugepages.py).
+    """
+    if device.type == "cpu" and hugepages.supported():
+        arena = hugepages.Arena(sum(hugepages.nbytes(shape, dtype) for shape in shapes))
+        return functools.partial(arena.empty, dtype=dtype)
+    return functools.partial(torch.empty, dtype=dtype, device=device)
+
+
+def _self_buffers(like: Tensor, shape: tuple[int, ...], count: int) -> list[Tensor]:
+    """``count`` empty self-attention buffers of ``shape`` in one allocation, with ``like``'s dtype and device.
+
+    An arena of their own: the old buffers' pages are freed once they are replaced (the cross-attention part
+    keeps its own arena alive).
+    """
+    empty = _allocator(like.device, like.dtype, [shape] * count)
+    return [empty(shape) for _ in range(count)]
+
 
 @dataclass
 class DecoderCache:
     """Per-layer caches. ``R`` decoder rows (inputs × beams), ``B`` inputs, ``H`` heads, ``S`` encoder length."""
 
-    self_k: list[Tensor]        # each (R, H, max_len, hd)
+    self_k: list[Tensor]        # each (R, H, max_len, hd); max_len grows up to `limit`
     self_v: list[Tensor]
     cross_k: list[Tensor]       # each (B, H, S, hd)
     cross_v: list[Tensor]
     encoder_keep: Tensor | None  # (B, 1, 1, S) bool, False at padded encoder positions; None: no padding
+    limit: int                  # the most positions that may be written
     length: int = 0             # tokens already written
     positions: Tensor | None = None  # fp32 sinusoidal positions 0 … max_len-1, made by the decoder's first step
     # native.decoder_plan's pointers into these buffers (made at the first native step; False: not native).
@@ -34,13 +67,26 @@ class DecoderCache:
 
     @property
     def max_len(self) -> int:
+        """Positions the self-attention buffers hold now (their stride; :meth:`reserve` grows them)."""
         return self.self_k[0].shape[2]
+
+    def reserve(self, new: int) -> None:
+        """Make room for ``new`` more positions, growing every self-attention buffer if needed.
+
+        Raises:
+            RuntimeError: more than ``limit`` positions in all (a caller's bug: generation sizes the limit).
+        """
+        end = self.length + new
+        if end <= self.max_len:
+            return
+        if end > self.limit:
+            raise RuntimeError(f"decoder cache holds {self.limit} positions, {end} requested")
+        self._rebuild(None, next_capacity(end, self.max_len, self.limit))
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write new keys/values ``(R, H, T, hd)`` at ``length`` and return views over everything so far."""
+        self.reserve(k.shape[2])
         end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"decoder cache holds {self.max_len} positions, {end} requested")
         self.self_k[layer][:, :, self.length:end] = k
         self.self_v[layer][:, :, self.length:end] = v
         return self.self_k[layer][:, :, :end], self.self_v[layer][:, :, :end]
@@ -66,24 +112,34 @@ class DecoderCache:
         """Keep only inputs ``inputs`` (sorted indices into the B inputs) and their decoder rows.
 
         Generation calls this when inputs finish, so their rows stop costing compute and memory. The new self-attention
-        buffers keep the full ``max_len``; only the filled part is copied.
+        buffers keep the current ``max_len``; only the filled part is copied.
         """
         group = self.self_k[0].shape[0] // self.cross_k[0].shape[0]
         rows = (inputs[:, None] * group + torch.arange(group, device=inputs.device)).flatten()
-        n = self.length
-
-        def take(buf: Tensor) -> Tensor:
-            kept = buf.new_empty((rows.numel(), *buf.shape[1:]))
-            kept[:, :, :n] = buf[:, :, :n].index_select(0, rows)
-            return kept
-
-        self.native_plan = None
-        self.self_k = [take(buf) for buf in self.self_k]
-        self.self_v = [take(buf) for buf in self.self_v]
+        self._rebuild(rows, self.max_len)
         self.cross_k = [k.index_select(0, inputs) for k in self.cross_k]
         self.cross_v = [v.index_select(0, inputs) for v in self.cross_v]
         if self.encoder_keep is not None:
             self.encoder_keep = self.encoder_keep.index_select(0, inputs)
+
+    def _rebuild(self, rows: Tensor | None, capacity: int) -> None:
+        """Replace the self-attention buffers by ones of ``capacity`` positions holding the filled part of decoder
+        rows ``rows`` (None: every row)."""
+        n = self.length
+
+        def copy(bufs: list[Tensor]) -> list[Tensor]:
+            R, H, _, hd = bufs[0].shape
+            new = _self_buffers(bufs[0], (R if rows is None else rows.numel(), H, capacity, hd), len(bufs))
+            for old, buf in zip(bufs, new):
+                buf[:, :, :n] = old[:, :, :n] if rows is None else old[:, :, :n].index_select(0, rows)
+            return new
+
+        self.native_plan = None                              # its pointers go with the old buffers
+        if capacity != self.max_len:
+            self.positions = None                            # made for the old length
+        # Keys first, then values: the old keys are freed before the new values are allocated.
+        self.self_k = copy(self.self_k)
+        self.self_v = copy(self.self_v)
 
 
 def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, max_len: int) -> DecoderCache:
@@ -94,20 +150,13 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
         encoder_states: ``(B, S, D)`` encoder output.
         encoder_keep: ``(B, S)`` bool mask of real encoder tokens.
         rows: decoder rows (a multiple of B: the beams of input i are rows i·rows/B …).
-        max_len: the most decoder positions that will be written.
+        max_len: the most decoder positions that will be written (the buffers start smaller and grow).
     """
     decoder = model.get_decoder()
     layers = decoder.layers
     attn = layers[0].self_attn
-    shape = (rows, attn.num_heads, max_len, attn.head_dim)
-    dtype, device = encoder_states.dtype, encoder_states.device
     B, S, D = encoder_states.shape
-    empty = functools.partial(torch.empty, dtype=dtype, device=device)
-    if device.type == "cpu" and hugepages.supported():
-        # Every decode step streams these buffers, as it does the weights: 2 MB pages (hugepages.py).
-        per_layer = hugepages.nbytes(shape, dtype) + hugepages.nbytes((B, S, D), dtype)
-        arena = hugepages.Arena(2 * len(layers) * per_layer)
-        empty = functools.partial(arena.empty, dtype=dtype)
+    empty = _allocator(encoder_states.device, encoder_states.dtype, [(B, S, D)] * 2 * len(layers))
     cross_k, cross_v = [], []
     for layer in layers:
         # Copied layer by layer: projecting every layer first and copying after would hold the cross keys/values
@@ -115,11 +164,13 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
         k, v = layer.encoder_attn.project_kv(encoder_states)
         cross_k.append(empty(tuple(k.shape)).copy_(k))
         cross_v.append(empty(tuple(v.shape)).copy_(v))
+    shape = (rows, attn.num_heads, min(max_len, FIRST_CHUNK), attn.head_dim)
     return DecoderCache(
-        self_k=[empty(shape) for _ in layers],
-        self_v=[empty(shape) for _ in layers],
+        self_k=_self_buffers(encoder_states, shape, len(layers)),
+        self_v=_self_buffers(encoder_states, shape, len(layers)),
         cross_k=cross_k,
         cross_v=cross_v,
         # Without padding the cross-attention needs no mask, and the kernels run faster without one.
         encoder_keep=None if bool(encoder_keep.all()) else encoder_keep[:, None, None, :],
+        limit=max_len,
     )

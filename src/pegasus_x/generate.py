@@ -2,8 +2,9 @@
 
 Greedy search, sampling and beam search are small functions over a ``step(tokens) -> logits`` closure around a
 :class:`~pegasus_x.cache.DecoderCache`: the encoder runs once, the cross-attention keys/values are computed once per
-*input* and shared by all its beams, and only the preallocated self-attention cache is reordered (in place) when
-beams are reselected. Inputs whose hypotheses are all final leave the batch, so finished work stops costing compute.
+*input* and shared by all its beams, and only the self-attention cache is reordered (in place) when beams are
+reselected. The cache and the token buffers grow with the output, so ``max_new_tokens`` is only a limit. Inputs
+whose hypotheses are all final leave the batch, so finished work stops costing compute.
 
 The outputs are token-identical to transformers' ``generate`` (5.x): same logits processors in the same order, same
 beam bookkeeping (2×beams candidates per step, alive/finished sets, ``early_stopping`` True/False/"never",
@@ -22,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import DecoderCache, new_cache
+from .cache import FIRST_CHUNK, DecoderCache, new_cache, next_capacity
 from .errors import GenerationError
 from .processors import Processor, build_processors, process
 
 NEG = -1.0e9                 # the "impossible" score of the reference's beam bookkeeping
 MIN_TEMPERATURE = 1e-4
+SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed's largest seed
 DEFAULT_NEW_TOKENS = 20      # the reference's length when nothing sets one
 DEFAULT_NEW_TOKENS_CAP = 256  # cap on a checkpoint's own max_length (the hub says 16384) when the caller gives none
 
@@ -90,7 +92,7 @@ def resolve_options(model, options: dict[str, Any], device: torch.device) -> Opt
 
     Length: ``max_new_tokens`` wins over ``max_length`` (total, start token included). When the caller gives
     neither, the checkpoint's value is used but capped at :data:`DEFAULT_NEW_TOKENS_CAP` new tokens with a warning
-    (the hub files say 16384, which would preallocate a huge cache); with no value anywhere, 20 new tokens.
+    (the hub files say 16384, meaning "no limit"); with no value anywhere, 20 new tokens.
 
     Raises:
         GenerationError: an unknown option name or a value out of range.
@@ -195,9 +197,11 @@ def _resolve_min_length(options: dict[str, Any], stored: dict[str, Any]) -> int:
     return 0
 
 
-def _int(name: str, value: Any, low: int) -> int:
+def _int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise GenerationError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise GenerationError(f"{name} must be an integer <= {high}, got {value!r}")
     return value
 
 
@@ -239,7 +243,7 @@ def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generat
         return generator
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(_int("seed", seed, 0))
+    return torch.Generator(device=device).manual_seed(_int("seed", seed, 0, SEED_MAX))
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -266,7 +270,7 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
     """
     group, L, dev = opts.num_return_sequences, opts.max_length, cache.cross_k[0].device
     eos = torch.tensor(opts.eos, device=dev)
-    out = torch.full((batch * group, L), opts.pad, dtype=torch.long, device=dev)
+    out = torch.full((batch * group, min(L, FIRST_CHUNK)), opts.pad, dtype=torch.long, device=dev)
     inputs = torch.arange(batch, device=dev)                             # active inputs
     rows = torch.arange(batch * group, device=dev)                       # their output rows, in cache order
     seqs = out.clone()
@@ -282,6 +286,8 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
         else:
             nxt = scores.argmax(-1)
         nxt = nxt.masked_fill(done, opts.pad)
+        if cur == seqs.shape[1]:
+            seqs = _widen(seqs, next_capacity(cur + 1, cur, L), opts.pad)
         seqs[:, cur] = nxt
         done |= torch.isin(nxt, eos)
         stream.put(rows, nxt)
@@ -293,6 +299,7 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
             if not bool(alive.any()):
                 break
             if not bool(alive.all()):
+                out = _widen(out, seqs.shape[1], opts.pad)
                 out[rows] = seqs
                 keep = alive.nonzero().squeeze(1)
                 cache.keep_inputs(keep)
@@ -300,9 +307,21 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
                 row_inputs = inputs.repeat_interleave(group)
                 rows, seqs, done, nxt = rows[kept_rows], seqs[kept_rows], done[kept_rows], nxt[kept_rows]
         tokens = nxt[:, None]
+    out = _widen(out, seqs.shape[1], opts.pad)
     out[rows] = seqs
     stream.end()
     return GenerateOutput(out[:, :_used_length(out, cur, opts)])
+
+
+def _widen(seqs: Tensor, width: int, pad: int) -> Tensor:
+    """``seqs`` ``(..., L)`` padded on the right with ``pad`` to ``width`` positions (itself when that wide).
+
+    Token buffers start at :data:`~pegasus_x.cache.FIRST_CHUNK` positions and grow like the cache, so a huge
+    ``max_new_tokens`` costs nothing until tokens are really generated.
+    """
+    if seqs.shape[-1] >= width:
+        return seqs
+    return torch.cat([seqs, seqs.new_full((*seqs.shape[:-1], width - seqs.shape[-1]), pad)], dim=-1)
 
 
 def _used_length(seqs: Tensor, cur: int, opts: Options) -> int:
@@ -334,11 +353,12 @@ class _Streamer:
 
 @dataclass
 class BeamState:
-    """Per active input ``b``, ``K`` beams, ``L`` max length: the alive (running) and finished hypotheses."""
+    """Per active input ``b``, ``K`` beams, ``W`` positions (≤ max_length; :meth:`widen` grows them): the alive
+    (running) and finished hypotheses."""
 
-    run_seqs: Tensor      # (b, K, L) long
+    run_seqs: Tensor      # (b, K, W) long
     run_scores: Tensor    # (b, K) fp32 summed log-probs; beam k > 0 starts at NEG so step 1 expands beam 0 only
-    fin_seqs: Tensor      # (b, K, L)
+    fin_seqs: Tensor      # (b, K, W)
     fin_scores: Tensor    # (b, K) length-penalised; NEG where empty
     fin_done: Tensor      # (b, K) bool: slot holds a finished hypothesis
     fin_len: Tensor       # (b, K) generated tokens of each finished hypothesis
@@ -346,6 +366,10 @@ class BeamState:
 
     def select(self, keep: Tensor) -> "BeamState":
         return BeamState(*(t.index_select(0, keep) for t in vars(self).values()))
+
+    def widen(self, width: int, pad: int) -> None:
+        """Make room for ``width`` positions in the token buffers (they grow with the output; see :func:`_widen`)."""
+        self.run_seqs, self.fin_seqs = _widen(self.run_seqs, width, pad), _widen(self.fin_seqs, width, pad)
 
 
 def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Options, procs: list[Processor],
@@ -361,7 +385,7 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
     K, L, dev = opts.num_beams, opts.max_length, cache.cross_k[0].device
     C = max(2, 1 + len(opts.eos)) * K
     eos = torch.tensor(opts.eos, device=dev)
-    seqs = torch.full((batch, K, L), opts.pad, dtype=torch.long, device=dev)
+    seqs = torch.full((batch, K, min(L, FIRST_CHUNK)), opts.pad, dtype=torch.long, device=dev)
     seqs[:, :, 0] = opts.start
     scores = torch.zeros(batch, K, device=dev)
     scores[:, 1:] = NEG
@@ -375,8 +399,11 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
     cur, every = 1, _sync_every(dev)
     while True:
         b = inputs.shape[0]
+        if cur == st.run_seqs.shape[2]:
+            st.widen(next_capacity(cur + 1, cur, L), opts.pad)
+        W = st.run_seqs.shape[2]
         logp = F.log_softmax(step(st.run_seqs[:, :, cur - 1].reshape(-1, 1)), dim=-1)
-        logp = process(procs, logp, st.run_seqs.view(b * K, L)[:, :cur], inputs.repeat_interleave(K))
+        logp = process(procs, logp, st.run_seqs.view(b * K, W)[:, :cur], inputs.repeat_interleave(K))
         V = logp.shape[1]
         total = (logp.view(b, K, V) + st.run_scores[:, :, None]).view(b, K * V)
         if opts.do_sample:
@@ -385,13 +412,13 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
         else:
             cand_scores, cand = torch.topk(total, C)
         parent, token = cand // V, cand % V
-        cand_seqs = st.run_seqs.gather(1, parent[:, :, None].expand(b, C, L))
+        cand_seqs = st.run_seqs.gather(1, parent[:, :, None].expand(b, C, W))
         cand_seqs[:, :, cur] = token
         ended = torch.isin(token, eos) | (cur + 1 >= L)
         _update_finished(st, cand_seqs, cand_scores, ended & top_k_mask, cur, opts)
         alive = cand_scores + ended.to(torch.float32) * NEG
         pick = torch.topk(alive, K).indices
-        st.run_seqs = cand_seqs.gather(1, pick[:, :, None].expand(b, K, L))
+        st.run_seqs = cand_seqs.gather(1, pick[:, :, None].expand(b, K, W))
         st.run_scores = alive.gather(1, pick)
         cache.reorder((parent.gather(1, pick) + torch.arange(b, device=dev)[:, None] * K).flatten())
         cur += 1
@@ -403,11 +430,11 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
             if bool(done.all()):
                 break
             if bool(done.any()):
-                _store(out, inputs, st)
+                _store(out, inputs, st, opts.pad)
                 keep = (~done).nonzero().squeeze(1)
                 cache.keep_inputs(keep)
                 inputs, st = inputs[keep], st.select(keep)
-    _store(out, inputs, st)
+    _store(out, inputs, st, opts.pad)
     n = opts.num_return_sequences
     length = int(out.fin_len[:, :n].max()) + 1
     return GenerateOutput(out.fin_seqs[:, :n, :length].reshape(batch * n, length),
@@ -439,7 +466,8 @@ def _update_open(st: BeamState, cur: int, opts: Options) -> None:
     st.open = st.open & (best_possible > worst).any(1, keepdim=True)
 
 
-def _store(out: BeamState, inputs: Tensor, st: BeamState) -> None:
+def _store(out: BeamState, inputs: Tensor, st: BeamState, pad: int) -> None:
+    out.widen(st.run_seqs.shape[2], pad)
     for name, value in vars(st).items():
         getattr(out, name)[inputs] = value
 

@@ -89,6 +89,9 @@ def check_ids(name: str, ids: Any, vocab_size: int) -> Tensor:
     if not isinstance(ids, Tensor):
         raise InputError(f"{name} must be a torch.LongTensor of shape (batch, length), got {type(ids).__name__}; "
                          "use the tokenizer with return_tensors='pt'")
+    if ids.device.type == "meta":
+        raise InputError(f"{name} is on the meta device (a shape without values); make it with the tokenizer or "
+                         "on the model's device")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise InputError(f"{name} must hold integer token ids, got dtype {ids.dtype}; convert with .long()")
     if ids.dim() != 2:
@@ -106,7 +109,7 @@ def check_ids(name: str, ids: Any, vocab_size: int) -> Tensor:
 
 
 def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor:
-    """Validate a 0/1 mask with the shape of ``ids`` and no all-zero row; returns it as bool."""
+    """Validate a 0/1 mask (bool, integer or float) of the shape of ``ids`` with no all-zero row; returns bool."""
     if not isinstance(mask, Tensor):
         raise InputError(f"{name} must be a tensor of shape {tuple(ids.shape)}, got {type(mask).__name__}")
     if mask.shape != ids.shape:
@@ -114,6 +117,12 @@ def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor:
                          "they must match")
     if mask.device != ids.device:
         raise InputError(f"{name} is on {mask.device} but the ids are on {ids.device}; move both to one device")
+    if mask.dtype != torch.bool:
+        # Anything but exactly 0 or 1 (NaN, 2, -1, 0.5) is not a mask: a typo or a tensor passed in the wrong place.
+        binary = (mask == 0) | (mask == 1)
+        if not bool(binary.all()):
+            bad = mask[~binary][0].item()
+            raise InputError(f"{name} holds {bad}; it must hold only 1 (real token) and 0 (padding)")
     keep = mask.bool() if mask.dtype == torch.bool else mask != 0
     if not bool(keep.any(dim=1).all()):
         raise InputError(f"{name} has a row of all zeros: every sequence needs at least one real token")
@@ -279,12 +288,13 @@ class PegasusXDecoder(nn.Module):
         cfg = self.config
         R, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if cache is not None and start + T <= cache.max_len:
-            if cache.positions is None:    # once per generation: a step then only slices it (saves ~0.1 ms a token)
+        if cache is not None:
+            cache.reserve(T)               # grows the buffers when this step would pass their end
+            if cache.positions is None:    # once per buffer size: a step then only slices it (saves ~0.1 ms a token)
                 cache.positions = sinusoidal_positions(0, cache.max_len, cfg.d_model, input_ids.device)
             positions = cache.positions[start:start + T]
         else:
-            positions = sinusoidal_positions(start, T, cfg.d_model, input_ids.device)
+            positions = sinusoidal_positions(0, T, cfg.d_model, input_ids.device)
         x = F.dropout(_embed(self.embed_tokens, input_ids, cfg, positions), cfg.dropout, self.training)
         # Self-attention mask: query i (absolute start+i) sees keys j <= start+i.
         self_keep = None
@@ -296,7 +306,7 @@ class PegasusXDecoder(nn.Module):
         cross_keep = cache.encoder_keep if cache is not None else encoder_keep[:, None, None, :]
         plan = None
         if (cache is not None and T == 1 and keep is None and not self.training and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and cache.length < cache.max_len and native.available(self)):
+                and x.device.type == "cpu" and native.available(self)):
             # A decode step on the CPU: every layer in native code, each weight streamed once (native/). The
             # plan is made at the cache's first step (False: these layers or this cache do not fit the kernels).
             if cache.native_plan is None:
@@ -359,6 +369,8 @@ class PegasusXPreTrainedModel(nn.Module):
             strict: turn the warning about NaN/inf weights into an error.
         Raises:
             CheckpointError: files missing/unsafe, or keys/shapes not matching the config (all named at once).
+            ConfigError: a dtype other than fp32 / bf16.
+            InputError: a device that is unknown or not available here, or a path that is not a str / PathLike.
         """
         from .checkpoint import load_pretrained
 

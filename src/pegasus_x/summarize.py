@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .checkpoint import DTYPES, resolve
+from .checkpoint import check_device, check_dtype, resolve
 from .errors import CheckpointError, GenerationError, InputError
 from .model import PegasusXForConditionalGeneration
 from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
@@ -83,7 +83,8 @@ class Summarizer:
 
     Raises:
         CheckpointError: the model folder or hub id cannot be found or loaded, or there is no bundled demo model.
-        InputError: a bad device, dtype, batch size or input limit.
+        ConfigError: a dtype other than fp32 / bf16.
+        InputError: a device that is unknown or not available here, a bad batch size or input limit.
         GenerationError: an unknown generation option.
     """
 
@@ -403,15 +404,7 @@ def _bytes_hint(value: Any) -> str:
 def _resolve_device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device {device!r} is unknown; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {str(device)!r} was asked for but CUDA is not available here; use cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
-    return device
+    return check_device(device)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -419,13 +412,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
         # bf16 halves memory and is fast on recent GPUs; on CPU it is slow, so keep fp32 there.
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES or DTYPES[dtype] == torch.float16:
-            raise InputError(f"dtype {dtype!r} is not supported; use fp32 or bf16 (fp16 overflows in PEGASUS-X)")
-        return DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise InputError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
-    return dtype
+    return check_dtype(dtype)
 
 
 def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.device | str | None
