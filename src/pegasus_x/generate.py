@@ -85,7 +85,8 @@ def resolve_options(model, options: dict[str, Any], device: torch.device,
     """
     unknown = sorted(set(options) - OPTION_NAMES)
     if unknown:
-        raise GenerationError(f"unknown generation option(s) {unknown}; known options: {', '.join(sorted(OPTION_NAMES))}")
+        raise GenerationError(f"unknown generation option(s) {unknown}; known options: "
+                              f"{', '.join(sorted(OPTION_NAMES))}")
     given = None if generation_config is None else as_generation_config(generation_config)
     value, no_max_length = merge(as_generation_config(getattr(model, "generation_config", None)), given, options)
     value.update({k: options.get(k, v) for k, v in RUNTIME_OPTIONS.items()})

@@ -69,6 +69,9 @@ class GenerationConfig:
         """
         if not isinstance(data, dict) or not all(isinstance(k, str) and k.isidentifier() for k in data):
             raise GenerationError(f"a generation config must be a JSON object with option names as keys, got {data!r}")
+        clash = sorted(k for k in data if hasattr(cls, k))     # e.g. "keys": it would hide the method
+        if clash:
+            raise GenerationError(f"a generation config cannot hold the key(s) {clash}; rename or remove them")
         return cls(**data)
 
     @classmethod
