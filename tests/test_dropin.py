@@ -166,6 +166,8 @@ def test_default_generation_matches_transformers(tmp_path, case):
                                 generation_config=transformers.GenerationConfig(**given))
     got = ours.generate(ids, attention_mask=mask, generation_config=GenerationConfig(**given))
     assert torch.equal(got, _pad_after_eos(expected))
+    got = ours.generate(ids, attention_mask=mask, generation_config=transformers.GenerationConfig(**given))
+    assert torch.equal(got, _pad_after_eos(expected))                 # a ported script's own config object
 
 
 def test_generation_config_object(tmp_path):
@@ -174,6 +176,7 @@ def test_generation_config_object(tmp_path):
     assert isinstance(gen, GenerationConfig) and gen.forced_eos_token_id == 1 and gen.num_beams is None
     gen.num_beams = 4
     assert gen.to_dict()["num_beams"] == 4 and gen["num_beams"] == 4 and "max_length" not in gen
+    assert gen.update(length_penalty=0.5, not_an_option=1) == {"not_an_option": 1} and gen.length_penalty == 0.5
     model.generation_config = {"max_new_tokens": 7}                   # the earlier dict form still works
     assert model.generation_config.max_new_tokens == 7
     gen.save_pretrained(tmp_path)
