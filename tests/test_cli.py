@@ -22,7 +22,7 @@ import torch
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, __version__
 from pegasus_x.cli import main, markdown_to_text
 from pegasus_x.errors import CheckpointError, GenerationError, InputError
-from pegasus_x.summarize import DEFAULT_MAX_NEW_TOKENS, Summarizer, TextStreamer, demo_model_path, summarize
+from pegasus_x.summarize import Summarizer, TextStreamer, demo_model_path, summarize
 from pegasus_x.tokenizer import PegasusTokenizer
 
 LIMIT = 44        # config.max_position_embeddings of the tiny model: the input limit (tokenizer says 16384)
@@ -306,15 +306,9 @@ def test_summarizer_generation_defaults(model, monkeypatch):
     summarizer(SHORT[0], max_new_tokens=3)
     summarizer.run([SHORT[0]])
     assert calls[0][1] == {"num_beams": 2, "length_penalty": 0.5, "max_new_tokens": 3}
-    # The checkpoint's max_length is 16384 (= "no limit" on the hub): not 16383 new tokens but the default.
-    assert summarizer.generation_options() == {"num_beams": 2, "length_penalty": 0.5,
-                                               "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
-    assert calls[1][1]["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS
-    monkeypatch.setattr(model, "generation_config", {"max_length": 21})         # a fine-tuned model's own limit
-    assert summarizer.generation_options()["max_new_tokens"] == 20
-    monkeypatch.setattr(model, "generation_config", {"max_length": 21, "max_new_tokens": 7})
-    assert summarizer.generation_options(num_beams=1) == {"num_beams": 1, "length_penalty": 0.5,
-                                                          "max_new_tokens": 7}
+    # The length (and every unset option) is left to generate, which reads the checkpoint as transformers does.
+    assert calls[1][1] == {"num_beams": 2, "length_penalty": 0.5}
+    assert summarizer.generation_options(num_beams=1) == {"num_beams": 1, "length_penalty": 0.5}
     with pytest.raises(GenerationError, match="num_beam"):
         summarizer(SHORT[0], num_beam=3)
     with pytest.raises(GenerationError, match="min_new_tokens=5 is larger"):

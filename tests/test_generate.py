@@ -324,16 +324,16 @@ def test_min_equal_max_forces_length_and_final_eos(twin):
         assert bool((out[:, -1] == EOS).all()) and not bool((out[:, 1:-1] == EOS).any())
 
 
-def test_bf16_and_default_length_cap(twin):
+def test_bf16_and_stored_max_length(twin):
     _, ours, ids, mask = twin
     model = copy.deepcopy(ours).to(torch.bfloat16)
     for options in (dict(), dict(num_beams=3)):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, **options)
         assert out.shape[0] == 3 and 2 <= out.shape[1] <= 7 and bool((out[:, 0] == 0).all())
-    model.generation_config = {"max_length": 16384}
-    with pytest.warns(UserWarning, match="capped at 256"):
-        out = model.generate(ids[:1], forced_eos_token_id=None, min_new_tokens=10 ** 4)   # EOS banned throughout
-    assert out.shape[1] == 257
+    # A stored max_length is used as it is, like transformers (no cap): it counts the start token.
+    model.generation_config = {"max_length": 40, "decoder_start_token_id": 0, "eos_token_id": 1}
+    out = model.generate(ids[:1], min_new_tokens=10 ** 4)   # EOS banned throughout
+    assert out.shape[1] == 40
 
 
 # ------------------------------------------------------------------------------------ buffers that grow

@@ -22,11 +22,11 @@ from .native import hugepages
 from .config import CONFIG_NAME, PegasusXConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .files import atomic_write_bytes, json_text
+from .generation_config import GENERATION_CONFIG, GenerationConfig
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
-GENERATION_CONFIG = "generation_config.json"
 # The tied trio: all three are the shared embedding; files may store any subset of them.
 TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -100,7 +100,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     directory = Path(directory)
     generation = None
     if getattr(model, "generation_config", None):  # refused (NaN) before anything is written
-        generation = json_text(model.generation_config, f"the generation config of {directory}", indent=2)
+        generation = json_text(model.generation_config.to_diff_dict(), f"the generation config of {directory}")
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     prefix = "model." if hasattr(model, "lm_head") else ""
@@ -111,7 +111,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     atomic_save_tensors(tensors, directory / SAFE_WEIGHTS)
     model.config.save_pretrained(directory)
     if generation is not None:
-        atomic_write_bytes(directory / GENERATION_CONFIG, (generation + "\n").encode())
+        model.generation_config.save_pretrained(directory)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -335,12 +335,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     model.load_state_dict(loaded, strict=False, assign=True)
     if with_head:
         model.tie_weights()
-    gen = folder / GENERATION_CONFIG
-    if gen.is_file():
-        try:
-            model.generation_config = json.loads(gen.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{gen} is not valid JSON ({exc}); delete or fix it") from None
+    model.generation_config = GenerationConfig.from_pretrained(folder)
     model.eval()
     return model
 

@@ -153,7 +153,7 @@ class SummarizeOptions:
 
 
 def _register_summarize(subparsers: Any) -> None:
-    from .summarize import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+    from .summarize import DEFAULT_BATCH_SIZE
 
     p = subparsers.add_parser(
         "summarize", help="summarize text or Markdown files, stdin, or a JSONL corpus",
@@ -187,7 +187,8 @@ def _register_summarize(subparsers: Any) -> None:
                    "models fine-tuned with the original PEGASUS pipeline")
     g = p.add_argument_group("generation (default: the checkpoint's generation_config)")
     g.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
-                   help=f"summary length limit (default: the checkpoint's, else {DEFAULT_MAX_NEW_TOKENS})")
+                   help="summary length limit (default: the checkpoint's, as transformers reads it; "
+                   "20 when it sets none)")
     g.add_argument("--min-new-tokens", type=_non_negative_int, metavar="N")
     g.add_argument("--num-beams", type=_positive_int, metavar="N")
     g.add_argument("--length-penalty", type=float, metavar="X")

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write_bytes, json_text
@@ -28,6 +28,7 @@ class PegasusXConfig:
             while staggering is on, or the activation is unknown.
     """
 
+    model_type: ClassVar[str] = "pegasus_x"     # as transformers' config: a class constant, not a config.json field
     vocab_size: int = 96103
     max_position_embeddings: int = 16384
     d_model: int = 1024
@@ -112,7 +113,7 @@ class PegasusXConfig:
         """The `config.json` content: every field plus the kept unknown keys."""
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
-        out["model_type"] = "pegasus_x"
+        out["model_type"] = self.model_type
         out.setdefault("architectures", ["PegasusXForConditionalGeneration"])
         out.setdefault("is_encoder_decoder", True)
         return dict(sorted(out.items()))

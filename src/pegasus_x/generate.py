@@ -24,32 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import FIRST_CHUNK, DecoderCache, new_cache, next_capacity
-from .errors import GenerationError
+from .errors import GenerationError, InputError
+from .generation_config import (DEFAULT_MAX_NEW_TOKENS, DEFAULTS, RUNTIME_OPTIONS, GenerationConfig,
+                                as_generation_config, merge)
+from .outputs import GenerateOutput, encoder_inputs
 from .processors import Processor, build_processors, process
 
 NEG = -1.0e9                 # the "impossible" score of the reference's beam bookkeeping
 MIN_TEMPERATURE = 1e-4
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed's largest seed
-DEFAULT_NEW_TOKENS = 20      # the reference's length when nothing sets one
-DEFAULT_NEW_TOKENS_CAP = 256  # cap on a checkpoint's own max_length (the hub says 16384) when the caller gives none
 
-# Caller-facing options and their defaults (the reference's), before the checkpoint's generation_config.
-DEFAULTS: dict[str, Any] = dict(
-    max_new_tokens=None, max_length=None, min_new_tokens=None, min_length=0, num_beams=1, length_penalty=1.0,
-    gnmt_alpha=None, early_stopping=False, num_return_sequences=1, do_sample=False, temperature=1.0, top_k=50,
-    top_p=1.0, generator=None, seed=None, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
-    repetition_penalty=1.0, bad_words_ids=None, forced_eos_token_id=None, eos_token_id=None, pad_token_id=None,
-    decoder_start_token_id=None, output_scores=False, return_dict_in_generate=False, streamer=None)
-_RUNTIME_ONLY = {"generator", "seed", "streamer", "max_new_tokens", "max_length", "min_new_tokens", "min_length"}
-
-
-@dataclass
-class GenerateOutput:
-    """``sequences`` ``(B·num_return_sequences, L)``; ``sequences_scores`` ``(B·num_return_sequences,)`` (the
-    length-penalised beam scores; None for greedy search and sampling)."""
-
-    sequences: Tensor
-    sequences_scores: Tensor | None = None
+# Every keyword generate() takes besides the inputs: the config options and the per-call ones.
+OPTION_NAMES = frozenset(DEFAULTS) | frozenset(RUNTIME_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -87,29 +73,30 @@ class Options:
 
 
 # ---------------------------------------------------------------------------------------------------- options
-def resolve_options(model, options: dict[str, Any], device: torch.device) -> Options:
-    """Merge caller options over ``model.generation_config`` over the defaults, and validate them.
+def resolve_options(model, options: dict[str, Any], device: torch.device,
+                    generation_config: Any = None) -> Options:
+    """Resolve one call's options the way transformers 5 does (see :mod:`pegasus_x.generation_config`) and
+    validate them.
 
-    Length: ``max_new_tokens`` wins over ``max_length`` (total, start token included). When the caller gives
-    neither, the checkpoint's value is used but capped at :data:`DEFAULT_NEW_TOKENS_CAP` new tokens with a warning
-    (the hub files say 16384, meaning "no limit"); with no value anywhere, 20 new tokens.
-
+    Args:
+        model: gives ``generation_config`` (the checkpoint's defaults) and ``config`` (vocabulary size, positions).
+        options: the caller's keyword arguments.
+        device: where a ``seed`` generator lives.
+        generation_config: a :class:`GenerationConfig` (or dict) over the model's, under ``options``.
     Raises:
         GenerationError: an unknown option name or a value out of range.
     """
-    unknown = sorted(set(options) - set(DEFAULTS))
+    unknown = sorted(set(options) - OPTION_NAMES)
     if unknown:
-        raise GenerationError(f"unknown generation option(s) {unknown}; known options: {', '.join(sorted(DEFAULTS))}")
-    stored = {k: v for k, v in (getattr(model, "generation_config", None) or {}).items()
-              if k in DEFAULTS and v is not None}
+        raise GenerationError(f"unknown generation option(s) {unknown}; known options: "
+                              f"{', '.join(sorted(OPTION_NAMES))}")
+    given = None if generation_config is None else as_generation_config(generation_config)
+    value, no_max_length = merge(as_generation_config(getattr(model, "generation_config", None)), given, options)
+    value.update({k: options.get(k, v) for k, v in RUNTIME_OPTIONS.items()})
     cfg = model.config
-    value = {k: options.get(k, DEFAULTS[k] if k in _RUNTIME_ONLY else stored.get(k, DEFAULTS[k])) for k in DEFAULTS}
-    for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
-        if value[name] is None and name not in options:
-            value[name] = getattr(cfg, name)
     vocab = cfg.vocab_size
-    max_length = _resolve_max_length(options, stored)
-    min_length = _resolve_min_length(options, stored)
+    max_length = _resolve_max_length(value, no_max_length, cfg.max_position_embeddings)
+    min_length = _resolve_min_length(value)
     beams = _int("num_beams", value["num_beams"], 1)
     nrs = _int("num_return_sequences", value["num_return_sequences"], 1)
     do_sample = _bool("do_sample", value["do_sample"])
@@ -134,7 +121,7 @@ def resolve_options(model, options: dict[str, Any], device: torch.device) -> Opt
         raise GenerationError(f"repetition_penalty must be > 0 (1.0 = off) and at least "
                               f"{torch.finfo(torch.float32).tiny:.3g} (fp32's smallest normal), got {repetition}")
     gnmt = None if value["gnmt_alpha"] is None else _float("gnmt_alpha", value["gnmt_alpha"])
-    eos = _token_ids("eos_token_id", value["eos_token_id"], vocab)
+    eos, pad, start = _special_tokens(value, vocab)
     forced = () if value["forced_eos_token_id"] is None else _token_ids("forced_eos_token_id",
                                                                          value["forced_eos_token_id"], vocab)
     streamer = value["streamer"]
@@ -156,45 +143,51 @@ def resolve_options(model, options: dict[str, Any], device: torch.device) -> Opt
         no_repeat_ngram_size=_int("no_repeat_ngram_size", value["no_repeat_ngram_size"], 0),
         encoder_no_repeat_ngram_size=_int("encoder_no_repeat_ngram_size", value["encoder_no_repeat_ngram_size"], 0),
         repetition_penalty=repetition, bad_words_ids=_bad_words(value["bad_words_ids"], eos, vocab),
-        forced_eos=forced, eos=eos, pad=_token_ids("pad_token_id", value["pad_token_id"], vocab)[0],
-        start=_token_ids("decoder_start_token_id", value["decoder_start_token_id"], vocab)[0],
+        forced_eos=forced, eos=eos, pad=pad, start=start,
         return_dict=_bool("return_dict_in_generate", value["return_dict_in_generate"])
         or _bool("output_scores", value["output_scores"]),
         streamer=streamer)
 
 
-def _resolve_max_length(options: dict[str, Any], stored: dict[str, Any]) -> int:
-    given = {k: _int(k, options[k], low) for k, low in (("max_new_tokens", 1), ("max_length", 2))
-             if options.get(k) is not None}
-    if "max_new_tokens" in given:
-        return given["max_new_tokens"] + 1
-    if "max_length" in given:
-        return given["max_length"]
-    if stored.get("max_new_tokens") is not None:
-        new = _int("generation_config.max_new_tokens", stored["max_new_tokens"], 1)
-    elif stored.get("max_length") is not None:
-        new = _int("generation_config.max_length", stored["max_length"], 2) - 1
-    else:
-        warnings.warn(f"no max_new_tokens given: generating at most {DEFAULT_NEW_TOKENS} new tokens", stacklevel=4)
-        return DEFAULT_NEW_TOKENS + 1
-    if new > DEFAULT_NEW_TOKENS_CAP:
-        warnings.warn(f"the checkpoint's generation_config allows {new} new tokens; capped at "
-                      f"{DEFAULT_NEW_TOKENS_CAP}. Pass max_new_tokens to choose", stacklevel=4)
-        new = DEFAULT_NEW_TOKENS_CAP
-    return new + 1
+def _resolve_max_length(value: dict[str, Any], no_max_length: bool, max_positions: int) -> int:
+    """Total length (start token included): ``max_new_tokens`` + 1 when any layer sets it, else ``max_length``,
+    else transformers' default of 20 new tokens (at most ``max_position_embeddings`` in all)."""
+    if value["max_length"] is not None:                  # checked even where max_new_tokens wins
+        _int("max_length", value["max_length"], 2)
+    if value["max_new_tokens"] is not None:
+        return _int("max_new_tokens", value["max_new_tokens"], 1) + 1
+    if not no_max_length:
+        return value["max_length"]
+    warnings.warn(f"no max_new_tokens given and the checkpoint sets no length: generating at most "
+                  f"{DEFAULT_MAX_NEW_TOKENS} new tokens, as transformers does; pass max_new_tokens to choose",
+                  stacklevel=5)
+    return max(2, min(DEFAULT_MAX_NEW_TOKENS + 1, max_positions))
 
 
-def _resolve_min_length(options: dict[str, Any], stored: dict[str, Any]) -> int:
-    """Total minimum length (start token included); the caller's value wins, then min_new_tokens over min_length."""
-    for k in ("min_new_tokens", "min_length"):
-        if options.get(k) is not None:
-            _int(k, options[k], 0)
-    for source in (options, stored):
-        if source.get("min_new_tokens") is not None:
-            return _int("min_new_tokens", source["min_new_tokens"], 0) + 1
-        if source.get("min_length") is not None:
-            return _int("min_length", source["min_length"], 0)
-    return 0
+def _resolve_min_length(value: dict[str, Any]) -> int:
+    """Total minimum length (start token included): ``min_new_tokens`` + 1 when any layer sets it, else
+    ``min_length``."""
+    min_length = _int("min_length", value["min_length"], 0)
+    if value["min_new_tokens"] is not None:
+        return _int("min_new_tokens", value["min_new_tokens"], 0) + 1
+    return min_length
+
+
+def _special_tokens(value: dict[str, Any], vocab: int) -> tuple[tuple[int, ...], int, int]:
+    """(eos ids, pad id, start id) with transformers' fallbacks: no EOS → nothing ends early; no pad → the first
+    EOS; no decoder start → ``bos_token_id``."""
+    eos = () if value["eos_token_id"] is None else _token_ids("eos_token_id", value["eos_token_id"], vocab)
+    pad = value["pad_token_id"]
+    if pad is None:
+        pad = eos[0] if eos else 0         # without EOS no row ends early, so no position is ever padded
+    start = value["decoder_start_token_id"]
+    if start is None:
+        start = value["bos_token_id"]
+    if start is None:
+        raise GenerationError("no decoder_start_token_id (or bos_token_id) in the generation config; pass "
+                              "decoder_start_token_id=0 for PEGASUS-X or add it to generation_config.json")
+    return (eos, _token_ids("pad_token_id", pad, vocab)[0],
+            _token_ids("decoder_start_token_id", start, vocab)[0])
 
 
 def _int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -269,7 +262,7 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
     ``num_return_sequences`` rows per input (1 for greedy). Finished rows emit pad, like the reference.
     """
     group, L, dev = opts.num_return_sequences, opts.max_length, cache.cross_k[0].device
-    eos = torch.tensor(opts.eos, device=dev)
+    eos = torch.tensor(opts.eos, dtype=torch.long, device=dev)
     out = torch.full((batch * group, min(L, FIRST_CHUNK)), opts.pad, dtype=torch.long, device=dev)
     inputs = torch.arange(batch, device=dev)                             # active inputs
     rows = torch.arange(batch * group, device=dev)                       # their output rows, in cache order
@@ -327,7 +320,7 @@ def _widen(seqs: Tensor, width: int, pad: int) -> Tensor:
 def _used_length(seqs: Tensor, cur: int, opts: Options) -> int:
     """Length the reference returns: up to the step at which the last row finished (or max_length)."""
     gen = seqs[:, 1:cur]
-    hit = torch.isin(gen, torch.tensor(opts.eos, device=gen.device))
+    hit = torch.isin(gen, torch.tensor(opts.eos, dtype=torch.long, device=gen.device))
     end = torch.where(hit.any(1), hit.int().argmax(1) + 1, cur - 1)      # generated tokens up to the first EOS
     return int(end.max()) + 1
 
@@ -384,7 +377,7 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
     """
     K, L, dev = opts.num_beams, opts.max_length, cache.cross_k[0].device
     C = max(2, 1 + len(opts.eos)) * K
-    eos = torch.tensor(opts.eos, device=dev)
+    eos = torch.tensor(opts.eos, dtype=torch.long, device=dev)
     seqs = torch.full((batch, K, min(L, FIRST_CHUNK)), opts.pad, dtype=torch.long, device=dev)
     seqs[:, :, 0] = opts.start
     scores = torch.zeros(batch, K, device=dev)
@@ -473,41 +466,61 @@ def _store(out: BeamState, inputs: Tensor, st: BeamState, pad: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
-def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any) -> Tensor | GenerateOutput:
+def generate(model, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+             encoder_outputs: Any = None, generation_config: GenerationConfig | dict | None = None,
+             **options: Any) -> Tensor | GenerateOutput:
     """Generate summaries.
 
     Args:
         model: a :class:`~pegasus_x.model.PegasusXForConditionalGeneration` (put it in ``eval()`` mode).
-        input_ids: ``(B, T)`` source ids, right padded.
-        attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (None: all real).
+        input_ids: ``(B, T)`` source ids, right padded (optional with ``encoder_outputs``, unless
+            ``encoder_no_repeat_ngram_size`` needs them).
+        attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (None: all real, or the mask inside
+            ``encoder_outputs``).
+        encoder_outputs: precomputed encoder outputs, e.g. ``model.get_encoder()(input_ids=..., attention_mask=...)``
+            (anything with ``last_hidden_state``): the encoder is not run again.
+        generation_config: a :class:`~pegasus_x.GenerationConfig` (or dict) whose set options replace the model's
+            defaults for this call.
         **options: transformers' names. Length: ``max_new_tokens`` | ``max_length`` (start token included),
             ``min_new_tokens`` | ``min_length``. Search: ``num_beams``, ``length_penalty``, ``gnmt_alpha`` (use
             ((5+len)/6)**alpha instead of len**length_penalty), ``early_stopping`` (True/False/"never"),
             ``num_return_sequences``. Sampling: ``do_sample``, ``temperature``, ``top_k`` (default 50), ``top_p``,
             ``generator`` or ``seed``. Constraints: ``no_repeat_ngram_size``, ``encoder_no_repeat_ngram_size``,
-            ``repetition_penalty``, ``bad_words_ids``, ``forced_eos_token_id`` (default: the config's), and
+            ``repetition_penalty``, ``bad_words_ids``, ``forced_eos_token_id``, and
             ``eos_token_id``/``pad_token_id``/``decoder_start_token_id``. Output: ``return_dict_in_generate`` or
             ``output_scores`` → :class:`GenerateOutput`; ``streamer``: an object with ``put(tokens)``/``end()``
             (transformers' streamers) or a callable receiving each step's new tokens ``(B·num_return_sequences,)``.
-            Defaults come from ``model.generation_config`` (see :func:`resolve_options` for the length rule).
+            Unset options come from ``generation_config``, then ``model.generation_config``, exactly as in
+            transformers 5 (see :mod:`pegasus_x.generation_config`).
     Returns:
         ``(B·num_return_sequences, L)`` LongTensor starting with the decoder start token, padded with pad; or a
         :class:`GenerateOutput` when asked for.
     Raises:
         GenerationError: unknown or out-of-range options.
-        InputError: malformed ids or mask (from ``model.encode``).
+        InputError: malformed ids or mask (from ``model.encode``), or neither ids nor encoder outputs.
     """
-    opts = resolve_options(model, options, model.device)
+    opts = resolve_options(model, options, model.device, generation_config)
     if model.training:
         warnings.warn("generate() called in training mode: dropout is active; call model.eval() first",
                       stacklevel=2)
+    if input_ids is None and encoder_outputs is None:
+        raise InputError("give input_ids (or encoder_outputs) to generate from")
+    if input_ids is None and opts.encoder_no_repeat_ngram_size:
+        raise GenerationError("encoder_no_repeat_ngram_size needs the source ids: pass input_ids with "
+                              "encoder_outputs")
     with torch.inference_mode():
-        enc = model.encode(input_ids, attention_mask)
-        batch = enc.last_hidden_state.shape[0]
+        if encoder_outputs is None:
+            enc = model.encode(input_ids, attention_mask)
+            states, keep = enc.last_hidden_state, enc.attention_mask
+            del enc
+        else:
+            states, keep = encoder_inputs(encoder_outputs, attention_mask)
+        batch = states.shape[0]
         rows = batch * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
-        cache = new_cache(model, enc.last_hidden_state, enc.attention_mask, rows, opts.max_length - 1)
-        del enc
-        procs = build_processors(opts, input_ids.long())
+        cache = new_cache(model, states, keep, rows, opts.max_length - 1)
+        del states
+        source = input_ids.long() if input_ids is not None else keep.long()   # (device and batch size only)
+        procs = build_processors(opts, source)
         search = beam_search if opts.num_beams > 1 else greedy_or_sample
         result = search(make_step(model, cache), cache, opts, procs, batch)
     return result if opts.return_dict else result.sequences

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,38 +22,12 @@ from .attention import BACKENDS, Attention, GlobalLocalAttention
 from .cache import DecoderCache
 from .config import PegasusXConfig
 from .errors import ConfigError, InputError
+from .generation_config import GenerationConfig, as_generation_config
 from .native.linear import Linear
+from .outputs import EncoderOutput, Seq2SeqLMOutput, Seq2SeqOutput, encoder_inputs
 
 IGNORE_INDEX = -100
-
-
-# ---------------------------------------------------------------------------------------------------- outputs
-@dataclass
-class EncoderOutput:
-    """``last_hidden_state`` ``(B, T, D)`` and the ``attention_mask`` ``(B, T)`` it was computed with."""
-
-    last_hidden_state: Tensor
-    attention_mask: Tensor
-
-
-@dataclass
-class Seq2SeqOutput:
-    """Output of :class:`PegasusXModel`: decoder states ``(B, T_dec, D)`` and encoder states ``(B, T, D)``."""
-
-    last_hidden_state: Tensor
-    encoder_last_hidden_state: Tensor
-
-
-@dataclass
-class Seq2SeqLMOutput:
-    """Output of :class:`PegasusXForConditionalGeneration`.
-
-    ``logits`` ``(B, T_dec, V)``; ``loss`` (mean cross-entropy over labels ≠ -100) when labels were given.
-    """
-
-    logits: Tensor
-    encoder_last_hidden_state: Tensor
-    loss: Tensor | None = None
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")  # passed to the download
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -233,8 +206,30 @@ class PegasusXEncoder(nn.Module):
         self.gradient_checkpointing = False
         self._warned_length = False
 
-    def forward(self, input_ids: Tensor, keep: Tensor) -> Tensor:
-        """input_ids ``(B, T)``, keep ``(B, T)`` bool → token states ``(B, T, D)``."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
+        """transformers' call: ``enc(input_ids=..., attention_mask=...)`` → :class:`EncoderOutput`.
+
+        Args:
+            input_ids: ``(B, T)`` any T ≥ 1, right padded.
+            attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (None: all real).
+        Raises:
+            ConfigError: float16 weights.
+            InputError: malformed ids or mask, or ids on another device.
+        """
+        if self.embed_tokens.weight.dtype == torch.float16:
+            raise ConfigError("float16 overflows inside PEGASUS-X (activations exceed 65504); use torch.bfloat16 "
+                              "or torch.float32")
+        input_ids = check_ids("input_ids", input_ids, self.config.vocab_size)
+        device = self.embed_tokens.weight.device
+        if input_ids.device != device:
+            raise InputError(f"input_ids are on {input_ids.device} but the model is on {device}; "
+                             "move them with .to(model.device)")
+        keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else check_mask("attention_mask", attention_mask, input_ids))
+        return EncoderOutput(self.states(input_ids, keep), keep)
+
+    def states(self, input_ids: Tensor, keep: Tensor) -> Tensor:
+        """Unchecked inputs: input_ids ``(B, T)``, keep ``(B, T)`` bool → token states ``(B, T, D)``."""
         cfg = self.config
         B, T = input_ids.shape
         if T > cfg.max_position_embeddings and not self._warned_length:
@@ -354,27 +349,52 @@ class PegasusXPreTrainedModel(nn.Module):
         if not isinstance(config, PegasusXConfig):
             raise ConfigError(f"expected a PegasusXConfig, got {type(config).__name__}")
         self.config = config
-        self.generation_config: dict[str, Any] = {}
+        # Like transformers: the model config's generation options until a checkpoint's own replace them.
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """Default generation options (see :mod:`pegasus_x.generation_config`); a dict assigned here is
+        converted."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig | dict[str, Any] | None) -> None:
+        self._generation_config = as_generation_config(value)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None, strict: bool = False, **hub_kwargs: Any):
+                        device: torch.device | str | None = None, strict: bool = False,
+                        torch_dtype: torch.dtype | str | None = None, **hub_kwargs: Any):
         """Load a checkpoint folder (or hub id) in the Hugging Face layout.
 
         Args:
             path: folder with ``config.json`` and ``model.safetensors`` / a sharded index / ``pytorch_model.bin``,
                 or a hub id such as ``google/pegasus-x-base`` (needs ``huggingface_hub`` and network).
-            dtype: ``torch.float32`` / ``torch.bfloat16`` (or "fp32"/"bf16"); default: as stored, fp16 → fp32.
+            dtype: ``torch.float32`` / ``torch.bfloat16`` (or "fp32"/"bf16"); default ("auto" too): as stored,
+                fp16 → fp32.
             device: where the weights go (default CPU).
             strict: turn the warning about NaN/inf weights into an error.
+            torch_dtype: transformers' older name for ``dtype``.
+            **hub_kwargs: for a hub id: ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+                ``force_download``.
         Raises:
             CheckpointError: files missing/unsafe, or keys/shapes not matching the config (all named at once).
-            ConfigError: a dtype other than fp32 / bf16.
+            ConfigError: an argument this method does not take, ``dtype`` and ``torch_dtype`` disagreeing, or a dtype
+                other than fp32 / bf16.
             InputError: a device that is unknown or not available here, or a path that is not a str / PathLike.
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict, **hub_kwargs)
+        unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+        if unknown:
+            raise ConfigError(f"from_pretrained() got unsupported argument(s) {unknown}; it takes dtype, device, "
+                              f"strict and, for a hub id, {', '.join(HUB_KWARGS)}")
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype")
+        dtype = dtype if dtype is not None else torch_dtype
+        return load_pretrained(cls, path, dtype=None if dtype == "auto" else dtype, device=device, strict=strict,
+                               **hub_kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json``, ``model.safetensors`` (and ``generation_config.json``) atomically."""
@@ -434,20 +454,13 @@ class PegasusXPreTrainedModel(nn.Module):
     def device(self) -> torch.device:
         return self.shared_embedding().weight.device
 
-    def _check_dtype(self) -> None:
-        if self.dtype == torch.float16:
-            raise ConfigError("float16 overflows inside PEGASUS-X (activations exceed 65504); use torch.bfloat16 "
-                              "or torch.float32")
-
-    def _encode(self, model: "PegasusXModel", input_ids: Tensor, attention_mask: Tensor | None) -> EncoderOutput:
-        self._check_dtype()
-        input_ids = check_ids("input_ids", input_ids, self.config.vocab_size)
-        if input_ids.device != self.device:
-            raise InputError(f"input_ids are on {input_ids.device} but the model is on {self.device}; "
-                             "move them with .to(model.device)")
-        keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                else check_mask("attention_mask", attention_mask, input_ids))
-        return EncoderOutput(model.encoder(input_ids, keep), keep)
+    def _encoder_inputs(self, input_ids: Tensor | None, attention_mask: Tensor | None,
+                        encoder_outputs: Any) -> tuple[Tensor, Tensor]:
+        """(encoder states, keep mask): run the encoder, or take precomputed ``encoder_outputs``."""
+        if encoder_outputs is None:
+            enc = self.encode(input_ids, attention_mask)
+            return enc.last_hidden_state, enc.attention_mask
+        return encoder_inputs(encoder_outputs, attention_mask)
 
     def _decoder_inputs(self, decoder_input_ids: Tensor | None, labels: Tensor | None,
                         decoder_attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -488,11 +501,11 @@ class PegasusXModel(PegasusXPreTrainedModel):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
         """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``."""
-        return self._encode(self, input_ids, attention_mask)
+        return self.encoder(input_ids, attention_mask)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
-                encoder_outputs: EncoderOutput | None = None) -> Seq2SeqOutput:
+                encoder_outputs: Any = None) -> Seq2SeqOutput:
         """Encoder-decoder forward pass.
 
         Args:
@@ -500,16 +513,17 @@ class PegasusXModel(PegasusXPreTrainedModel):
             attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding.
             decoder_input_ids: ``(B, T_dec)``, starting with decoder_start_token_id.
             decoder_attention_mask: ``(B, T_dec)``; its first column must be 1.
-            encoder_outputs: a precomputed :class:`EncoderOutput`.
+            encoder_outputs: precomputed encoder outputs (an :class:`EncoderOutput`, anything with
+                ``last_hidden_state``, or a tuple starting with the states); ``attention_mask`` defaults to theirs.
         Returns:
             :class:`Seq2SeqOutput`.
         Raises:
             InputError: malformed ids or masks.
         """
-        enc = encoder_outputs if encoder_outputs is not None else self.encode(input_ids, attention_mask)
+        states, keep = self._encoder_inputs(input_ids, attention_mask, encoder_outputs)
         dec_ids, dec_keep = self._decoder_inputs(decoder_input_ids, None, decoder_attention_mask)
-        h = self.decoder(dec_ids, enc.last_hidden_state, enc.attention_mask, dec_keep)
-        return Seq2SeqOutput(h, enc.last_hidden_state)
+        h = self.decoder(dec_ids, states, keep, dec_keep)
+        return Seq2SeqOutput(h, states)
 
 
 class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
@@ -533,6 +547,44 @@ class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
     def get_decoder(self) -> PegasusXDecoder:
         return self.model.decoder
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.shared
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def resize_token_embeddings(self, new_num_tokens: int, pad_to_multiple_of: int | None = None) -> nn.Embedding:
+        """Give the vocabulary ``new_num_tokens`` rows (rounded up to ``pad_to_multiple_of``), e.g. after adding
+        tokens to the tokenizer; updates ``config.vocab_size`` and returns the new embedding.
+
+        Kept rows are copied; new rows (and an untied LM head's) start as the mean of the old rows, so new tokens
+        begin close to the average token instead of at a random scale.
+
+        Raises:
+            ConfigError: a size that is not a positive integer, or one that drops a special token's row.
+        """
+        for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if pad_to_multiple_of:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        cfg = self.config
+        needed = 1 + max(cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id)
+        if new_num_tokens < needed:
+            raise ConfigError(f"new_num_tokens={new_num_tokens} would drop special token ids (up to {needed - 1}); "
+                              f"keep at least {needed} rows")
+        old = self.model.shared
+        shared = _resized(old.weight, new_num_tokens)
+        table = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=old.padding_idx, _weight=shared)
+        self.model.shared = self.model.encoder.embed_tokens = self.model.decoder.embed_tokens = table
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = table.weight
+        else:
+            self.lm_head.weight = nn.Parameter(_resized(self.lm_head.weight, new_num_tokens))
+        self.lm_head.out_features = new_num_tokens
+        cfg.vocab_size = new_num_tokens
+        return table
+
     def tie_weights(self) -> None:
         """Point ``lm_head`` at the shared embedding again (after ``load_state_dict(assign=True)``)."""
         if self.config.tie_word_embeddings:
@@ -540,11 +592,11 @@ class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
         """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``."""
-        return self._encode(self.model, input_ids, attention_mask)
+        return self.model.encoder(input_ids, attention_mask)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, encoder_outputs: EncoderOutput | None = None) -> Seq2SeqLMOutput:
+                labels: Tensor | None = None, encoder_outputs: Any = None) -> Seq2SeqLMOutput:
         """Logits (and loss with ``labels``).
 
         Args:
@@ -552,17 +604,18 @@ class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
             decoder_input_ids: ``(B, T_dec)``; made from ``labels`` by shifting right when omitted.
             decoder_attention_mask: ``(B, T_dec)``; its first column must be 1.
             labels: ``(B, T_dec)`` target ids, -100 where ignored.
-            encoder_outputs: a precomputed :class:`EncoderOutput`.
+            encoder_outputs: precomputed encoder outputs (an :class:`EncoderOutput`, anything with
+                ``last_hidden_state``, or a tuple starting with the states); ``attention_mask`` defaults to theirs.
         Returns:
             :class:`Seq2SeqLMOutput` with ``logits (B, T_dec, V)``.
         Raises:
             InputError: malformed ids, masks or labels.
         """
-        enc = encoder_outputs if encoder_outputs is not None else self.encode(input_ids, attention_mask)
+        states, keep = self._encoder_inputs(input_ids, attention_mask, encoder_outputs)
         if labels is not None:
             labels = _check_labels(labels, self.config.vocab_size)
         dec_ids, dec_keep = self._decoder_inputs(decoder_input_ids, labels, decoder_attention_mask)
-        h = self.model.decoder(dec_ids, enc.last_hidden_state, enc.attention_mask, dec_keep)
+        h = self.model.decoder(dec_ids, states, keep, dec_keep)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
@@ -571,13 +624,24 @@ class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
                                  f"{tuple(dec_ids.shape)}; they must match")
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
                                    ignore_index=IGNORE_INDEX)
-        return Seq2SeqLMOutput(logits, enc.last_hidden_state, loss)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=states)
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any):
-        """Summarize: see :func:`pegasus_x.generate.generate` for the options."""
+    def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **options: Any):
+        """Summarize: see :func:`pegasus_x.generate.generate` for the options (``encoder_outputs=`` and
+        ``generation_config=`` included)."""
         from .generate import generate
 
         return generate(self, input_ids, attention_mask, **options)
+
+
+def _resized(weight: Tensor, rows: int) -> Tensor:
+    """``weight`` with ``rows`` rows: the first ones copied, new ones the mean of the old (same dtype/device)."""
+    with torch.no_grad():
+        out = weight.new_empty(rows, weight.shape[1])
+        kept = min(rows, weight.shape[0])
+        out[:kept] = weight[:kept]
+        out[kept:] = weight.float().mean(0).to(weight.dtype)
+    return out
 
 
 def _check_labels(labels: Any, vocab_size: int) -> Tensor:

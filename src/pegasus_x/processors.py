@@ -22,7 +22,7 @@ Processor = Callable[[Tensor, Tensor, Tensor], Tensor]
 def build_processors(opts: Options, encoder_ids: Tensor) -> list[Processor]:
     """The reference's logits processors, in its order (penalties, bans, length rules, then sampling warpers)."""
     procs: list[Processor] = []
-    eos = torch.tensor(opts.eos, device=encoder_ids.device)
+    eos = torch.tensor(opts.eos, dtype=torch.long, device=encoder_ids.device)
     if opts.repetition_penalty != 1.0:
         procs.append(_repetition(opts.repetition_penalty))
     if opts.no_repeat_ngram_size > 0:
@@ -31,7 +31,7 @@ def build_processors(opts: Options, encoder_ids: Tensor) -> list[Processor]:
         procs.append(_encoder_no_repeat_ngram(opts.encoder_no_repeat_ngram_size, encoder_ids))
     if opts.bad_words_ids:
         procs.append(_bad_words_ban(opts.bad_words_ids, encoder_ids.device))
-    if opts.min_length > 0:
+    if opts.min_length > 0 and opts.eos:                # like the reference: no EOS, nothing to hold back
         procs.append(lambda s, hist, _: s.index_fill(1, eos, -math.inf) if hist.shape[1] < opts.min_length else s)
     if opts.forced_eos:
         forced = torch.tensor(opts.forced_eos, device=encoder_ids.device)

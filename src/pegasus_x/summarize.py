@@ -1,9 +1,10 @@
 """`Summarizer`: a loaded model + tokenizer that turns texts into summaries.
 
-It owns the policy a user should not have to think about: generation defaults (the checkpoint's
-``generation_config`` with a sane output length), batching by length, inputs longer than the model reads
+It owns the policy a user should not have to think about: batching by length, inputs longer than the model reads
 (truncated with a count of dropped tokens, or summarized chunk by chunk), and streaming. The command line
-(`pegasus-x summarize`) is a thin layer over this class.
+(`pegasus-x summarize`) is a thin layer over this class. Generation defaults are ``generate``'s own (the
+checkpoint's, resolved as transformers does: :mod:`pegasus_x.generation_config`), so a Summarizer and ``generate``
+give the same ids for the same checkpoint and options.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from .errors import CheckpointError, GenerationError, InputError
 from .model import PegasusXForConditionalGeneration
 from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
 
-DEFAULT_MAX_NEW_TOKENS = 256  # when neither the caller nor the checkpoint sets an output length
 DEFAULT_BATCH_SIZE = 8
 CHUNK_SEPARATOR = "\n"  # between chunk summaries before they are summarized again
 # generate() options a Summarizer decides itself: one summary (a string) per text; the streamer is run()'s argument.
@@ -79,7 +79,7 @@ class Summarizer:
             the smaller of ``tokenizer.model_max_length`` and ``config.max_position_embeddings``.
         newline_to_n: load the tokenizer with ``"\\n"`` ↔ ``<n>`` (models fine-tuned with the original pipeline).
         **generate_options: defaults for :func:`pegasus_x.generate.generate` (``num_beams``, ``max_new_tokens``, ...),
-            over the checkpoint's ``generation_config``; see :meth:`generation_options`.
+            over the checkpoint's ``generation_config`` (resolved by ``generate``, as transformers does).
 
     Raises:
         CheckpointError: the model folder or hub id cannot be found or loaded, or there is no bundled demo model.
@@ -117,34 +117,20 @@ class Summarizer:
         return min(requested, limit)
 
     def generation_options(self, **overrides: Any) -> dict[str, Any]:
-        """The options passed to ``generate``: the constructor's, then ``overrides``, plus an output length.
+        """The options passed to ``generate``: the constructor's, then ``overrides``.
 
-        ``generate`` fills every option not given here from the checkpoint's ``generation_config``. The length is
-        decided here: the caller's ``max_new_tokens`` / ``max_length``, else the checkpoint's ``max_new_tokens``,
-        else its ``max_length`` minus the start token — unless that ``max_length`` is at least
-        ``config.max_position_embeddings`` (the hub files say 16384, meaning "no limit"): then, as when nothing
-        sets a length, :data:`DEFAULT_MAX_NEW_TOKENS` (256).
+        ``generate`` fills every option not given here (the length too) from the checkpoint's
+        ``generation_config``, exactly as transformers does (:mod:`pegasus_x.generation_config`).
 
         Raises:
             GenerationError: an option ``generate`` does not take, or ``min_new_tokens > max_new_tokens``.
         """
         _check_option_names(overrides)
         options = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        if "max_new_tokens" not in options and "max_length" not in options:
-            options["max_new_tokens"] = self._stored_max_new_tokens()
         low, high = options.get("min_new_tokens"), options.get("max_new_tokens")
         if isinstance(low, int) and isinstance(high, int) and low > high:
             raise GenerationError(f"min_new_tokens={low} is larger than max_new_tokens={high}; lower it")
         return options
-
-    def _stored_max_new_tokens(self) -> int:
-        stored = self.model.generation_config or {}
-        if isinstance(stored.get("max_new_tokens"), int):
-            return stored["max_new_tokens"]
-        max_length = stored.get("max_length")
-        if isinstance(max_length, int) and 1 < max_length < self.model.config.max_position_embeddings:
-            return max_length - 1
-        return DEFAULT_MAX_NEW_TOKENS
 
     # ------------------------------------------------------------------ summarizing
     def __call__(self, text: str | Sequence[str], *, chunked: bool = False, **generate_options: Any
@@ -369,9 +355,9 @@ def _chunk_length(limit: int, block: int) -> int:
 
 def _check_option_names(options: dict[str, Any]) -> None:
     """Raise GenerationError naming any option ``generate`` does not take (or that a Summarizer decides)."""
-    from .generate import DEFAULTS
+    from .generate import OPTION_NAMES
 
-    accepted = set(DEFAULTS) - _NOT_OPTIONS
+    accepted = set(OPTION_NAMES) - _NOT_OPTIONS
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
         raise GenerationError(f"unknown generation option(s) {', '.join(unknown)}; "

@@ -47,13 +47,29 @@ _CLEANUPS = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 
 
 class BatchEncoding(dict):
-    """Model inputs (``input_ids``, ``attention_mask``, maybe ``labels``); keys are also attributes."""
+    """Model inputs (``input_ids``, ``attention_mask``, maybe ``labels``); keys are also attributes, and
+    :meth:`to` moves the tensors, as with transformers' BatchEncoding."""
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def to(self, device: Any) -> BatchEncoding:
+        """Move every tensor to ``device`` (a device, or a string such as "cuda"); returns this encoding.
+
+        Raises:
+            TokenizerError: ``device`` is not a device (transformers allows only devices here too).
+        """
+        import torch  # lazy: tokenizer-only tools should not pay for importing torch
+
+        if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+            raise TokenizerError(f"BatchEncoding.to() takes a device such as 'cpu' or 'cuda', got {device!r}")
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                self[key] = value.to(device)
+        return self
 
 
 class PegasusTokenizer:
@@ -91,7 +107,9 @@ class PegasusTokenizer:
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, newline_to_n: bool = False,
-                        model_max_length: int | None = None) -> PegasusTokenizer:
+                        model_max_length: int | None = None, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None) -> PegasusTokenizer:
         """Load from a folder, or from a Hugging Face Hub id such as ``"google/pegasus-x-large"``.
 
         Args:
@@ -101,6 +119,8 @@ class PegasusTokenizer:
             newline_to_n: map ``"\\n"`` to the ``<n>`` piece and back (original PEGASUS pipeline).
             model_max_length: override the config's limit (used by ``truncation=True`` without
                 ``max_length`` and by ``padding="max_length"``); 16384 when absent or absurd.
+            revision, cache_dir, local_files_only, token: for a Hub id, as in ``huggingface_hub`` (ignored for a
+                folder).
 
         Returns:
             The tokenizer.
@@ -108,7 +128,8 @@ class PegasusTokenizer:
         Raises:
             TokenizerError: missing folder, no tokenizer file, invalid file, or Hub download impossible.
         """
-        folder = _resolve_folder(name_or_path)
+        folder = _resolve_folder(name_or_path, dict(revision=revision, cache_dir=cache_dir,
+                                                    local_files_only=local_files_only, token=token))
         config, special_map = _read_json(folder / CONFIG_FILE), _read_json(folder / SPECIAL_MAP_FILE)
         spm = None
         if (folder / TOKENIZER_FILE).is_file():
@@ -408,7 +429,7 @@ def _to_tensors(rows: list[list[int]], lengths: list[int]) -> BatchEncoding:
     return BatchEncoding(input_ids=ids, attention_mask=mask)
 
 
-def _resolve_folder(name_or_path: Any) -> Path:
+def _resolve_folder(name_or_path: Any, hub_kwargs: dict[str, Any]) -> Path:
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TokenizerError(f"expected a folder path or a Hub id, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
@@ -417,12 +438,12 @@ def _resolve_folder(name_or_path: Any) -> Path:
     if path.exists():
         raise TokenizerError(f"{str(path)!r} is a file; expected a folder with {TOKENIZER_FILE} or {SPM_FILE}")
     if _HUB_ID.match(str(name_or_path)):
-        return _download(str(name_or_path))
+        return _download(str(name_or_path), hub_kwargs)
     raise TokenizerError(f"tokenizer folder {str(path)!r} does not exist; expected a folder holding "
                          f"{TOKENIZER_FILE} or {SPM_FILE}, or a Hub id like 'google/pegasus-x-large'")
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, hub_kwargs: dict[str, Any]) -> Path:
     how = (f"download {TOKENIZER_FILE} (or {SPM_FILE}), {CONFIG_FILE} and {SPECIAL_MAP_FILE} from "
            f"https://huggingface.co/{repo_id} into a folder and pass that folder's path")
     try:
@@ -432,7 +453,7 @@ def _download(repo_id: str) -> Path:
                              f"(pip install 'pegasus-x[hub]'); or {how}") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, SPM_FILE, CONFIG_FILE,
-                                                               SPECIAL_MAP_FILE]))
+                                                               SPECIAL_MAP_FILE], **hub_kwargs))
     except Exception as exc:  # network, auth and missing-repo errors share no base class
         raise TokenizerError(f"could not download the tokenizer {repo_id!r} from the Hugging Face Hub "
                              f"({type(exc).__name__}: {exc}); {how}") from exc
