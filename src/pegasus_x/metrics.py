@@ -2,14 +2,14 @@
 
 ROUGE follows the long-document papers: ``rouge-score`` with ``use_stemmer=True``; ROUGE-Lsum splits
 summaries into sentences only at newlines, so predictions and references are first put one sentence
-per line. Scores are F-measures in percent, averaged over examples. BLEU and chrF are corpus-level
-``sacrebleu`` scores. Both packages are imported only when used (``pip install 'pegasus-x[eval]'``).
+per line by the package's splitter (:mod:`pegasus_x.sentences`, which knows "Dr.", "e.g.", "Fig. 3").
+Scores are F-measures in percent, averaged over examples. BLEU and chrF are corpus-level ``sacrebleu`` scores.
+Both packages are imported only when used (``pip install 'pegasus-x[eval]'``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,17 +17,17 @@ from typing import Any, Sequence
 import torch
 
 from .errors import DataError, InputError
+from .sentences import split_sentences
 
 TASKS = ("summarization", "translation")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 
 def sentence_per_line(text: str) -> str:
-    """Put each sentence on its own line (split after ``.``, ``!``, ``?`` followed by whitespace)."""
-    return "\n".join(s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip())
+    """Put each sentence on its own line (:func:`pegasus_x.sentences.split_sentences`), as ROUGE-Lsum wants."""
+    return "\n".join(split_sentences(text))
 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
