@@ -16,7 +16,8 @@ from rouge_score import rouge_scorer
 import pegasus_x
 from pegasus_x import ConfigError, DataError
 from pegasus_x.pretraining import (GSGOptions, make_gsg_example, register, rouge1_f1, sentence_scores,
-                                   split_sentences, write_gsg_jsonl)
+                                   write_gsg_jsonl)
+from pegasus_x.sentences import split_sentences
 
 SCORER = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away", "big", "red", "sun", "rose", "again", "2020"]

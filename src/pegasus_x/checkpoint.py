@@ -130,7 +130,7 @@ def resolve(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"{text!r} is not a local folder, and loading hub ids needs huggingface_hub: "
-                              "pip install 'pegasus-x[hub]', or download the folder and pass its path") from None
+                              "pip install huggingface_hub, or download the folder and pass its path") from None
     patterns = [CONFIG_NAME, GENERATION_CONFIG, "*.safetensors", SAFE_INDEX, "spiece.model", "tokenizer*.json",
                 "special_tokens_map.json"]
     try:

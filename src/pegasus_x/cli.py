@@ -8,15 +8,17 @@ and exits with status 2, like argparse's own usage errors. Anything else is a bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import os
 import stat
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 from . import strict_json
 from .errors import InputError, PegasusXError
@@ -76,7 +78,7 @@ def _dispatch(argv: list[str] | None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _log_to_stderr():
         warnings.showwarning = _show_warning
         return args.func(args)
 
@@ -99,6 +101,32 @@ def _show_warning(message: Warning | str, category: type, filename: str, lineno:
                   line: str | None = None) -> None:
     """Warnings as one line, like errors (the default format adds a file name and a source line)."""
     print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+class _LogLine(logging.Formatter):
+    """Library log records as ``pegasus-x: message`` lines (``pegasus-x: warning: ...`` from WARNING up)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{PROG}: {level}{record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """Show the library's ``pegasus_x`` log records (INFO and up, unless a level was set) on stderr while a
+    command runs; the handler goes again afterwards, so repeated ``main`` calls do not repeat lines."""
+    logger = logging.getLogger("pegasus_x")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogLine())
+    level = logger.level
+    if level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _positive_int(text: str) -> int:

@@ -1,8 +1,9 @@
 """Source/target pairs for fine-tuning and evaluation: reading, tokenizing, length-grouped batching.
 
 Reading: JSONL (also ``.json`` holding a list), CSV, TSV and Parquet files (optionally ``.gz`` for the
-text formats), or a Hugging Face ``datasets`` name written ``NAME[:CONFIG][@SPLIT]``. Rows whose source
-or target is empty are skipped and counted.
+text formats); with the ``datasets`` package also a ``datasets.Dataset`` object, a folder (one saved with
+``save_to_disk``, or data files ``load_dataset`` reads) written ``FOLDER[@SPLIT]``, or a hub dataset name
+written ``NAME[:CONFIG][@SPLIT]``. Rows whose source or target is empty are skipped and counted.
 
 Batching: a *plan* is the list of global batches (lists of example indices) of one epoch. It depends
 only on the token lengths, the batch limits, the seed and the epoch, so every rank of a distributed run
@@ -17,6 +18,7 @@ import gzip
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -61,31 +63,43 @@ class PairDataset:
         return f"{self.origin}: {len(self.examples)} pairs{skipped}"
 
 
-def load_pairs(spec: str | Path, source_column: str = "source", target_column: str = "target") -> PairDataset:
-    """Read source/target pairs from a file or a ``datasets`` name.
+def load_pairs(spec: Any, source_column: str = "source", target_column: str = "target") -> PairDataset:
+    """Read source/target pairs from a file, a dataset folder, a ``datasets`` name or a ``datasets.Dataset``.
 
     Args:
-        spec: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` (each optionally ``.gz``) or ``.parquet`` file, or
-            a Hugging Face ``datasets`` name ``NAME[:CONFIG][@SPLIT]`` (split defaults to ``train``).
+        spec: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` (each optionally ``.gz``) or ``.parquet`` file; a
+            ``datasets.Dataset`` (pass one split of a ``DatasetDict``: ``dd["train"]``); a folder saved with
+            ``save_to_disk`` or holding data files, ``FOLDER[@SPLIT]``; or a Hugging Face ``datasets`` name
+            ``NAME[:CONFIG][@SPLIT]`` (split defaults to ``train``).
         source_column: the column holding documents.
         target_column: the column holding summaries / translations.
     Returns:
         :class:`PairDataset` (texts stripped of surrounding whitespace).
     Raises:
         DataError: unreadable file, unknown format, missing column (the available ones are listed), a
-            non-text value, or no usable pair at all.
+            non-text value, a ``DatasetDict`` or folder without a chosen split, or no usable pair at all.
     """
-    path = Path(spec)
-    if path.is_file():
-        rows, columns = _read_file(path)
-        origin = path.name
-    elif path.exists():
-        raise DataError(f"{path} is a folder; pass a .jsonl, .csv, .tsv or .parquet file")
-    elif _looks_like_a_file(str(spec)):
-        raise DataError(f"data file {str(spec)!r} does not exist; check the path")
+    if not isinstance(spec, (str, os.PathLike)):
+        rows, columns = _read_dataset(spec, repr(spec)[:60], None)
+        origin = f"{type(spec).__name__} ({len(rows)} rows)"
     else:
-        rows, columns = _read_hub(str(spec))
-        origin = str(spec)
+        path, folder, split = Path(spec), None, None
+        head, at, tail = str(spec).rpartition("@")
+        if path.is_dir():
+            folder = path
+        elif at and not path.exists() and Path(head).is_dir():
+            folder, split = Path(head), tail
+        if path.is_file():
+            rows, columns = _read_file(path)
+            origin = path.name
+        elif folder is not None:
+            rows, columns = _read_folder(folder, split)
+            origin = str(spec)
+        elif _looks_like_a_file(str(spec)):
+            raise DataError(f"data file {str(spec)!r} does not exist; check the path")
+        else:
+            rows, columns = _read_hub(str(spec))
+            origin = str(spec)
     if not rows:
         raise DataError(f"{origin} is empty: no rows to train or evaluate on")
     for wanted, flag in ((source_column, "--source-column"), (target_column, "--target-column")):
@@ -194,14 +208,52 @@ def _read_parquet(path: Path) -> tuple[list[dict], set[str]]:
     return table.to_pylist(), set(table.column_names)
 
 
-def _read_hub(spec: str) -> tuple[list[dict], set[str]]:
-    name, _, split = spec.partition("@")
-    name, _, config = name.partition(":")
+def _import_datasets(what: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{spec!r} is not a file, and loading dataset names needs the `datasets` package: "
-                        "pip install datasets — or pass a .jsonl/.csv/.tsv/.parquet file") from None
+        raise DataError(f"{what} needs the `datasets` package: pip install datasets (or 'pegasus-x[datasets]') "
+                        "— or pass a .jsonl/.csv/.tsv/.parquet file") from None
+    return datasets
+
+
+def _read_dataset(table: Any, origin: str, split: str | None) -> tuple[list[dict], set[str]]:
+    """The rows of a ``datasets.Dataset``, or of the chosen split of a ``DatasetDict``."""
+    datasets = _import_datasets(f"reading {origin}")
+    if isinstance(table, datasets.DatasetDict):
+        splits = sorted(table)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in table:
+            how = "add @SPLIT to the folder" if split is None else "pick one of them"
+            raise DataError(f"{origin} holds the splits {splits}" + (f", not {split!r}" if split else "") +
+                            f"; {how} (FOLDER@{splits[0]}), or in Python pass one split: data[{splits[0]!r}]")
+        table = table[split]
+    elif split is not None:
+        raise DataError(f"{origin} holds a single dataset, not splits; drop @{split}")
+    if not isinstance(table, datasets.Dataset):
+        raise DataError(f"expected a file path, a dataset folder or name, or a datasets.Dataset; got "
+                        f"{type(table).__name__}")
+    return list(table), set(table.column_names)
+
+
+def _read_folder(folder: Path, split: str | None) -> tuple[list[dict], set[str]]:
+    datasets = _import_datasets(f"{folder} is a folder; reading a dataset folder")
+    saved = any((folder / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
+    try:
+        # save_to_disk leaves state.json (a Dataset) or dataset_dict.json (a DatasetDict); anything else is a
+        # folder of data files (train.jsonl, test.csv …), which load_dataset reads into splits by file name.
+        table = datasets.load_from_disk(str(folder)) if saved else datasets.load_dataset(str(folder))
+    except Exception as exc:  # datasets' errors share no base class; the user acts on the message
+        raise DataError(f"could not read the dataset folder {folder} ({type(exc).__name__}: {exc}); pass a "
+                        "folder saved with save_to_disk or one holding .jsonl/.csv/.parquet data files") from None
+    return _read_dataset(table, str(folder), split)
+
+
+def _read_hub(spec: str) -> tuple[list[dict], set[str]]:
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    datasets = _import_datasets(f"{spec!r} is not a file, and loading dataset names")
     try:
         table = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # network, unknown name, unknown split: the user acts on the message

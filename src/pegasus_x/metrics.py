@@ -2,13 +2,15 @@
 
 ROUGE follows the long-document papers: ``rouge-score`` with ``use_stemmer=True``; ROUGE-Lsum splits
 summaries into sentences only at newlines, so predictions and references are first put one sentence
-per line. Scores are F-measures in percent, averaged over examples. BLEU and chrF are corpus-level
-``sacrebleu`` scores. Both packages are imported only when used (``pip install 'pegasus-x[eval]'``).
+per line by the package's splitter (:mod:`pegasus_x.sentences`, which knows "Dr.", "e.g.", "Fig. 3").
+Scores are F-measures in percent, averaged over examples. BLEU and chrF are corpus-level ``sacrebleu`` scores.
+Both packages are imported only when used (``pip install 'pegasus-x[eval]'``).
 """
 
 from __future__ import annotations
 
-import re
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,17 +19,17 @@ import torch
 
 from .errors import DataError, InputError
 from .files import atomic_write_bytes, check_output_dir, json_text
+from .sentences import split_sentences
 
 TASKS = ("summarization", "translation")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 
 def sentence_per_line(text: str) -> str:
-    """Put each sentence on its own line (split after ``.``, ``!``, ``?`` followed by whitespace)."""
-    return "\n".join(s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip())
+    """Put each sentence on its own line (:func:`pegasus_x.sentences.split_sentences`), as ROUGE-Lsum wants."""
+    return "\n".join(split_sentences(text))
 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -100,7 +102,7 @@ class GenerationOptions:
 
 @torch.inference_mode()
 def generate_texts(model: Any, tokenizer: Any, sources: Sequence[str], generation: dict[str, Any], *,
-                   batch_size: int = 8, max_source_length: int | None = None) -> list[str]:
+                   batch_size: int = 8, max_source_length: int | None = None, progress: bool = True) -> list[str]:
     """Generate one text per source, batching sources of similar length together.
 
     Args:
@@ -110,14 +112,19 @@ def generate_texts(model: Any, tokenizer: Any, sources: Sequence[str], generatio
         generation: keyword arguments of ``model.generate``.
         batch_size: documents per ``generate`` call.
         max_source_length: truncate inputs to this many tokens (default: the tokenizer's limit).
+        progress: show a progress bar (documents done) on stderr when it is a terminal, like ``summarize``.
     Returns:
         The decoded outputs, in the order of ``sources``.
     """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     lengths = [len(s) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: -lengths[i])
     outputs: list[str] = [""] * len(sources)
+    bar = tqdm(total=len(sources), unit="doc", desc="evaluate", file=sys.stderr, leave=False,
+               disable=not progress or not sys.stderr.isatty())
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         enc = tokenizer([sources[i] for i in chosen], max_length=max_source_length, truncation=True,
@@ -126,18 +133,26 @@ def generate_texts(model: Any, tokenizer: Any, sources: Sequence[str], generatio
                              **generation)
         for i, text in zip(chosen, tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)):
             outputs[i] = text.strip()
+        bar.update(len(chosen))
+    bar.close()
     model.train(was_training)
     return outputs
 
 
-def evaluate(model: Any, tokenizer: Any, examples: Sequence[Any], task: str = "summarization",
+def evaluate(model: Any, tokenizer: Any, examples: Any, task: str = "summarization",
              generation: GenerationOptions | None = None, *, batch_size: int = 8,
-             max_source_length: int | None = None, output_dir: str | Path | None = None) -> dict[str, Any]:
+             max_source_length: int | None = None, output_dir: str | Path | None = None,
+             source_column: str = "source", target_column: str = "target", progress: bool = True
+             ) -> dict[str, Any]:
     """Generate for every example and score against its target.
 
     Args:
         model, tokenizer: the checkpoint to evaluate.
-        examples: :class:`~pegasus_x.data.Example` pairs (``.source``, ``.target``).
+        examples: :class:`~pegasus_x.data.Example` pairs (``.source``, ``.target``), or anything
+            :func:`pegasus_x.data.load_pairs` reads: a data file, a ``datasets.Dataset`` (one split of a
+            ``DatasetDict``), a dataset folder or name.
+        source_column, target_column: the columns of ``examples`` when it is read by ``load_pairs``.
+        progress: show a progress bar on stderr when it is a terminal.
         task: ``summarization`` (ROUGE-1/2/L/Lsum) or ``translation`` (BLEU, chrF).
         generation: decoding options (unset ones: the checkpoint's generation_config.json).
         batch_size: documents per ``generate`` call.
@@ -150,7 +165,13 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Any], task: str = "s
     Raises:
         InputError: unknown task, no examples, an ``output_dir`` that cannot be written (checked before
             generating), or a non-finite metric (JSON cannot hold it).
+        DataError: ``examples`` could not be read (see :func:`pegasus_x.data.load_pairs`).
     """
+    from .data import load_pairs
+
+    if isinstance(examples, (str, os.PathLike)) or hasattr(examples, "column_names"):   # a file or a Dataset
+        examples = load_pairs(examples, source_column, target_column).examples
+
     if task not in TASKS:
         raise InputError(f"task {task!r} is unknown; use one of {TASKS}")
     if not examples:
@@ -159,7 +180,7 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Any], task: str = "s
         check_output_dir(output_dir, flag="output_dir", files=(PREDICTIONS_FILE, METRICS_FILE))
     options = (generation or GenerationOptions()).as_kwargs()
     predictions = generate_texts(model, tokenizer, [e.source for e in examples], options, batch_size=batch_size,
-                                 max_source_length=max_source_length)
+                                 max_source_length=max_source_length, progress=progress)
     references = [e.target for e in examples]
     metrics: dict[str, Any] = {**score(task, predictions, references), "count": len(examples), "task": task,
                                "generation": {**(getattr(model, "generation_config", None) or {}), **options}}

@@ -2,7 +2,7 @@
 
 For one document (PEGASUS "Ind-Orig"):
 
-1. split it into n sentences (:func:`sentence_spans`, a small documented rule set — NLTK is not available offline);
+1. split it into n sentences (:func:`pegasus_x.sentences.sentence_spans`, the package's one splitter);
 2. score every sentence *independently* by ROUGE-1 F1 against the rest of the document, counting repeated words
    ("Orig", not unique-word sets), on lowercased ``[a-z0-9]+`` tokens without stemming — exactly what
    ``rouge-score`` computes with ``use_stemmer=False``;
@@ -31,60 +31,14 @@ from typing import Iterable, Iterator, Sequence
 
 from .errors import ConfigError, DataError
 from .files import atomic_open, check_output, json_text
+from .sentences import sentence_spans
 
 MASK_SENTENCE = "<mask_1>"
 # The training-data flag of the `train` subcommand that `pretrain` hands the GSG pairs to (columns source/target,
 # the train command's default --source-column/--target-column).
 TRAIN_DATA_FLAG = "--train"
 
-# Words whose trailing period does not end a sentence. Lowercased, without the final period.
-_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs etc e.g i.e cf fig figs eq eqs no nos vol al approx "
-                           "dept est inc ltd co corp jan feb mar apr jun jul aug sep sept oct nov dec u.s".split())
-# A candidate end: terminal punctuation, optional closing quotes/brackets, then whitespace and a capital letter,
-# digit or opening quote/bracket — or the end of the line.
-_END = re.compile(r"""[.!?]+["')\]]*(?=\s+["'(\[]?[A-Z0-9]|\s*$)""")
 _TOKEN = re.compile(r"[a-z0-9]+")
-
-
-# ============================================================================================ sentences
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """``(start, end)`` character spans of the sentences of ``text``, in order, without surrounding whitespace.
-
-    Rules: a line break always ends a sentence; inside a line a sentence ends at ``.``/``!``/``?`` (plus any
-    closing quotes or brackets) followed by whitespace and a capital letter, digit or opening quote/bracket —
-    unless the word before a ``.`` is a known abbreviation (``Dr.``, ``e.g.``, ``Fig.``, …) or a single capital
-    letter (an initial, as in ``J. Smith``). Lowercase after a period (``approx. five``) never splits.
-    """
-    spans = []
-    for line in re.finditer(r"[^\n]+", text):
-        start = line.start()
-        for end in _END.finditer(line.group()):
-            stop = line.start() + end.end()
-            if end.group().startswith(".") and _is_abbreviation(text[start:line.start() + end.start()]):
-                continue
-            spans.append((start, stop))
-            start = stop
-        spans.append((start, line.end()))
-    return [s for s in (_strip(text, a, b) for a, b in spans) if s[0] < s[1]]
-
-
-def _is_abbreviation(before: str) -> bool:
-    word = before.rsplit(None, 1)[-1] if before.strip() else ""
-    word = word.lstrip("\"'([")
-    return word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isupper())
-
-
-def _strip(text: str, a: int, b: int) -> tuple[int, int]:
-    while a < b and text[a].isspace():
-        a += 1
-    while b > a and text[b - 1].isspace():
-        b -= 1
-    return a, b
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of ``text`` (see :func:`sentence_spans` for the rules)."""
-    return [text[a:b] for a, b in sentence_spans(text)]
 
 
 # ============================================================================================ scoring

@@ -450,7 +450,7 @@ def _download(repo_id: str, hub_kwargs: dict[str, Any]) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise TokenizerError(f"{repo_id!r} is not a local folder and huggingface_hub is not installed "
-                             f"(pip install 'pegasus-x[hub]'); or {how}") from None
+                             f"(pip install huggingface_hub); or {how}") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, SPM_FILE, CONFIG_FILE,
                                                                SPECIAL_MAP_FILE], **hub_kwargs))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
-import sys
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -26,6 +26,8 @@ from .train_options import DEFAULT_BATCH_SIZE, METRICS, OPTIMIZERS, PRESETS, SCH
 from .train_output import METRICS_LOG
 from .train_state import CHECKPOINT, STATE_JSON, STATE_PT, latest_checkpoint, load_model_and_tokenizer
 from .trainer import Trainer, TrainResult, label_smoothed_loss, resolve_device, token_loss
+
+logger = logging.getLogger(__name__)
 
 # Re-exported: callers import the training API from here, whichever module now defines it.
 __all__ = ["CHECKPOINT", "DEFAULT_BATCH_SIZE", "METRICS", "METRICS_LOG", "OPTIMIZERS", "PRESETS", "SCHEDULES",
@@ -163,7 +165,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     tokenizer = PegasusTokenizer.from_pretrained(args.tokenizer or args.model)
     data = load_pairs(args.data, args.source_column, args.target_column)
     if data.skipped_empty:
-        print(f"[evaluate] {data.describe()}", file=sys.stderr)
+        logger.info(data.describe())
     generation = GenerationOptions(args.max_new_tokens, args.num_beams, args.length_penalty,
                                    args.no_repeat_ngram_size)
     metrics = evaluate(model, tokenizer, data.examples, args.task, generation, batch_size=args.batch_size,

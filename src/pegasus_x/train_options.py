@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,10 @@ class TrainOptions:
     """
 
     model: str
-    train: str
+    train: Any                      # a path or dataset name, or a datasets.Dataset (see pegasus_x.data.load_pairs)
     output_dir: str
     tokenizer: str | None = None
-    validation: str | None = None
+    validation: Any = None
     source_column: str = "source"
     target_column: str = "target"
     max_source_length: int = 16384
@@ -186,12 +187,23 @@ def changed_options(stored: dict[str, Any], current: dict[str, Any]) -> list[str
             for name in sorted(set(stored) | set(current)) if stored.get(name) != current.get(name)]
 
 
+def options_record(options: TrainOptions) -> dict[str, Any]:
+    """The options as JSON values for a checkpoint's state file (a ``datasets.Dataset`` by its identity)."""
+    record = {f.name: getattr(options, f.name) for f in fields(options)}
+    for name in ("train", "validation"):
+        if record[name] is not None and not isinstance(record[name], (str, os.PathLike)):
+            record[name] = _file_identity(record[name])
+    return json.loads(json.dumps(record, default=str))
+
+
 def _resolved(spec: str) -> str:
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else spec
 
 
-def _file_identity(spec: str) -> str:
+def _file_identity(spec: Any) -> str:
+    if not isinstance(spec, (str, os.PathLike)):    # a datasets.Dataset: its content fingerprint
+        return f"{type(spec).__name__} {getattr(spec, '_fingerprint', None)} ({len(spec)} rows)"
     path = Path(spec).expanduser()
     if not path.is_file():
         return spec                                 # a dataset name

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,10 +36,12 @@ from .metrics import GenerationOptions, evaluate
 from .model import IGNORE_INDEX, shift_tokens_right
 from .optim import build_optimizer, lr_at
 from .train_options import (DEFAULT_BATCH_SIZE, METRICS, TrainOptions, changed_options, check_step_count,
-                            resume_key)
+                            options_record, resume_key)
 from .train_output import STAGING, TENSORBOARD, OutputFolder, json_safe, metrics_line, open_output_folder
 from .train_state import (STATE_JSON, STATE_PT, latest_checkpoint, load_model_and_tokenizer, rng_state,
                           set_generation_config, set_rng_state, write_model)
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -211,7 +214,7 @@ class Trainer:
             set_rng_state(state["rng"][self.rank])
         else:
             self._say(f"resuming a {meta['world_size']}-process run on {self.world_size}: data and optimizer "
-                      "continue exactly, dropout masks do not")
+                      "continue exactly, dropout masks do not", logging.WARNING)
         self._say(f"resumed from {folder} at step {self.step}")
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -347,7 +350,7 @@ class Trainer:
             generation = GenerationOptions(max_new_tokens=self.model.generation_config.get("max_new_tokens"))
             with self._autocast():
                 found = evaluate(self.model, self.tokenizer, examples, self.options.task, generation,
-                                 max_source_length=self.options.max_source_length)
+                                 max_source_length=self.options.max_source_length, progress=False)
             scores = torch.tensor([found.get(name, math.nan) for name in METRICS[1:]], dtype=torch.float64)
         if self.world_size > 1:                      # everyone logs and ranks checkpoints by the same numbers
             device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -375,7 +378,7 @@ class Trainer:
             write_model(weights, self.config, self.model.generation_config, self.tokenizer, staging,
                         torch.float32)
             meta = {"step": self.step, "position": self.stream.position.to_dict(), "world_size": self.world_size,
-                    "eval_metrics": metrics, "checkpoints": self.checkpoints, "options": asdict(self.options),
+                    "eval_metrics": metrics, "checkpoints": self.checkpoints, "options": options_record(self.options),
                     "resume_key": resume_key(self.options)}
             torch.save({"optimizer": optim, "rng": rng}, staging / STATE_PT)
             (staging / STATE_JSON).write_text(json.dumps(json_safe(meta), indent=2, allow_nan=False, default=str)
@@ -447,9 +450,10 @@ class Trainer:
                 handle.close()
         self._log_file = self._tensorboard = None
 
-    def _say(self, message: str) -> None:
+    def _say(self, message: str, level: int = logging.INFO) -> None:
+        """Progress and notes through the ``pegasus_x`` logger (rank 0 only: one line per run, not per process)."""
         if self.rank == 0:
-            print(f"[train] {message}", file=sys.stderr, flush=True)
+            logger.log(level, message)
 
 
 def _init_distributed() -> bool:
