@@ -23,7 +23,7 @@ def test_abbreviations_do_not_end_sentences():
 
 
 def test_one_splitter_for_the_package():
-    assert metrics.split_sentences is sentences.split_sentences is pretraining.split_sentences
+    assert metrics.split_sentences is sentences.split_sentences
     assert pretraining.sentence_spans is sentences.sentence_spans
 
 
