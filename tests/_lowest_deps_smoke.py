@@ -10,7 +10,7 @@ import tempfile
 import torch
 
 from pegasus_x import PegasusTokenizer, PegasusXConfig, PegasusXForConditionalGeneration
-from pegasus_x.data import plan_batches
+from pegasus_x.training.data import plan_batches
 
 # The known PEGASUS vector (see test_tokenizer): a wrong pre-tokenizer or normalizer changes these ids.
 tok = PegasusTokenizer.pegasus()

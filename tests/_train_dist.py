@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from pegasus_x.train import TrainOptions, train
+from pegasus_x.training import TrainOptions, train
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

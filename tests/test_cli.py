@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, __version__
-from pegasus_x.cli import main, markdown_to_text
+from pegasus_x.cli import main
+from pegasus_x.markdown import markdown_to_text
 from pegasus_x.errors import CheckpointError, GenerationError, InputError
 from pegasus_x.summarize import Summarizer, TextStreamer, demo_model_path, summarize
 from pegasus_x.tokenizer import PegasusTokenizer

@@ -18,9 +18,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, cli
+from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, cli, documents
 from pegasus_x.cli import main
-from pegasus_x.data import load_pairs
+from pegasus_x.training.data import load_pairs
 from pegasus_x.errors import DataError, InputError
 from pegasus_x.markdown import markdown_to_text
 from pegasus_x.pretraining import read_documents
@@ -111,13 +111,13 @@ def test_a_file_over_the_limit_is_cut_at_a_character_boundary(tmp_path, capsys):
     path = tmp_path / "big.txt"
     path.write_text("é" * 1000, encoding="utf-8")  # 2,000 bytes; 101 splits the 51st "é"
     with pytest.warns(UserWarning) as caught:
-        assert cli._read_text(str(path), 101) == "é" * 50
+        assert documents.read_text(str(path), 101) == "é" * 50
     (warning,) = caught
     assert str(warning.message) == (f"{path}: read the first 100 bytes (--max-input-bytes 101) and dropped the last "
                                     "1,900 bytes; raise --max-input-bytes to read more")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cli._read_text(str(path), 2000) == "é" * 1000  # exactly the limit: nothing dropped, no warning
+        assert documents.read_text(str(path), 2000) == "é" * 1000  # exactly the limit: nothing dropped, no warning
     # Through main: the warning is one line, then reading goes on (here to the missing model).
     err = summarize_error(["--max-input-bytes", "1000", str(path)], capsys)
     assert err.startswith(f"pegasus-x: warning: {path}: read the first 1,000 bytes") and "does not exist" in err
@@ -138,7 +138,7 @@ def test_endless_stdin_is_read_up_to_the_limit(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(Endless())))
     opts = cli.SummarizeOptions.from_args(cli.build_parser().parse_args(["summarize", "--max-input-bytes", "64"]))
     with pytest.warns(UserWarning, match=r"stdin: read the first 64 bytes .* and did not read the rest"):
-        (doc,) = cli._read_documents(opts)
+        (doc,) = documents.read_documents(opts.paths, opts.input, opts.text_field, opts.max_input_bytes)
     assert doc.text == "y\n" * 32
 
 
@@ -147,7 +147,7 @@ def test_jsonl_lines_are_limited_not_the_corpus(tmp_path, capsys):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join(lines) + "\n")
     limit = max(len(line) for line in lines)
-    docs = cli._read_jsonl(str(corpus), "text", limit)  # the file is 50 times the limit; each line fits
+    docs = documents.read_jsonl(str(corpus), "text", limit)  # the file is 50 times the limit; each line fits
     assert [d.key for d in docs] == [{"index": i, "id": i} for i in range(50)]
     corpus.write_text(lines[0] + "\n" + json.dumps({"text": "x" * (limit + 1)}) + "\n")
     err = summarize_error(["--max-input-bytes", str(limit), "--input", str(corpus)], capsys)

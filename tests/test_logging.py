@@ -14,9 +14,9 @@ import torch
 from _train_helpers import make_tokenizer, toy_pairs, write_jsonl
 from pegasus_x import PegasusTokenizer, PegasusXConfig, PegasusXForConditionalGeneration
 from pegasus_x.cli import main
-from pegasus_x.data import Example
+from pegasus_x.training.data import Example
 from pegasus_x.metrics import GenerationOptions, evaluate
-from pegasus_x.train import TrainOptions, train
+from pegasus_x.training import TrainOptions, train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pegasus_x"
 TINY = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
@@ -52,7 +52,7 @@ def test_no_print_to_stderr_in_the_library():
 def test_trainer_messages_are_log_records_and_can_be_silenced(corpus, tmp_path, caplog, capfd):
     with caplog.at_level(logging.INFO, logger="pegasus_x"):
         train(_options(corpus, tmp_path / "a"))
-    records = [r for r in caplog.records if r.name == "pegasus_x.trainer"]
+    records = [r for r in caplog.records if r.name == "pegasus_x.training.trainer"]
     assert records and "train.jsonl: 6 pairs (1 rows with empty text skipped)" in records[0].getMessage()
     assert all(r.levelno == logging.INFO for r in records)
     assert capfd.readouterr().err == ""                          # nothing printed around the logger

@@ -18,12 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 from pegasus_x import PegasusXForConditionalGeneration
-from pegasus_x.data import BatchStream, DataPosition, collate, load_pairs, plan_batches, shard, tokenize_pairs
+from pegasus_x.training.data import BatchStream, DataPosition, collate, load_pairs, plan_batches, shard, tokenize_pairs
 from pegasus_x.errors import ConfigError, DataError
 from pegasus_x.metrics import GenerationOptions, bleu_scores, evaluate, rouge_scores, sentence_per_line
 from pegasus_x.tokenizer import PegasusTokenizer
-from pegasus_x.train import (TrainOptions, Trainer, label_smoothed_loss, latest_checkpoint, lr_at, register,
-                             train)
+from pegasus_x.training import TrainOptions, Trainer, train
+from pegasus_x.training.commands import register
+from pegasus_x.training.optim import lr_at
+from pegasus_x.training.state import latest_checkpoint
+from pegasus_x.training.trainer import label_smoothed_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_helpers import make_tokenizer, toy_pairs, write_jsonl  # noqa: E402
@@ -196,7 +199,7 @@ class _CharTokenizer:
 
 
 def load_pairs_from_rows(rows):
-    from pegasus_x.data import Example, PairDataset
+    from pegasus_x.training.data import Example, PairDataset
 
     return PairDataset([Example(r["source"], r["target"]) for r in rows], 0, "rows")
 

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration
-from pegasus_x import trainer as trainer_module
+from pegasus_x.training import trainer as trainer_module
 from pegasus_x.cli import main
 from pegasus_x.errors import ConfigError, DataError
 from pegasus_x.tokenizer import PegasusTokenizer
-from pegasus_x.train import TrainOptions, Trainer, latest_checkpoint, train
-from pegasus_x.train_options import MAX_STEPS
-from pegasus_x.train_output import metrics_line, open_output_folder
+from pegasus_x.training import TrainOptions, Trainer, train
+from pegasus_x.training.state import latest_checkpoint
+from pegasus_x.training.options import MAX_STEPS
+from pegasus_x.training.output import metrics_line, open_output_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_helpers import make_tokenizer, toy_pairs, write_jsonl  # noqa: E402

@@ -17,7 +17,7 @@ import json
 import re
 import sys
 
-from pegasus_x.data import load_pairs
+from pegasus_x.training.data import load_pairs
 from pegasus_x.metrics import rouge_scores
 
 SENTENCE = re.compile(r"(?<=[.!?])\s+")

@@ -148,8 +148,8 @@ def evaluate(model: Any, tokenizer: Any, examples: Any, task: str = "summarizati
 
     Args:
         model, tokenizer: the checkpoint to evaluate.
-        examples: :class:`~pegasus_x.data.Example` pairs (``.source``, ``.target``), or anything
-            :func:`pegasus_x.data.load_pairs` reads: a data file, a ``datasets.Dataset`` (one split of a
+        examples: :class:`~pegasus_x.training.data.Example` pairs (``.source``, ``.target``), or anything
+            :func:`pegasus_x.training.data.load_pairs` reads: a data file, a ``datasets.Dataset`` (one split of a
             ``DatasetDict``), a dataset folder or name.
         source_column, target_column: the columns of ``examples`` when it is read by ``load_pairs``.
         progress: show a progress bar on stderr when it is a terminal.
@@ -165,9 +165,9 @@ def evaluate(model: Any, tokenizer: Any, examples: Any, task: str = "summarizati
     Raises:
         InputError: unknown task, no examples, an ``output_dir`` that cannot be written (checked before
             generating), or a non-finite metric (JSON cannot hold it).
-        DataError: ``examples`` could not be read (see :func:`pegasus_x.data.load_pairs`).
+        DataError: ``examples`` could not be read (see :func:`pegasus_x.training.data.load_pairs`).
     """
-    from .data import load_pairs
+    from .training.data import load_pairs
 
     if isinstance(examples, (str, os.PathLike)) or hasattr(examples, "column_names"):   # a file or a Dataset
         examples = load_pairs(examples, source_column, target_column).examples

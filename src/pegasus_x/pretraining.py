@@ -206,7 +206,7 @@ def read_documents(spec: str | os.PathLike, text_column: str = "text") -> list[s
     Raises:
         DataError: unreadable data, missing column, or no non-empty document.
     """
-    from .data import load_pairs
+    from .training.data import load_pairs
 
     # A pair dataset whose source and target are the same column is the list of documents.
     return [example.source for example in load_pairs(spec, text_column, text_column).examples]
@@ -249,13 +249,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 def _train(argv: list[str]) -> int:
     """Run the `train` subcommand on ``argv`` exactly as ``pegasus-x train ARGV`` would."""
-    try:
-        from . import train
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.train":
-            raise
-        raise ConfigError("pretrain needs the training module pegasus_x.train, which is not installed") from None
+    from .training import commands
+
     parser = argparse.ArgumentParser(prog="pegasus-x pretrain --")
-    train.register(parser.add_subparsers(dest="command", required=True))
+    commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *argv])
     return args.func(args)

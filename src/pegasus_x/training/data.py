@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import strict_json
-from .errors import DataError
+from .. import strict_json
+from ..errors import DataError
 
 IGNORE_INDEX = -100
 TEXT_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}

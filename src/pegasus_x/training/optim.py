@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .errors import ConfigError
-from .train_options import SCHEDULES
+from ..errors import ConfigError
+from .options import SCHEDULES
 
 
 def lr_at(step: int, peak: float, schedule: str, warmup_steps: int, total_steps: int) -> float:

@@ -1,11 +1,4 @@
-"""Fine-tuning: one explicit training loop, single process or ``torchrun`` (DDP / FSDP), resumable exactly.
-
-This module is the entry point: :func:`train` and the ``train`` / ``evaluate`` subcommands. The parts live in
-:mod:`pegasus_x.train_options` (what a run is asked to do), :mod:`pegasus_x.trainer` (the loop: what a step is,
-evaluation, saving), :mod:`pegasus_x.optim` (optimizer and learning-rate schedule) and
-:mod:`pegasus_x.train_state` (the checkpoint folders and their trainer state files) and :mod:`pegasus_x.train_output`
-(what a run may write into its output folder, the lock on it, the metrics log).
-"""
+"""The ``train`` and ``evaluate`` subcommands: their flags, and the runs they start (see :mod:`pegasus_x.training`)."""
 
 from __future__ import annotations
 
@@ -18,27 +11,15 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from .data import load_pairs
-from .errors import ConfigError
-from .metrics import GenerationOptions, evaluate
-from .model import PegasusXForConditionalGeneration
-from .optim import lr_at
-from .train_options import DEFAULT_BATCH_SIZE, METRICS, OPTIMIZERS, PRESETS, SCHEDULES, TrainOptions
-from .train_output import METRICS_LOG
-from .train_state import CHECKPOINT, STATE_JSON, STATE_PT, latest_checkpoint, load_model_and_tokenizer
-from .trainer import Trainer, TrainResult, label_smoothed_loss, resolve_device, token_loss
+from ..errors import ConfigError
+from ..metrics import GenerationOptions, evaluate
+from ..model import PegasusXForConditionalGeneration
+from . import train
+from .options import DEFAULT_BATCH_SIZE, METRICS, OPTIMIZERS, SCHEDULES, TrainOptions
+from .output import json_safe
+from .trainer import resolve_device
 
 logger = logging.getLogger(__name__)
-
-# Re-exported: callers import the training API from here, whichever module now defines it.
-__all__ = ["CHECKPOINT", "DEFAULT_BATCH_SIZE", "METRICS", "METRICS_LOG", "OPTIMIZERS", "PRESETS", "SCHEDULES",
-           "STATE_JSON", "STATE_PT", "TrainOptions", "TrainResult", "Trainer", "label_smoothed_loss",
-           "latest_checkpoint", "load_model_and_tokenizer", "lr_at", "options_from_args", "register", "run_evaluate",
-           "run_train", "token_loss", "train"]
-
-
-def train(options: TrainOptions) -> TrainResult:
-    """Run a training job (see :class:`Trainer`)."""
-    return Trainer(options).train()
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -144,15 +125,15 @@ def run_train(args: argparse.Namespace) -> int:
     """``pegasus-x train``: print the result as JSON on stdout (rank 0)."""
     result = train(options_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(asdict(result), indent=2))
+        print(json.dumps(json_safe(asdict(result)), indent=2, allow_nan=False))
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``pegasus-x evaluate``: print the metrics as JSON on stdout (and write them to ``--output-dir``)."""
-    from .files import check_output_dir, check_stdout, json_text
-    from .metrics import METRICS_FILE, PREDICTIONS_FILE
-    from .tokenizer import PegasusTokenizer
+    from ..files import check_output_dir, check_stdout, json_text
+    from ..metrics import METRICS_FILE, PREDICTIONS_FILE
+    from ..tokenizer import PegasusTokenizer
 
     for name in ("batch_size", "max_source_length"):
         if getattr(args, name) < 1:

@@ -1,11 +1,11 @@
 """The training loop: :class:`Trainer` sets a run up and runs it, single process or ``torchrun`` (DDP / FSDP).
 
 A *step* is one optimizer update over ``grad_accum`` global batches. Every rank computes the same batch
-plan (see :mod:`pegasus_x.data`) and takes its shard of each global batch; the loss of a step is the sum
+plan (see :mod:`pegasus_x.training.data`) and takes its shard of each global batch; the loss of a step is the sum
 of token losses divided by the number of target tokens in the whole step, so a step is the same update
-whatever the world size. Checkpoints (:mod:`pegasus_x.train_state`) hold the optimizer, RNG and data position,
+whatever the world size. Checkpoints (:mod:`pegasus_x.training.state`) hold the optimizer, RNG and data position,
 so a resumed run continues exactly; they also record the options that exactness depends on, and a resume that
-changes one is refused. Files go only where :mod:`pegasus_x.train_output` allows (never over another tool's), and
+changes one is refused. Files go only where :mod:`pegasus_x.training.output` allows (never over another tool's), and
 a step whose loss or gradient is not finite stops the run before it changes the model.
 """
 
@@ -29,16 +29,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import PegasusXConfig
+from ..config import PegasusXConfig
 from .data import BatchStream, DataPosition, collate, load_pairs, plan_batches, shard, tokenize_pairs
-from .errors import ConfigError, PegasusXError
-from .metrics import GenerationOptions, evaluate
-from .model import IGNORE_INDEX, shift_tokens_right
+from ..errors import ConfigError, PegasusXError
+from ..metrics import GenerationOptions, evaluate
+from ..model import IGNORE_INDEX, shift_tokens_right
 from .optim import build_optimizer, lr_at
-from .train_options import (DEFAULT_BATCH_SIZE, METRICS, TrainOptions, changed_options, check_step_count,
+from .options import (DEFAULT_BATCH_SIZE, METRICS, TrainOptions, changed_options, check_step_count,
                             options_record, resume_key)
-from .train_output import STAGING, TENSORBOARD, OutputFolder, json_safe, metrics_line, open_output_folder
-from .train_state import (STATE_JSON, STATE_PT, latest_checkpoint, load_model_and_tokenizer, rng_state,
+from .output import STAGING, TENSORBOARD, OutputFolder, json_safe, metrics_line, open_output_folder
+from .state import (STATE_JSON, STATE_PT, latest_checkpoint, load_model_and_tokenizer, rng_state,
                           set_generation_config, set_rng_state, write_model)
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class TrainResult:
 class Trainer:
     """Sets a run up (process group, data, model, optimizer, resume) and runs it with :meth:`train`.
 
-    Construction checks and locks the output folder (:func:`pegasus_x.train_output.open_output_folder`); the
+    Construction checks and locks the output folder (:func:`pegasus_x.training.output.open_output_folder`); the
     lock is held until :meth:`train` returns or raises, or until construction fails.
 
     Example::

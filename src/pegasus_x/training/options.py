@@ -1,6 +1,6 @@
 """What a training run is asked to do: :class:`TrainOptions` and the choices it is validated against.
 
-The ``train`` command (:mod:`pegasus_x.train`) builds one from its flags; :class:`pegasus_x.trainer.Trainer` runs it.
+The ``train`` command (:mod:`pegasus_x.training.commands`) builds one from its flags; :class:`pegasus_x.training.trainer.Trainer` runs it.
 :func:`resume_key` is what a resumed run must share with the run it continues.
 """
 
@@ -14,10 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import PegasusXConfig
-from .errors import ConfigError
-from .generate import DEFAULTS as GENERATION_DEFAULTS
-from .metrics import ROUGE_KEYS
+from ..config import PegasusXConfig
+from ..errors import ConfigError
+from ..generate import DEFAULTS as GENERATION_DEFAULTS
+from ..metrics import ROUGE_KEYS
 
 PRESETS = {"tiny": PegasusXConfig.tiny, "base": PegasusXConfig.base, "large": PegasusXConfig.large}
 OPTIMIZERS = ("adamw", "adafactor")
@@ -47,12 +47,12 @@ class TrainOptions:
     ``model`` is a checkpoint folder, a hub id, or a preset (``tiny``/``base``/``large``, random init, shaped
     by ``config_overrides``). Exactly one of ``max_steps``/``epochs`` is required; ``batch_size`` and
     ``max_tokens_per_batch`` are exclusive (neither: ``DEFAULT_BATCH_SIZE``). ``overwrite_output_dir`` lets
-    a run write into a folder holding other files (never over them; see :mod:`pegasus_x.train_output`).
+    a run write into a folder holding other files (never over them; see :mod:`pegasus_x.training.output`).
     Every number is checked here (finite, in range, a step count that can finish), before any work starts.
     """
 
     model: str
-    train: Any                      # a path or dataset name, or a datasets.Dataset (see pegasus_x.data.load_pairs)
+    train: Any                      # a path or dataset name, or a datasets.Dataset (see pegasus_x.training.data.load_pairs)
     output_dir: str
     tokenizer: str | None = None
     validation: Any = None

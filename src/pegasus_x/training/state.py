@@ -2,7 +2,7 @@
 states, the model files and their generation config.
 
 A checkpoint is a folder ``checkpoint-{step}`` in the Hugging Face layout plus ``trainer_state.json`` (step, data
-position, metrics) and ``trainer_state.pt`` (optimizer and RNG states). :class:`pegasus_x.trainer.Trainer` writes
+position, metrics) and ``trainer_state.pt`` (optimizer and RNG states). :class:`pegasus_x.training.trainer.Trainer` writes
 it into a temporary folder and renames it, so a run killed at any moment leaves the previous one intact; a folder
 without both state files is therefore never a checkpoint.
 
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes
-from .config import PegasusXConfig
-from .errors import CheckpointError, ConfigError, GenerationError
-from .generate import resolve_options
-from .model import PegasusXForConditionalGeneration
-from .train_options import PRESETS
+from ..checkpoint import atomic_write_bytes
+from ..config import PegasusXConfig
+from ..errors import CheckpointError, ConfigError, GenerationError
+from ..generate import resolve_options
+from ..model import PegasusXForConditionalGeneration
+from .options import PRESETS
 
 STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -86,7 +86,7 @@ def load_model_and_tokenizer(spec: str, tokenizer: str | None = None, overrides:
     Raises:
         ConfigError / CheckpointError / TokenizerError: bad preset overrides or unreadable files.
     """
-    from .tokenizer import PegasusTokenizer
+    from ..tokenizer import PegasusTokenizer
 
     if spec in PRESETS:
         tok = PegasusTokenizer.from_pretrained(tokenizer) if tokenizer else PegasusTokenizer.pegasus()

@@ -1,7 +1,7 @@
 """The output folder of a training run: what the run may write there, the lock on it, and its metrics log.
 
 Nothing the user owns is lost. A run replaces or deletes only entries that a run of ours created (listed in the
-folder's manifest, :data:`pegasus_x.train_state.MANIFEST`) and writes new names only where nothing exists. A folder
+folder's manifest, :data:`pegasus_x.training.state.MANIFEST`) and writes new names only where nothing exists. A folder
 that holds anything else (another tool's files, a foreign ``checkpoint-N``) is refused unless
 ``overwrite=True`` (``--overwrite-output-dir``), which lets the run write beside those files but still never over
 them. The folder of the model being trained is always refused. An exclusive ``fcntl.flock`` on :data:`LOCK` keeps
@@ -19,11 +19,11 @@ import shutil
 from pathlib import Path
 from typing import IO, Any
 
-from .checkpoint import GENERATION_CONFIG, SAFE_WEIGHTS, atomic_write_bytes
-from .config import CONFIG_NAME
-from .errors import ConfigError
-from .tokenizer import CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE, TOKENIZER_FILE
-from .train_state import CHECKPOINT, MANIFEST, owned_entries, write_manifest
+from ..checkpoint import GENERATION_CONFIG, SAFE_WEIGHTS, atomic_write_bytes
+from ..config import CONFIG_NAME
+from ..errors import ConfigError
+from ..tokenizer import CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE, TOKENIZER_FILE
+from .state import CHECKPOINT, MANIFEST, owned_entries, write_manifest
 
 LOCK = ".pegasus-x-train.lock"
 METRICS_LOG = "metrics.jsonl"
