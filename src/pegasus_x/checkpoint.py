@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .native import hugepages
 from .config import CONFIG_NAME, PegasusXConfig
-from .errors import CheckpointError, ConfigError, InputError
+from .devices import check_device, check_dtype
+from .errors import CheckpointError, InputError
 from .files import atomic_write_bytes, json_text
 from .generation_config import GENERATION_CONFIG, GenerationConfig
 
@@ -29,55 +30,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 # The tied trio: all three are the shared embedding; files may store any subset of them.
 TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 # Where read_tensors may put a tensor: (file name, shape) → its final tensor, or None for a fresh one.
 Destination = Callable[[str, tuple[int, ...]], "Tensor | None"]
-
-
-# ---------------------------------------------------------------------------------------------------- arguments
-def check_device(device: torch.device | str) -> torch.device:
-    """``device`` as a :class:`torch.device`, checked to exist on this machine before any slow work starts.
-
-    Raises:
-        InputError: an unknown name, a device type this library does not run on, or CUDA / MPS / that GPU not
-            available here.
-    """
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"device {device!r} is unknown; use cpu, cuda, cuda:N or mps") from None
-    name = str(resolved)
-    if resolved.type not in DEVICE_TYPES:
-        raise InputError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or mps")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {name!r} was asked for but CUDA is not available here; use cpu")
-        count = torch.cuda.device_count()
-        if resolved.index is not None and resolved.index >= count:
-            raise InputError(f"device {name!r} does not exist: this machine has {count} CUDA device(s), "
-                             f"cuda:0 … cuda:{count - 1}")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {name!r} was asked for but MPS (Apple GPUs) is not available here; use cpu")
-    return resolved
-
-
-def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A requested model dtype: ``torch.float32`` / ``torch.bfloat16`` or a name in :data:`DTYPES`; None stays None.
-
-    Raises:
-        ConfigError: float16 (it overflows inside PEGASUS-X) or any other dtype.
-    """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is unknown; use one of fp32, bf16")
-        dtype = DTYPES[dtype]
-    if dtype is None or dtype in (torch.float32, torch.bfloat16):
-        return dtype
-    if dtype == torch.float16:
-        raise ConfigError("float16 overflows inside PEGASUS-X (activations exceed 65504); use bfloat16 or float32")
-    raise ConfigError(f"dtype {dtype!r} is not supported; use torch.float32 or torch.bfloat16 ('fp32' or 'bf16')")
 
 
 # ---------------------------------------------------------------------------------------------------- writing

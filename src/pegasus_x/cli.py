@@ -12,7 +12,6 @@ import contextlib
 import importlib
 import json
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -224,12 +223,15 @@ def run_summarize(opts: SummarizeOptions) -> int:
     # Inputs are checked before the (slow) model load.
     docs = read_documents(opts.paths, opts.input, opts.text_field, opts.max_input_bytes)
     _check_output_path(opts)
-    rank, world, device = _init_distributed(opts.device)
+    from .devices import init_distributed, rank_and_world_size
+
+    owns_group = init_distributed(opts.device)
+    rank, world = rank_and_world_size()
     try:
         if opts.stream and world > 1:
             raise InputError("--stream cannot be used with several processes; run without torchrun")
         mine = list(range(rank, len(docs), world))
-        records = _summarize_share(opts, docs, mine, device, show_progress=rank == 0)
+        records = _summarize_share(opts, docs, mine, opts.device, show_progress=rank == 0)
         if world > 1:
             import torch.distributed as dist
 
@@ -237,7 +239,7 @@ def run_summarize(opts: SummarizeOptions) -> int:
             dist.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
     finally:
-        if world > 1:
+        if owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
@@ -294,23 +296,6 @@ def _emit(opts: SummarizeOptions, docs: list[Document], records: list[dict[str, 
             if len(docs) > 1:
                 print(f"==> {doc.name} <==")
             print(record["summary"])
-
-
-def _init_distributed(device: str | None) -> tuple[int, int, str | None]:
-    """(rank, world size, device) — joins the process group torchrun describes when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    import torch
-    import torch.distributed as dist
-
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        # One GPU per process: the one torchrun numbered for this node-local rank (unless --device names one).
-        device = device if device and ":" in device else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 class _progress_bar:

@@ -21,6 +21,7 @@ from . import native
 from .attention import BACKENDS, Attention, GlobalLocalAttention
 from .cache import DecoderCache
 from .config import PegasusXConfig
+from .devices import refuse_float16
 from .errors import ConfigError, InputError
 from .generation_config import GenerationConfig, as_generation_config
 from .native.linear import Linear
@@ -216,9 +217,7 @@ class PegasusXEncoder(nn.Module):
             ConfigError: float16 weights.
             InputError: malformed ids or mask, or ids on another device.
         """
-        if self.embed_tokens.weight.dtype == torch.float16:
-            raise ConfigError("float16 overflows inside PEGASUS-X (activations exceed 65504); use torch.bfloat16 "
-                              "or torch.float32")
+        refuse_float16(self.embed_tokens.weight.dtype)
         input_ids = check_ids("input_ids", input_ids, self.config.vocab_size)
         device = self.embed_tokens.weight.device
         if input_ids.device != device:

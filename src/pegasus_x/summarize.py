@@ -22,7 +22,8 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .checkpoint import check_device, check_dtype, resolve
+from .checkpoint import resolve
+from .devices import check_dtype, resolve_device
 from .errors import CheckpointError, GenerationError, InputError
 from .model import PegasusXForConditionalGeneration
 from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
@@ -387,12 +388,6 @@ def _bytes_hint(value: Any) -> str:
     return "; decode bytes first, e.g. data.decode('utf-8')" if isinstance(value, (bytes, bytearray)) else ""
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return check_device(device)
-
-
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         # bf16 halves memory and is fast on recent GPUs; on CPU it is slow, so keep fp32 there.
@@ -411,7 +406,7 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
         if not isinstance(model, PegasusXForConditionalGeneration):
             raise InputError(f"model must be a PegasusXForConditionalGeneration, got {type(model).__name__}")
         if device is not None:
-            model = model.to(device=_resolve_device(device))
+            model = model.to(device=resolve_device(device))
         if dtype is not None:
             model = model.to(dtype=_resolve_dtype(dtype, model.device))
         return model.eval(), None
@@ -422,7 +417,7 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
                                   "checkpoint folder or a hub id, e.g. Summarizer('google/pegasus-x-base')")
     if not isinstance(model, (str, os.PathLike)):
         raise InputError(f"model must be a folder, a hub id or a model object, got {type(model).__name__}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)  # checked before a possibly long download
     folder = resolve(model)
     return PegasusXForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device), folder

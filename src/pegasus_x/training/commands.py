@@ -11,13 +11,13 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from .data import load_pairs
+from ..devices import resolve_device
 from ..errors import ConfigError
 from ..metrics import GenerationOptions, evaluate
 from ..model import PegasusXForConditionalGeneration
 from . import train
 from .options import DEFAULT_BATCH_SIZE, METRICS, OPTIMIZERS, SCHEDULES, TrainOptions
 from .output import json_safe
-from .trainer import resolve_device
 
 logger = logging.getLogger(__name__)
 

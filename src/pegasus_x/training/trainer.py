@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import PegasusXConfig
+from ..devices import init_distributed, rank_and_world_size, resolve_device
 from .data import BatchStream, DataPosition, collate, load_pairs, plan_batches, shard, tokenize_pairs
 from ..errors import ConfigError, PegasusXError
 from ..metrics import GenerationOptions, evaluate
@@ -92,9 +93,8 @@ class Trainer:
     def __init__(self, options: TrainOptions):
         self.options = options
         self.output_dir = Path(options.output_dir).expanduser()
-        self._owns_group = _init_distributed()
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self._owns_group = init_distributed(options.device)
+        self.rank, self.world_size = rank_and_world_size()
         self.output: OutputFolder | None = None
         try:
             self._setup()
@@ -454,25 +454,6 @@ class Trainer:
         """Progress and notes through the ``pegasus_x`` logger (rank 0 only: one line per run, not per process)."""
         if self.rank == 0:
             logger.log(level, message)
-
-
-def _init_distributed() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    """``requested`` (``cpu``, ``cuda:1`` …), else this rank's GPU (``LOCAL_RANK``) if CUDA is available, else CPU."""
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
