@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "pegasus_x"
 
 TINY = dict(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_global_tokens=5, block_size=8,
@@ -51,3 +54,8 @@ def random_batch(lengths, vocab: int, seed: int = 0, dec_len: int = 6):
 @pytest.fixture
 def twin(tmp_path):
     return reference_twin(tmp_path)
+
+
+def sources_containing(text: str) -> list[str]:
+    """The package's Python files (relative to src/pegasus_x) whose text contains ``text``, sorted."""
+    return sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if text in p.read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import random_batch, reference_twin, tiny_kwargs
+from conftest import random_batch, reference_twin, sources_containing, tiny_kwargs
 from pegasus_x import CheckpointError, ConfigError, PegasusXConfig, PegasusXForConditionalGeneration, PegasusXModel
 
 
@@ -111,3 +111,17 @@ def test_hub_id_without_network_or_package_says_what_to_do(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)       # as if not installed
     with pytest.raises(CheckpointError, match="pip install"):
         PegasusXForConditionalGeneration.from_pretrained("google/pegasus-x-base")
+
+
+def test_tied_embedding_aliases_have_one_owner():
+    from pegasus_x import checkpoint, convert
+    from pegasus_x.training import state
+
+    assert convert.TIED_KEYS is checkpoint.TIED_KEYS and state.TIED_KEYS is checkpoint.TIED_KEYS
+    assert checkpoint.TIED_KEYS == tuple("model." + a for a in checkpoint.TIED_ALIASES) + ("lm_head.weight",)
+    # Every tied key is one tensor in our model: the aliases name the shared embedding.
+    model = PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs()))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert all(params[k] is model.model.shared.weight for k in checkpoint.TIED_KEYS)
+    for alias in checkpoint.TIED_ALIASES:   # no module spells out its own list
+        assert sources_containing(alias) == ["checkpoint.py"]

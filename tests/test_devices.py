@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,13 +10,7 @@ from pegasus_x.devices import check_device, check_dtype, init_distributed, local
     refuse_float16, resolve_device
 from pegasus_x.errors import ConfigError, InputError
 
-from conftest import tiny_kwargs
-
-SRC = Path(__file__).resolve().parents[1] / "src" / "pegasus_x"
-
-
-def _sources_containing(text: str) -> list[str]:
-    return sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if text in p.read_text(encoding="utf-8"))
+from conftest import sources_containing, tiny_kwargs
 
 
 def _float16_message() -> str:
@@ -48,7 +40,7 @@ def test_every_float16_refusal_is_the_one_message(tmp_path):
         model.to(torch.float16).model.encoder(torch.tensor([[5, 6, 1]]))
     assert str(caught.value) == message
     # The reason is written once: no other module spells out the overflow.
-    assert _sources_containing("65504") == ["devices.py"]
+    assert sources_containing("65504") == ["devices.py"]
 
 
 def test_check_dtype_names_and_refusals():
@@ -91,6 +83,6 @@ def test_single_process_joins_no_group(monkeypatch):
 
 
 def test_one_module_joins_process_groups_and_picks_devices():
-    assert _sources_containing("init_process_group") == ["devices.py"]
-    assert _sources_containing("LOCAL_RANK") == ["devices.py"]
-    assert _sources_containing("cuda.set_device") == ["devices.py"]
+    assert sources_containing("init_process_group") == ["devices.py"]
+    assert sources_containing("LOCAL_RANK") == ["devices.py"]
+    assert sources_containing("cuda.set_device") == ["devices.py"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import random_batch, reference_twin, tiny_kwargs
+from conftest import random_batch, reference_twin, sources_containing, tiny_kwargs
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, PegasusXModel
 from pegasus_x.model import shift_tokens_right, sinusoidal_positions
 
@@ -210,3 +210,20 @@ def test_checkpointed_decoder_keeps_no_cross_keys_per_layer():
     per_layer = (saved[6] - saved[2]) / 4
     assert saved[2] > cross_kv_per_layer / 2, saved          # the count sees the encoder's activations at least
     assert per_layer <= 0.05 * cross_kv_per_layer, (per_layer, cross_kv_per_layer, saved)
+
+
+def test_ignore_index_has_one_owner_that_the_data_pads_with():
+    from pegasus_x import model
+    from pegasus_x.training import data
+
+    assert data.IGNORE_INDEX is model.IGNORE_INDEX
+    assert sources_containing("IGNORE_INDEX =") == ["model.py"]
+    batch = data.collate(data.TokenizedPairs([[5, 1], [6, 7, 1]], [[8, 9, 1], [4, 1]]), [0, 1])
+    assert batch["labels"].tolist() == [[8, 9, 1], [4, 1, model.IGNORE_INDEX]]
+    # The model's loss skips exactly those positions: the padded row scores as it does alone.
+    torch.manual_seed(0)
+    net = PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).eval()
+    alone = net(input_ids=torch.tensor([[6, 7, 1]]), labels=torch.tensor([[4, 1]])).loss
+    padded = net(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:],
+                 labels=batch["labels"][1:]).loss
+    torch.testing.assert_close(padded, alone)

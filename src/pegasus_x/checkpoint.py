@@ -30,6 +30,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 # The tied trio: all three are the shared embedding; files may store any subset of them.
 TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# The same trio as keys of a full model (ForConditionalGeneration), where the LM head is tied to it as well.
+TIED_KEYS = tuple(f"model.{alias}" for alias in TIED_ALIASES) + ("lm_head.weight",)
 # Where read_tensors may put a tensor: (file name, shape) → its final tensor, or None for a fresh one.
 Destination = Callable[[str, tuple[int, ...]], "Tensor | None"]
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import TIED_KEYS
 from .config import CONFIG_NAME, PegasusXConfig
 from .errors import CheckpointError, ConfigError
 from .files import check_output_dir, same_file
@@ -82,8 +83,7 @@ def _write_folder(state: dict[str, Tensor], config: PegasusXConfig, out_dir: Pat
         model = PegasusXForConditionalGeneration(config, init=False)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     shared = state["model.shared.weight"]
-    full = dict(state, **{k: shared for k in ("model.encoder.embed_tokens.weight",
-                                              "model.decoder.embed_tokens.weight", "lm_head.weight")})
+    full = dict(state, **{k: shared for k in TIED_KEYS})
     bad = [f"{k}: {tuple(full[k].shape)} vs {expected[k]}" for k in expected
            if k in full and tuple(full[k].shape) != expected[k]]
     missing, unexpected = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
@@ -222,14 +222,13 @@ def _pegasus_state(folder: Path, data: dict[str, Any], drop_bias: bool) -> tuple
     for name, t in read_tensors(folder).items():
         bare = name[len("model."):] if name.startswith("model.") else name
         state[bare if bare in ("lm_head.weight", "final_logits_bias") else "model." + bare] = t.float()
-    aliases = ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
     if "model.shared.weight" not in state:
-        found = next((a for a in aliases if a in state), None)
+        found = next((a for a in TIED_KEYS if a in state), None)
         if found is None:
             raise CheckpointError(f"no token embedding (model.shared.weight) in {folder}")
         state["model.shared.weight"] = state[found]
     shared = state["model.shared.weight"]
-    untied = [a for a in aliases if a in state and not torch.equal(state.pop(a), shared)]
+    untied = [a for a in TIED_KEYS if a in state and not torch.equal(state.pop(a), shared)]
     if untied:
         raise CheckpointError(f"{untied} differ from model.shared.weight in {folder}; PEGASUS-X ties its input and "
                               "output embeddings, so this checkpoint cannot be converted faithfully")

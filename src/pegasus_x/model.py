@@ -645,8 +645,9 @@ def _resized(weight: Tensor, rows: int) -> Tensor:
 
 def _check_labels(labels: Any, vocab_size: int) -> Tensor:
     if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dim() != 2:
-        raise InputError("labels must be an integer tensor of shape (batch, length), -100 where ignored")
+        raise InputError(f"labels must be an integer tensor of shape (batch, length), {IGNORE_INDEX} where "
+                         "ignored")
     real = labels[labels != IGNORE_INDEX]
     if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
-        raise InputError(f"labels hold ids outside [0, {vocab_size}) other than -100 (the ignore index)")
+        raise InputError(f"labels hold ids outside [0, {vocab_size}) other than {IGNORE_INDEX} (the ignore index)")
     return labels.long()

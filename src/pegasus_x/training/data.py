@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .. import strict_json
 from ..errors import DataError
+from ..model import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 TEXT_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 # Length grouping sorts within pools of this many batches: long enough to pad little, short enough
 # that batches still mix documents from all over the (shuffled) epoch.

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import atomic_write_bytes
+from ..checkpoint import TIED_KEYS, atomic_write_bytes
 from ..config import PegasusXConfig
 from ..errors import CheckpointError, ConfigError, GenerationError
 from ..generate import resolve_options
@@ -139,8 +139,7 @@ def write_model(weights: dict[str, Tensor], config: PegasusXConfig, generation_c
         model = PegasusXForConditionalGeneration(config, init=False)
     missing, _ = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False, assign=True)
     model.tie_weights()
-    if set(missing) - {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
-                       "lm_head.weight"}:
+    if set(missing) - set(TIED_KEYS):
         raise ConfigError(f"internal: gathered weights lack {sorted(missing)[:5]}")
     model.generation_config = dict(generation_config)
     model.save_pretrained(folder)
