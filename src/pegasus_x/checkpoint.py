@@ -24,6 +24,7 @@ from .devices import check_device, check_dtype
 from .errors import CheckpointError, InputError
 from .files import atomic_write_bytes, json_text
 from .generation_config import GENERATION_CONFIG, GenerationConfig
+from .hub import download, is_hub_id
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -79,22 +80,13 @@ def resolve(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
     if local.exists():
         raise CheckpointError(f"{local} is a file; pass the checkpoint folder that holds config.json and the weights")
     text = str(path)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not is_hub_id(text):
         raise CheckpointError(f"checkpoint folder {text!r} does not exist; pass a folder with config.json and "
                               "model.safetensors, or a hub id such as google/pegasus-x-base")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{text!r} is not a local folder, and loading hub ids needs huggingface_hub: "
-                              "pip install huggingface_hub, or download the folder and pass its path") from None
     patterns = [CONFIG_NAME, GENERATION_CONFIG, "*.safetensors", SAFE_INDEX, "spiece.model", "tokenizer*.json",
                 "special_tokens_map.json"]
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns, **hub_kwargs))
-    except Exception as exc:  # network, auth, unknown repo: all the user can act on is the message
-        raise CheckpointError(f"could not download {text!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-                              "check the id and your network, or download the folder elsewhere and pass its path"
-                              ) from None
+    return download(text, patterns, what="the checkpoint", how="download the folder elsewhere and pass its path",
+                    error=CheckpointError, **hub_kwargs)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -32,13 +31,13 @@ from tokenizers.models import Unigram
 
 from .errors import TokenizerError
 from .files import atomic_write_bytes
+from .hub import download, is_hub_id
 
 TOKENIZER_FILE, SPM_FILE = "tokenizer.json", "spiece.model"
 CONFIG_FILE, SPECIAL_MAP_FILE = "tokenizer_config.json", "special_tokens_map.json"
 DEFAULT_MODEL_MAX_LENGTH = 16384  # PEGASUS-X's input length
 NEWLINE_PIECE = "<n>"
 _ABSURD_MAX_LENGTH = 10**7  # HF configs store 1e30 to mean "no limit known"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SPECIAL_DEFAULTS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
                      "mask_token": "<mask_2>", "mask_token_sent": "<mask_1>"}
 # The classic detokenizer clean-up (spaces before punctuation and in English contractions).
@@ -437,26 +436,13 @@ def _resolve_folder(name_or_path: Any, hub_kwargs: dict[str, Any]) -> Path:
         return path
     if path.exists():
         raise TokenizerError(f"{str(path)!r} is a file; expected a folder with {TOKENIZER_FILE} or {SPM_FILE}")
-    if _HUB_ID.match(str(name_or_path)):
-        return _download(str(name_or_path), hub_kwargs)
+    if is_hub_id(str(name_or_path)):
+        how = (f"download {TOKENIZER_FILE} (or {SPM_FILE}), {CONFIG_FILE} and {SPECIAL_MAP_FILE} from "
+               f"https://huggingface.co/{name_or_path} into a folder and pass that folder's path")
+        return download(str(name_or_path), [TOKENIZER_FILE, SPM_FILE, CONFIG_FILE, SPECIAL_MAP_FILE],
+                        what="the tokenizer", how=how, error=TokenizerError, **hub_kwargs)
     raise TokenizerError(f"tokenizer folder {str(path)!r} does not exist; expected a folder holding "
                          f"{TOKENIZER_FILE} or {SPM_FILE}, or a Hub id like 'google/pegasus-x-large'")
-
-
-def _download(repo_id: str, hub_kwargs: dict[str, Any]) -> Path:
-    how = (f"download {TOKENIZER_FILE} (or {SPM_FILE}), {CONFIG_FILE} and {SPECIAL_MAP_FILE} from "
-           f"https://huggingface.co/{repo_id} into a folder and pass that folder's path")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise TokenizerError(f"{repo_id!r} is not a local folder and huggingface_hub is not installed "
-                             f"(pip install huggingface_hub); or {how}") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, SPM_FILE, CONFIG_FILE,
-                                                               SPECIAL_MAP_FILE], **hub_kwargs))
-    except Exception as exc:  # network, auth and missing-repo errors share no base class
-        raise TokenizerError(f"could not download the tokenizer {repo_id!r} from the Hugging Face Hub "
-                             f"({type(exc).__name__}: {exc}); {how}") from exc
 
 
 def _read_json(path: Path) -> dict:
