@@ -59,3 +59,14 @@ def twin(tmp_path):
 def sources_containing(text: str) -> list[str]:
     """The package's Python files (relative to src/pegasus_x) whose text contains ``text``, sorted."""
     return sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if text in p.read_text(encoding="utf-8"))
+
+
+def assert_imports_without_torch(module: str) -> None:
+    """Import ``module`` in a fresh interpreter and check that torch stayed unloaded."""
+    import subprocess
+    import sys
+
+    code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    env = {**os.environ, "PYTHONPATH": str(SRC.parent)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, f"import {module}: {done.stderr[-2000:]}"

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pegasus_x import ConfigError, PegasusXConfig
+from conftest import assert_imports_without_torch
 
 
 def test_defaults_equal_the_reference_config():
@@ -70,3 +71,7 @@ def test_odd_block_is_fine_without_staggering():
 def test_other_model_type_is_refused():
     with pytest.raises(ConfigError, match="convert pegasus"):
         PegasusXConfig.from_dict({"model_type": "pegasus"})
+
+
+def test_config_imports_without_torch():
+    assert_imports_without_torch("pegasus_x.config")

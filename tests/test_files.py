@@ -27,6 +27,7 @@ from pegasus_x import files
 from pegasus_x.cli import main
 from pegasus_x.errors import CheckpointError, InputError
 from pegasus_x.files import atomic_open, atomic_write_bytes, check_output, check_output_dir, json_text, same_file
+from conftest import assert_imports_without_torch
 
 DEMO = Path(files.__file__).parent / "assets" / "demo"
 TEXT = "The cat command reads each file in sequence and writes it to the standard output. It can join files.\n"
@@ -427,3 +428,7 @@ def test_summary_to_a_full_stdout_in_process(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(sys, "stdout", full)
         assert main(["summarize", str(doc), "--max-new-tokens", "2"]) == 2
     assert "cannot write to stdout: No space left on device" in capsys.readouterr().err
+
+
+def test_files_imports_without_torch():
+    assert_imports_without_torch("pegasus_x.files")

@@ -33,6 +33,7 @@ from tokenizers import pre_tokenizers
 
 from pegasus_x.errors import TokenizerError
 from pegasus_x.tokenizer import PegasusTokenizer
+from conftest import assert_imports_without_torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -441,3 +442,7 @@ def test_hub_download_failure_is_a_tokenizer_error(monkeypatch):
     monkeypatch.setattr(hub, "snapshot_download", offline)
     with pytest.raises(TokenizerError, match="could not download.*network is unreachable"):
         PegasusTokenizer.from_pretrained("some-org/some-model")
+
+
+def test_tokenizer_imports_without_torch():
+    assert_imports_without_torch("pegasus_x.tokenizer")
