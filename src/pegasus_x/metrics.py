@@ -118,24 +118,18 @@ def generate_texts(model: Any, tokenizer: Any, sources: Sequence[str], generatio
     """
     from tqdm.auto import tqdm
 
+    from .summarize import generate_rows
+
     was_training = model.training
     model.eval()
-    lengths = [len(s) for s in sources]
-    order = sorted(range(len(sources)), key=lambda i: -lengths[i])
-    outputs: list[str] = [""] * len(sources)
+    rows = tokenizer(list(sources), max_length=max_source_length, truncation=True)["input_ids"]
     bar = tqdm(total=len(sources), unit="doc", desc="evaluate", file=sys.stderr, leave=False,
                disable=not progress or not sys.stderr.isatty())
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
-        enc = tokenizer([sources[i] for i in chosen], max_length=max_source_length, truncation=True,
-                        padding="longest", return_tensors="pt")
-        ids = model.generate(enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device),
-                             **generation)
-        for i, text in zip(chosen, tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)):
-            outputs[i] = text.strip()
-        bar.update(len(chosen))
-    bar.close()
-    model.train(was_training)
+    try:
+        outputs, _ = generate_rows(model, tokenizer, rows, generation, batch_size=batch_size, progress=bar.update)
+    finally:
+        bar.close()
+        model.train(was_training)
     return outputs
 
 

@@ -266,31 +266,50 @@ class Summarizer:
         (text,), _ = self._generate([final], options, streamer, None)
         return Summary(text, len(row), dropped, chunks, time.perf_counter() - start)
 
-    @torch.inference_mode()
     def _generate(self, rows: list[list[int]], options: dict[str, Any], streamer: Any,
                   progress: Callable[[int], None] | None) -> tuple[list[str], list[float]]:
-        """Summaries and per-row seconds of token-id rows, generated in batches of similar length."""
-        texts, seconds = [""] * len(rows), [0.0] * len(rows)
-        if streamer is None:
-            order, size = sorted(range(len(rows)), key=lambda i: -len(rows[i])), self.batch_size
-        else:  # a streamer follows one sequence, in input order
-            order, size, options = list(range(len(rows))), 1, {**options, "streamer": streamer}
-        pad = self.tokenizer.pad_token_id
-        for first in range(0, len(order), size):
-            batch = order[first:first + size]
-            width = max(len(rows[i]) for i in batch)
-            ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in batch], device=self.device)
-            mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in batch],
-                                device=self.device)
-            start = time.perf_counter()
-            out = self.model.generate(ids, mask, **options)
-            decoded = self.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
-            share = (time.perf_counter() - start) / len(batch)
-            for i, text in zip(batch, decoded):
-                texts[i], seconds[i] = text.strip(), share
-            if progress is not None:
-                progress(len(batch))
-        return texts, seconds
+        return generate_rows(self.model, self.tokenizer, rows, options, batch_size=self.batch_size,
+                             streamer=streamer, progress=progress)
+
+
+@torch.inference_mode()
+def generate_rows(model: PegasusXForConditionalGeneration, tokenizer: Any, rows: list[list[int]],
+                  options: dict[str, Any], *, batch_size: int, streamer: Any = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[str], list[float]]:
+    """Generate from token-id rows in batches of similar length and decode: the one generate-and-decode loop.
+
+    Args:
+        model: the model (in eval mode), on its device.
+        tokenizer: its tokenizer (``pad_token_id`` and ``batch_decode``).
+        rows: input ids of each document, ``</s>`` included, any lengths.
+        options: keyword arguments of ``model.generate``.
+        batch_size: rows per ``generate`` call; rows are sorted longest first so padding stays small.
+        streamer: passed to ``generate``; rows then run one at a time in input order (it follows one sequence).
+        progress: called with the number of rows done after each batch.
+    Returns:
+        (decoded outputs without special tokens, stripped; seconds per row, a batch's time shared by its rows), in
+        the order of ``rows``.
+    """
+    texts, seconds = [""] * len(rows), [0.0] * len(rows)
+    if streamer is None:
+        order, size = sorted(range(len(rows)), key=lambda i: -len(rows[i])), batch_size
+    else:
+        order, size, options = list(range(len(rows))), 1, {**options, "streamer": streamer}
+    pad, device = tokenizer.pad_token_id, model.device
+    for first in range(0, len(order), size):
+        batch = order[first:first + size]
+        width = max(len(rows[i]) for i in batch)
+        ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in batch], device=device)
+        mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in batch], device=device)
+        start = time.perf_counter()
+        out = model.generate(ids, mask, **options)
+        decoded = tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
+        share = (time.perf_counter() - start) / len(batch)
+        for i, text in zip(batch, decoded):
+            texts[i], seconds[i] = text.strip(), share
+        if progress is not None:
+            progress(len(batch))
+    return texts, seconds
 
 
 def summarize(text: str | Sequence[str], *, model: str | os.PathLike | nn.Module | None = None,
