@@ -453,3 +453,9 @@ def test_bad_inputs_raise_input_error(twin):
         ours.generate(ids.float(), max_new_tokens=3)
     with pytest.raises(InputError):
         ours.generate(ids, attention_mask=torch.zeros_like(ids), max_new_tokens=3)
+
+
+def test_finished_inputs_are_checked_every_step_on_the_cpu_and_every_sync_every_elsewhere():
+    assert generate_module._sync_every(torch.device("cpu")) == 1
+    assert generate_module._sync_every(torch.device("meta")) == generate_module.SYNC_EVERY > 1
+

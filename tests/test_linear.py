@@ -134,3 +134,15 @@ def test_native_route_taken_for_few_rows(native_calls, bmm_calls, dtype, rows):
     assert not bmm_calls
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, F.linear(x, w), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_slab_route_starts_at_its_named_width(no_native, threads, bmm_calls, parts):
+    """MIN_SLAB_OUTPUTS output features per thread is the narrowest weight the slab route takes."""
+    threads(parts)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        lin.linear(x, torch.randn(lin.MIN_SLAB_OUTPUTS * parts - 1, 64))
+        assert not bmm_calls
+        lin.linear(x, torch.randn(lin.MIN_SLAB_OUTPUTS * parts, 64))
+    assert len(bmm_calls) == 1 and bmm_calls[0][0] == parts

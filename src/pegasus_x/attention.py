@@ -18,6 +18,7 @@ from .native.linear import Linear
 
 BACKENDS = ("sdpa", "eager")
 DECODE_ROWS = 8      # up to this many query rows per input, decoder attention takes the decode-step kernels
+EAGER_GPU_ROWS = 8   # up to this many query rows per input, fp32 decoder attention on a GPU uses matmuls, not SDPA
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout_p: float = 0.0,
@@ -151,12 +152,11 @@ class Attention(nn.Module):
             # A decode step on the CPU: the native kernel streams the keys and values once for all query rows.
             out = native.attention(q, k, v, keep)
         else:
-            if q.is_cuda and q.dtype == torch.float32 and group * T <= DECODE_ROWS and native.enabled(self):
+            if q.is_cuda and q.dtype == torch.float32 and group * T <= EAGER_GPU_ROWS and native.enabled(self):
                 # An fp32 decode step on a GPU: SDPA has no flash kernel for fp32, and its memory-efficient kernel
-                # splits the work by query block, so a few query rows over 16K keys leave most of the GPU idle (H100,
-                # greedy at 16K tokens: 2.2× slower than the reference). Matmuls spread the key axis (1.05–1.46×
-                # faster than the reference over two runs). bf16 keeps SDPA's flash kernel: matmuls did no better
-                # there within the run-to-run spread of beam search at 16K (1.0–1.8 s for either).
+                # splits the work by query block, so a few query rows over 16K keys leave most of the GPU idle;
+                # matmuls spread the key axis. bf16 keeps SDPA's flash kernel: matmuls did no better there.
+                # benchmarks/gpu.py measures both (greedy fp32, beam bf16 at 16K tokens; benchmarks/RESULTS.md).
                 backend = "eager"
             out = attend(q, k, v, keep, p_drop, backend)
         out = out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D)

@@ -33,6 +33,7 @@ from .processors import Processor, build_processors, process
 NEG = -1.0e9                 # the "impossible" score of the reference's beam bookkeeping
 MIN_TEMPERATURE = 1e-4
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed's largest seed
+SYNC_EVERY = 8               # decode steps between checks for finished inputs on an accelerator
 
 # Every keyword generate() takes besides the inputs: the config options and the per-call ones.
 OPTION_NAMES = frozenset(DEFAULTS) | frozenset(RUNTIME_OPTIONS)
@@ -252,7 +253,7 @@ def make_step(model, cache: DecoderCache) -> Callable[[Tensor], Tensor]:
 def _sync_every(device: torch.device) -> int:
     # Pruning finished inputs needs their state on the host. Free on CPU; on an accelerator it would stall the
     # queue every token, so check every few steps (finished rows ride along meanwhile, emitting pad).
-    return 1 if device.type == "cpu" else 8
+    return 1 if device.type == "cpu" else SYNC_EVERY
 
 
 def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Options,
@@ -294,9 +295,10 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
             if not bool(alive.all()):
                 out = _widen(out, seqs.shape[1], opts.pad)
                 out[rows] = seqs
-                keep = alive.nonzero().squeeze(1)
-                cache.keep_inputs(keep)
-                inputs, kept_rows = inputs[keep], (keep[:, None] * group + torch.arange(group, device=dev)).flatten()
+                kept_inputs = alive.nonzero().squeeze(1)
+                cache.keep_inputs(kept_inputs)
+                kept_rows = (kept_inputs[:, None] * group + torch.arange(group, device=dev)).flatten()
+                inputs = inputs[kept_inputs]
                 row_inputs = inputs.repeat_interleave(group)
                 rows, seqs, done, nxt = rows[kept_rows], seqs[kept_rows], done[kept_rows], nxt[kept_rows]
         tokens = nxt[:, None]
@@ -357,8 +359,8 @@ class BeamState:
     fin_len: Tensor       # (b, K) generated tokens of each finished hypothesis
     open: Tensor          # (b, 1) bool: could a running beam still beat the worst finished one?
 
-    def select(self, keep: Tensor) -> "BeamState":
-        return BeamState(*(t.index_select(0, keep) for t in vars(self).values()))
+    def select(self, kept_inputs: Tensor) -> "BeamState":
+        return BeamState(*(t.index_select(0, kept_inputs) for t in vars(self).values()))
 
     def widen(self, width: int, pad: int) -> None:
         """Make room for ``width`` positions in the token buffers (they grow with the output; see :func:`_widen`)."""
@@ -424,9 +426,9 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
                 break
             if bool(done.any()):
                 _store(out, inputs, st, opts.pad)
-                keep = (~done).nonzero().squeeze(1)
-                cache.keep_inputs(keep)
-                inputs, st = inputs[keep], st.select(keep)
+                kept_inputs = (~done).nonzero().squeeze(1)
+                cache.keep_inputs(kept_inputs)
+                inputs, st = inputs[kept_inputs], st.select(kept_inputs)
     _store(out, inputs, st, opts.pad)
     n = opts.num_return_sequences
     length = int(out.fin_len[:, :n].max()) + 1

@@ -38,13 +38,13 @@ def build_processors(opts: Options, encoder_ids: Tensor) -> list[Processor]:
         procs.append(lambda s, hist, _: (torch.full_like(s, -math.inf).index_fill(1, forced, 0.0)
                                          if hist.shape[1] == opts.max_length - 1 else s))
     if opts.do_sample:
-        keep = len(opts.eos) + 1 if opts.num_beams > 1 else 1   # beams must keep a non-EOS continuation
+        n_keep = len(opts.eos) + 1 if opts.num_beams > 1 else 1   # beams must keep a non-EOS continuation
         if opts.temperature != 1.0:
             procs.append(lambda s, *_: s / opts.temperature)
         if opts.top_k != 0:
-            procs.append(_top_k(max(opts.top_k, keep)))
+            procs.append(_top_k(max(opts.top_k, n_keep)))
         if opts.top_p < 1.0:
-            procs.append(_top_p(opts.top_p, keep))
+            procs.append(_top_p(opts.top_p, n_keep))
     return procs
 
 
@@ -117,11 +117,11 @@ def _top_k(k: int) -> Processor:
     return apply
 
 
-def _top_p(p: float, keep: int) -> Processor:
+def _top_p(p: float, n_keep: int) -> Processor:
     def apply(s: Tensor, *_: Tensor) -> Tensor:
         sorted_s, order = torch.sort(s, descending=False)
         drop = sorted_s.softmax(-1).cumsum(-1) <= 1 - p                 # the low tail holding <= 1-p of the mass
-        drop[:, -keep:] = False
+        drop[:, -n_keep:] = False
         return s.masked_fill(drop.scatter(1, order, drop), -math.inf)
     return apply
 

@@ -8,13 +8,9 @@ thread and reach only part of the machine's bandwidth. Two routes do better, in 
   thread streams its share of the weight's rows once, at about the rate of a plain ``sum``;
 - else, for fp32, one ``torch.bmm`` over one slab of the weight's output rows per thread (a view, no copy).
 
-GB/s of weight read at pegasus-x-base shapes on a 2-core AMD EPYC, 2 threads, weights larger than the caches
-(ad-hoc microbenchmarks; ``benchmarks/generate.py`` has the end-to-end numbers):
-
-    rows      F.linear      mm(W, xᵀ)     bmm over row slabs     native (fp32 / bf16)
-    1         13–20         14–21         25–30                  27–30 / 23–26
-    2–4       7–10          19–23         19–22                  22–26 / 18–22
-    8         5–9           11–12         12                     11   / 9
+``benchmarks/generate.py`` measures the routes end to end: as installed (native), with ``CC=false`` (no C
+compiler: the slab route) and with ``PEGASUS_X_NATIVE=0`` (``F.linear`` everywhere); ``benchmarks/RESULTS.md``
+logs the results.
 
 In a decode step the native route runs whole decoder layers at once (``kernels.decoder_step``); this module's
 route serves the LM head and any layer the fused kernel does not take. Beyond a few rows the product is
@@ -31,6 +27,7 @@ from torch import Tensor, nn
 from . import kernels, loader
 
 SMALL_ROWS = 4          # up to this many rows the product is bandwidth-bound and the slab route wins
+MIN_SLAB_OUTPUTS = 64   # output features per thread below which one slab per thread is too little work
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Module | None = None) -> Tensor:
@@ -49,7 +46,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Mod
     parts = torch.get_num_threads()
     if (rows == 0 or rows > SMALL_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not kernels.on_cpu(x, weight, bias) or not weight.is_contiguous() or parts < 2
-            or out_features < 64 * parts):
+            or out_features < MIN_SLAB_OUTPUTS * parts):
         return F.linear(x, weight, bias)
     return _slabs(x, weight, bias, rows, parts)
 
@@ -59,7 +56,7 @@ def _slabs(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int, parts: int
     out_features, in_features = weight.shape
     even = out_features - out_features % parts
     # xᵀ as a column-major (in, rows) operand: MKL streams the slabs at full speed with this layout only (a
-    # row-major one runs ~4× slower).
+    # row-major one runs several times slower).
     xt = x.reshape(rows, in_features).contiguous().t()
     slabs = (weight if even == out_features else weight[:even]).view(parts, even // parts, in_features)
     y = torch.bmm(slabs, xt.expand(parts, in_features, rows))                 # (parts, even/parts, rows)

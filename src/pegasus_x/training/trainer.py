@@ -398,9 +398,9 @@ class Trainer:
             ranked = sorted(scored, key=lambda c: (c["metric"] if lower_is_better else -c["metric"], -c["step"]))
         else:
             ranked = sorted(self.checkpoints, key=lambda c: -c["step"])
-        keep = {c["step"] for c in ranked[:self.options.keep_best]} | {self.step}
+        keep_steps = {c["step"] for c in ranked[:self.options.keep_best]} | {self.step}
         for c in list(self.checkpoints):
-            if c["step"] not in keep:
+            if c["step"] not in keep_steps:
                 self.output.remove(f"checkpoint-{c['step']}")
                 self.checkpoints.remove(c)
 
