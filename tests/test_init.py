@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -133,3 +134,19 @@ def test_no_import_cycle_between_modules():
     assert "pegasus_x.summarize" not in graph["pegasus_x.cli"]
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# Figures that only a measurement gives: times, bandwidths, speed ratios, percent gains.
+MEASURED = re.compile(r"\d\s?(ms|GB/s|MB/s|tokens/s)\b|\d\s?[×x] (faster|slower)|\d\s?% (faster|slower)"
+                      r"|\+\d+([.–-]\d+)*\s?%|~\d+(\.\d+)?×")
+
+
+def test_no_measured_figures_in_the_code():
+    """Comments and docstrings name the benchmark that measures something, not its numbers of the day."""
+    assert MEASURED.search("streams at ~26 GB/s") and MEASURED.search("ran 4-19% faster")
+    assert MEASURED.search("(+6-12% at 4 rows)") and MEASURED.search("~1.5× the model")
+    assert not MEASURED.search("15–45% by default") and not MEASURED.search("a duplicate happens ~8% of the time")
+    found = [f"{path.relative_to(SRC)}:{n}: {line.strip()}" for path in sorted(SRC.rglob("*.[pc]*"))
+             if path.suffix in (".py", ".c")
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if MEASURED.search(line)]
+    assert found == []

@@ -130,7 +130,7 @@ def read_tensors(folder: Path, dtype: torch.dtype | None = None, into: Destinati
 
     Safetensors files are read with plain reads, one tensor at a time, each cast before the next is read: a memory
     map would keep every page of the file resident beside the model, and casting after reading everything would
-    hold the checkpoint twice (peak RSS of a bf16 load from fp32 files: ~1.5× the fp32 model instead of ~0.6×).
+    hold the checkpoint twice (a bf16 load from fp32 files would peak above the fp32 model's size).
     ``into(name, shape)`` may give a safetensors tensor's final place (its dtype wins over ``dtype``); the file is
     then read straight into it.
     """

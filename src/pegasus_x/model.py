@@ -284,7 +284,7 @@ class PegasusXDecoder(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None:
             cache.reserve(T)               # grows the buffers when this step would pass their end
-            if cache.positions is None:    # once per buffer size: a step then only slices it (saves ~0.1 ms a token)
+            if cache.positions is None:    # once per buffer size: a step then only slices it, no sin/cos
                 cache.positions = sinusoidal_positions(0, cache.max_len, cfg.d_model, input_ids.device)
             positions = cache.positions[start:start + T]
         else:

@@ -2,7 +2,7 @@
 
 A decode step reads every decoder weight and the LM head once per token. With the usual 4 KB pages the hardware
 prefetcher stops at every page boundary (and the TLB misses every 4 KB): streaming the same weights from 2 MB pages
-ran 4-19% faster in A/B runs here. Linux gives an anonymous mapping huge pages when it is advised
+ran faster in A/B runs of ``benchmarks/generate.py`` (logged in ``benchmarks/RESULTS.md``). Linux gives an anonymous mapping huge pages when it is advised
 (``MADV_HUGEPAGE``; transparent huge pages in their default ``madvise`` mode). Elsewhere, or when the system turns
 them off, the same code simply gets ordinary pages.
 """

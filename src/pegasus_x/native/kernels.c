@@ -105,7 +105,7 @@ static inline float param(const void *p, int bf16, int64_t i) {
  * Each thread takes a contiguous range of output rows and streams that part of W once.
  */
 /* One weight row at a time: each thread then reads one sequential stream, which the hardware prefetcher follows at
- * the rate of a plain sum (two or more interleaved rows ran ~10% slower). U vectors per step for every query row:
+ * the rate of a plain sum (two or more interleaved rows ran slower in A/B runs). U vectors per step for every query row:
  * U·rows ≤ 8 independent accumulators. With rows constant (DISPATCH_ROWS) the accumulators live in registers. */
 static inline void dot_block_f32(const float *W, int64_t o0, int64_t o1, int64_t in, const float *x,
                                  const float *xs, int rows, float *y, int64_t out) {
@@ -119,7 +119,7 @@ static inline void dot_block_f32(const float *W, int64_t o0, int64_t o1, int64_t
             for (int u = 0; u < U; u++) acc[r][u] = (v8f){0};
         for (int64_t i = 0; i < inU; i += 8 * U) {
             /* With several query rows each weight load carries more arithmetic and fewer loads are in flight: a
-             * prefetch 1 KB ahead keeps the stream going (+6-12% at 4 rows in an A/B run; none helps one row). */
+             * prefetch 1 KB ahead keeps the stream going (faster at 4 rows in A/B runs; no help for one row). */
             if (rows > 1) __builtin_prefetch(w + i + 256);
             for (int u = 0; u < U; u++) {
                 v8f wv = load_f32(w + i + 8 * u);
@@ -138,7 +138,7 @@ static inline void dot_block_f32(const float *W, int64_t o0, int64_t o1, int64_t
 
 /* bf16 weights, 16 per 32-byte load: the even elements are the low halves of its 32-bit lanes (shift them up),
  * the odd ones the high halves (mask the low half off) — two fp32 vectors for two integer operations, where
- * widening 8 at a time costs a shuffle each and streamed ~15% slower. xs holds each row of x split the same
+ * widening 8 at a time costs a shuffle each and streamed slower. xs holds each row of x split the same
  * way: x[0], x[2], … x[n-2] then x[1], x[3], … x[n-1] over the first n = in − in % 16 elements. */
 static inline void dot_block_bf16(const uint16_t *W, int64_t o0, int64_t o1, int64_t in, const float *x,
                                   const float *xs, int rows, float *y, int64_t out) {
@@ -150,7 +150,7 @@ static inline void dot_block_bf16(const uint16_t *W, int64_t o0, int64_t o1, int
         for (int r = 0; r < rows; r++)
             for (int u = 0; u < U; u++) even[r][u] = odd[r][u] = (v8f){0};
         for (int64_t i = 0; i < nU; i += 16 * U) {
-            /* Unlike fp32, one row gains from the prefetch too (+5-9% in A/B runs): a bf16 load carries twice the
+            /* Unlike fp32, one row gains from the prefetch too (in A/B runs): a bf16 load carries twice the
              * arithmetic per byte, so fewer loads are in flight. */
             __builtin_prefetch(w + i + 512);               /* 1 KB ahead, as in dot_block_f32 */
             for (int u = 0; u < U; u++) {

@@ -1,10 +1,10 @@
 """The Python side of kernels.c: each kernel's argument checks, buffers and call (the library from loader.py).
 
 Decoding one token reads every decoder weight, the LM head and the cross-attention keys/values for one to a few
-query rows, so a step is as fast as those bytes stream from memory. torch's kernels for such products stream at
-~26 GB/s here (its batched matrix products) or less; a plain ``sum`` reaches ~31–34 GB/s. The C kernels stream each
-tensor once at the ``sum`` rate on the threads of torch's own OpenMP pool. ``benchmarks/generate.py`` has the
-end-to-end numbers.
+query rows, so a step is as fast as those bytes stream from memory. torch's kernels for such products stream
+below the rate of a plain ``sum``; the C kernels stream each tensor once at about that rate on the threads of
+torch's own OpenMP pool. ``benchmarks/generate.py`` measures both against the bandwidth floor (results in
+``benchmarks/RESULTS.md``).
 
 Every buffer the C side writes is allocated here with an explicit dtype (never the default dtype, which a caller
 may have set to bf16) and a size the library itself computes (``px_*_work``) or the output's shape.
