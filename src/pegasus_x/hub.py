@@ -15,6 +15,8 @@ from .errors import PegasusXError
 # "owner/name" as the Hub spells repositories: letters, digits, "_", "-" and "." (not leading the owner, so a
 # relative path such as ./run or ../run is never taken for an id).
 _HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
+# The keyword arguments from_pretrained passes on to snapshot_download.
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
 
 
 def is_hub_id(name: str) -> bool:

@@ -24,11 +24,11 @@ from .config import PegasusXConfig
 from .devices import refuse_float16
 from .errors import ConfigError, InputError
 from .generation_config import GenerationConfig, as_generation_config
+from .hub import HUB_KWARGS
 from .native.linear import Linear
 from .outputs import EncoderOutput, Seq2SeqLMOutput, Seq2SeqOutput, encoder_inputs
 
 IGNORE_INDEX = -100
-HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")  # passed to the download
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
