@@ -17,7 +17,7 @@ from conftest import random_batch, reference_twin
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, native
 from pegasus_x.cache import new_cache
 from pegasus_x.generate import make_step
-from pegasus_x.native import kernels
+from pegasus_x.native import abi, kernels
 
 # Where the kernels must build: Linux with a C compiler (elsewhere they may, e.g. clang without OpenMP may not).
 HAVE_CC = platform.system() == "Linux" and any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
@@ -104,6 +104,10 @@ def test_attention_refuses_what_it_cannot_take():
     assert not native.attention_fits(q, k, k, None)                                   # head_dim not a multiple of 8
     q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16)
     assert not native.attention_fits(q, k.half(), k.half(), None)                      # fp16
+    for d in (abi.HEAD_DIM_MULTIPLE, abi.MAX_HEAD_DIM):                              # the named bounds themselves fit
+        assert native.attention_fits(torch.randn(1, 2, 1, d), torch.randn(1, 2, 5, d), torch.randn(1, 2, 5, d), None)
+    d = abi.MAX_HEAD_DIM + abi.HEAD_DIM_MULTIPLE
+    assert not native.attention_fits(torch.randn(1, 2, 1, d), torch.randn(1, 2, 5, d), torch.randn(1, 2, 5, d), None)
     assert not native.attention_fits(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, None)  # column-major
     assert not native.attention_fits(q, k, k, torch.ones(1, 1, 1, 5))                 # float mask
 

@@ -12,6 +12,7 @@ import ctypes
 VERSION = 2             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
 MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
 MAX_HEAD_DIM = 256      # px_attention's and px_decoder's head_dim limit
+HEAD_DIM_MULTIPLE = 8   # px_attention and px_decoder take whole 8-float vectors of each head
 # kernels.c's activation enum (ACT_RELU, ...) and the config names that select each.
 ENUM = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4}
 ACTIVATIONS = {"relu": ENUM["relu"], "gelu": ENUM["gelu"], "gelu_new": ENUM["gelu_tanh"],

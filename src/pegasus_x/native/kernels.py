@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import abi, loader
-from .abi import MAX_HEAD_DIM, MAX_ROWS
+from .abi import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, MAX_ROWS
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -88,7 +88,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
 def attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> bool:
     """Whether :func:`attention` takes these tensors (else the caller uses SDPA)."""
     B, H, G, D = q.shape
-    return (D % 8 == 0 and D <= MAX_HEAD_DIM and on_cpu(q, k, v, keep) and k.dtype == v.dtype
+    return (D % HEAD_DIM_MULTIPLE == 0 and D <= MAX_HEAD_DIM and on_cpu(q, k, v, keep) and k.dtype == v.dtype
             and k.dtype in _KERNEL_DTYPES and k.shape == v.shape == (B, H, k.shape[2], D)
             and k.stride(3) == v.stride(3) == 1 and k.stride(2) == v.stride(2) == D
             and (keep is None or (keep.dtype == torch.bool and keep.shape == (B, 1, 1, k.shape[2]))))
@@ -128,8 +128,8 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
     dtype, rows = cache.self_k[0].dtype, x.shape[0]
     B, H, S, hd = cache.cross_k[0].shape
     if (cfg.activation_function not in abi.ACTIVATIONS or rows > MAX_ROWS or rows != cache.self_k[0].shape[0]
-            or rows % B or attn.backend != "sdpa" or x.dtype != dtype or x.device.type != "cpu" or hd % 8
-            or hd > MAX_HEAD_DIM or dtype not in _KERNEL_DTYPES):
+            or rows % B or attn.backend != "sdpa" or x.dtype != dtype or x.device.type != "cpu"
+            or hd % HEAD_DIM_MULTIPLE or hd > MAX_HEAD_DIM or dtype not in _KERNEL_DTYPES):
         return None
     keep = cache.encoder_keep
     if keep is not None:
