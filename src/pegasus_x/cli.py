@@ -388,8 +388,8 @@ def run_info(opts: InfoOptions) -> int:
     memory, have = estimate_memory(c, bytes_per_value(None, shapes)), machine_memory()
     rows = [("checkpoint", str(folder)),
             ("model", f"d_model {c.d_model}, {c.encoder_layers}+{c.decoder_layers} layers, "
-                      f"{c.encoder_attention_heads}+{c.decoder_attention_heads} heads, "
-                      f"ffn {c.encoder_ffn_dim}+{c.decoder_ffn_dim}, {c.activation_function}, "
+                      f"{_pair(c.encoder_attention_heads, c.decoder_attention_heads)} heads, "
+                      f"ffn {_pair(c.encoder_ffn_dim, c.decoder_ffn_dim)}, {c.activation_function}, "
                       f"layer_norm_eps {c.layer_norm_eps:g}"),
             ("attention", f"block {c.block_size}, {c.num_global_tokens} global tokens, {stagger}"),
             ("embeddings", f"{'tied' if c.tie_word_embeddings else 'not tied'} (LM head "
@@ -407,6 +407,10 @@ def run_info(opts: InfoOptions) -> int:
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         print(f"  {file.name:<32} {_human_size(file.stat().st_size):>9}")
     return 0
+
+
+def _pair(encoder: int, decoder: int) -> str:
+    return str(encoder) if encoder == decoder else f"{encoder}+{decoder}"
 
 
 def _generation_summary(folder: Any, config: Any) -> str:

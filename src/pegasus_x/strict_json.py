@@ -80,9 +80,10 @@ def read_object(path: str | os.PathLike, error: Callable[[str], Exception], *,
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise error(f"cannot read {path} ({exc.strerror}); {fix}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error(f"{path} is not a regular file; {fix}")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise error(f"{path} is not a regular file; {fix}")
         try:
             raw = f.read(limit + 1)
         except OSError as exc:
