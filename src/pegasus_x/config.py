@@ -242,10 +242,10 @@ def estimate_memory(config: PegasusXConfig, bytes_per_value: int = 4) -> MemoryE
         bytes_per_value: bytes per parameter (4 for fp32, 2 for bf16).
     """
     d, ffn_e, ffn_d, vocab = config.d_model, config.encoder_ffn_dim, config.decoder_ffn_dim, config.vocab_size
-    ffn = lambda f: d * f + f + f * d + d  # noqa: E731  fc1 and fc2 with biases
     layer_norm = 2 * d
-    encoder_layer = 4 * d * d + 3 * layer_norm + ffn(ffn_e)           # q/k/v/out without bias
-    decoder_layer = 8 * d * d + 3 * layer_norm + ffn(ffn_d)           # self- and cross-attention
+    # Attention: q/k/v/out without bias (the decoder has self- and cross-attention); fc1 and fc2 with biases.
+    encoder_layer = 4 * d * d + 3 * layer_norm + 2 * d * ffn_e + ffn_e + d
+    decoder_layer = 8 * d * d + 3 * layer_norm + 2 * d * ffn_d + ffn_d + d
     params = (vocab * d + config.num_global_tokens * d + config.encoder_layers * encoder_layer + layer_norm
               + config.decoder_layers * decoder_layer + layer_norm + (0 if config.tie_word_embeddings else vocab * d))
     # Even a one-token input is padded to a whole block (two when odd layers are staggered).
