@@ -22,7 +22,7 @@ import torch
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, __version__
 from pegasus_x.cli import main
 from pegasus_x.markdown import markdown_to_text
-from pegasus_x.errors import CheckpointError, GenerationError, InputError
+from pegasus_x.errors import CheckpointError, ConfigError, GenerationError, InputError
 from pegasus_x.summarize import Summarizer, TextStreamer, demo_model_path, summarize
 from pegasus_x.tokenizer import PegasusTokenizer
 
@@ -406,3 +406,15 @@ def test_markdown_to_text():
             "snake_case_name 2*3*4\n~~~\nhidden\n~~~\n<!-- note -->end")
     assert markdown_to_text(text) == ("Title\nquoted word and code\nitem one\nfirst\na chart link "
                                       "snake_case_name 2*3*4\n\nend")
+
+
+def test_info_says_when_the_model_cannot_fit(tmp_path, monkeypatch, capsys):
+    from pegasus_x import config as config_module
+
+    PegasusXForConditionalGeneration(PegasusXConfig.tiny(vocab_size=300)).save_pretrained(tmp_path)
+    monkeypatch.setattr(config_module, "machine_memory", lambda: 10**5)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "; this machine has 100.0 kB: too little, loading is refused" in out, out
+    with pytest.raises(ConfigError, match="this machine has 0.1 MB"):
+        PegasusXForConditionalGeneration.from_pretrained(tmp_path)

@@ -399,7 +399,8 @@ def run_info(opts: InfoOptions) -> int:
             ("parameters", params),
             ("dtype", dtype),
             ("memory", f"at least {_human_size(memory.total_bytes)} as loaded (weights and the largest run-time "
-                       f"tensor){f'; this machine has {_human_size(have)}' if have else ''}"),
+                       f"tensor){f'; this machine has {_human_size(have)}' if have else ''}"
+                       f"{': too little, loading is refused' if have and memory.total_bytes > have else ''}"),
             ("generation", _generation_summary(folder, c))]
     for label, value in rows:
         print(f"{label:<11} {value}")
