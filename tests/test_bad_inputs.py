@@ -85,6 +85,25 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
+def _index(weight_map):
+    """A sharded folder whose index maps to ``weight_map`` (the single-file weights removed)."""
+    return lambda folder: ((folder / "model.safetensors").unlink(),
+                           (folder / "model.safetensors.index.json").write_text(
+                               json.dumps({"metadata": {}, "weight_map": weight_map})))
+
+
+def _tok(mutate):
+    def run(tmp):
+        folder = tmp / "tok"
+        TOK.save_pretrained(folder)
+        mutate(folder)
+        PegasusTokenizer.from_pretrained(folder)
+    return run
+
+
+DEEP = "[" * 10**5 + "]" * 10**5    # past Python's recursion limit: json.loads raises RecursionError
+
+
 def _mask_with(value):
     mask = torch.ones(2, 11)
     mask[1, 4] = value
@@ -172,7 +191,7 @@ CASES = [
      CheckpointError, "NaN"),
     ("ckpt-bad-index", _load(lambda f: ((f / "model.safetensors").unlink(),
                                         (f / "model.safetensors.index.json").write_text("[]"))),
-     CheckpointError, "malformed"),
+     CheckpointError, "must hold a JSON object {...}, not an array"),
     ("ckpt-bad-dtype-arg", lambda tmp: PegasusXForConditionalGeneration.from_pretrained(tmp, dtype="int8"),
      ConfigError, "unknown"),
     # masks, ids, seeds, devices, dtypes and paths (issue #15, items 13 and 16)
@@ -204,6 +223,67 @@ CASES = [
     ("summarizer-device-no-mps", lambda: Summarizer(MODEL, TOK, device=NO_MPS), InputError, f"device '{NO_MPS}'"),
     ("summarizer-device-banana", lambda: Summarizer(MODEL, TOK, device="banana"), InputError, "unknown"),
     ("summarizer-dtype-int32", lambda: Summarizer(MODEL, TOK, dtype=torch.int32), ConfigError, "not supported"),
+    # model files (issue #15, items 6, 10 and 15): sizes, types, one JSON reader, shard paths
+    ("cfg-layers-1e9", _load(_edit_config(encoder_layers=10**9)), ConfigError,
+     "config.encoder_layers=1,000,000,000 is larger than the ceiling 1,024"),
+    ("cfg-block-1e9", _load(_edit_config(block_size=10**9)), ConfigError, "block_size=1,000,000,000 is larger"),
+    ("cfg-vocab-huge", lambda: PegasusXConfig(vocab_size=10**8), ConfigError, "vocab_size=100,000,000 is larger"),
+    ("cfg-tie-string", _load(_edit_config(tie_word_embeddings="false")), ConfigError,
+     "config.tie_word_embeddings must be true or false (a JSON boolean, not a string), got 'false'"),
+    ("cfg-stagger-string", _load(_edit_config(stagger_local_blocks="false")), ConfigError,
+     "config.stagger_local_blocks must be true or false"),
+    ("cfg-scale-int", lambda: PegasusXConfig(scale_embedding=1), ConfigError, "scale_embedding must be true or false"),
+    ("cfg-float-layers", _load(_edit_config(encoder_layers=2.0)), ConfigError,
+     "encoder_layers must be a positive integer, got 2.0"),
+    ("cfg-bool-token-id", lambda: PegasusXConfig(pad_token_id=False), ConfigError,
+     "pad_token_id must be an integer, got False"),
+    ("cfg-forced-eos-string", lambda: PegasusXConfig(forced_eos_token_id="1"), ConfigError,
+     "forced_eos_token_id must be an integer or null"),
+    ("cfg-forced-eos-range", lambda: PegasusXConfig(forced_eos_token_id=10**6), ConfigError, "token id in [0"),
+    ("cfg-init-std-inf", lambda: PegasusXConfig(init_std=float("inf")), ConfigError,
+     "init_std must be a finite number"),
+    ("cfg-dropout-bool", lambda: PegasusXConfig(dropout=False), ConfigError, "dropout must be a finite number"),
+    ("cfg-activation-list", lambda: PegasusXConfig(activation_function=["relu"]), ConfigError,
+     "activation_function must be a string"),
+    ("cfg-json-nan", _load(_edit_config(init_std=float("nan"))), CheckpointError, "NaN is not a JSON value"),
+    ("cfg-json-array", _load(_write("config.json", "[1, 2]")), CheckpointError,
+     "config.json must hold a JSON object {...}, not an array"),
+    ("cfg-json-deep", _load(_write("config.json", DEEP)), CheckpointError, "nested more deeply"),
+    ("cfg-json-huge", _load(_write("config.json", '{"a": "' + "x" * (16 * 2**20) + '"}')), CheckpointError,
+     "is larger than 16,777,216 bytes"),
+    ("cfg-json-latin1", _load(lambda f: (f / "config.json").write_bytes(b'{"a": "\xe9"}')), CheckpointError,
+     "not UTF-8"),
+    ("gen-config-array", _load(_write("generation_config.json", "[4]")), CheckpointError,
+     "generation_config.json must hold a JSON object {...}, not an array"),
+    ("gen-config-string", _load(_write("generation_config.json", '"beam"')), CheckpointError, "not a string"),
+    ("gen-config-deep", _load(_write("generation_config.json", DEEP)), CheckpointError, "nested more deeply"),
+    ("index-int-value", _load(_index({"model.shared.weight": 5})), CheckpointError,
+     "'model.shared.weight' maps to 5, not a file name"),
+    ("index-map-int", _load(lambda f: ((f / "model.safetensors").unlink(),
+                                       (f / "model.safetensors.index.json").write_text('{"weight_map": 7}'))),
+     CheckpointError, "weight_map"),
+    ("index-absolute", _load(_index({"model.shared.weight": "/etc/passwd"})), CheckpointError,
+     "no absolute path"),
+    ("index-absolute-shard", _load(_index({"model.shared.weight": "/tmp/model.safetensors"})), CheckpointError,
+     "inside the checkpoint folder"),
+    ("index-dotdot", _load(_index({"model.shared.weight": "../ckpt/model.safetensors"})), CheckpointError,
+     "no '..'"),
+    ("index-deep", _load(lambda f: ((f / "model.safetensors").unlink(),
+                                    (f / "model.safetensors.index.json").write_text(DEEP))),
+     CheckpointError, "nested more deeply"),
+    ("tok-special-map-int", _tok(_write("special_tokens_map.json", '{"pad_token": 5}')), TokenizerError,
+     "special_tokens_map.json: \"pad_token\" must be a token string"),
+    ("tok-special-map-content", _tok(_write("special_tokens_map.json", '{"eos_token": {"content": ["</s>"]}}')),
+     TokenizerError, "\"eos_token\" must be a token string"),
+    ("tok-special-map-array", _tok(_write("special_tokens_map.json", '["<pad>"]')), TokenizerError,
+     "special_tokens_map.json must hold a JSON object"),
+    ("tok-offset-string", _tok(_write("tokenizer_config.json", '{"offset": "x"}')), TokenizerError,
+     "\"offset\" must be an integer in [2, 65536] (103 for PEGASUS), got 'x'"),
+    ("tok-offset-huge", _tok(_write("tokenizer_config.json", '{"offset": 1000000000}')), TokenizerError,
+     "\"offset\" must be an integer"),
+    ("tok-clean-up-string", _tok(_write("tokenizer_config.json", '{"clean_up_tokenization_spaces": "false"}')),
+     TokenizerError, "clean_up_tokenization_spaces\" must be true or false"),
+    ("tok-config-deep", _tok(_write("tokenizer_config.json", DEEP)), TokenizerError, "nested more deeply"),
     # tokenizer
     ("tok-none", lambda: TOK(None), TokenizerError, "expected text"),
     ("tok-bytes", lambda: TOK(b"abc"), TokenizerError, "decode bytes"),

@@ -22,7 +22,7 @@ import torch
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, __version__
 from pegasus_x.cli import main
 from pegasus_x.markdown import markdown_to_text
-from pegasus_x.errors import CheckpointError, GenerationError, InputError
+from pegasus_x.errors import CheckpointError, ConfigError, GenerationError, InputError
 from pegasus_x.summarize import Summarizer, TextStreamer, demo_model_path, summarize
 from pegasus_x.tokenizer import PegasusTokenizer
 
@@ -170,6 +170,35 @@ def test_info(checkpoint, model):
     assert any(line.split()[:1] == ["model.safetensors"] and f"{size / 1e6:.1f} MB" in line
                for line in out.splitlines())
     assert "tokenizer.json" in out and "generation_config.json" in out
+    # What the model really runs (issue #15, item 10): resolved fields, the dtype it loads in, generation defaults.
+    assert "embeddings  tied (LM head = shared embedding), scaled by sqrt(d_model)" in out
+    assert "dtype       float32 by default (stored F32)" in out and "staggered" in out
+    assert ("generation  greedy, length_penalty 1, up to 16,383 new tokens, eos [1], forced eos [], start 0, pad 0 "
+            "(from generation_config.json)") in out
+    memory = next(line for line in out.splitlines() if line.startswith("memory      at least "))
+    assert float(memory.split()[3]) * 1e6 >= model.num_parameters() * 4 and memory.split()[4] == "MB", memory
+
+
+def test_info_shows_resolved_fields_and_refuses_string_booleans(checkpoint, tmp_path):
+    """Untied embeddings count the LM head; a folder the model would refuse is refused here, in one line."""
+    folder = tmp_path / "untied"
+    config = PegasusXConfig.tiny(vocab_size=300, tie_word_embeddings=False, stagger_local_blocks=False,
+                                 decoder_attention_heads=2, decoder_ffn_dim=32)
+    model = PegasusXForConditionalGeneration(config)
+    model.generation_config = {"num_beams": 3, "gnmt_alpha": 0.6, "max_new_tokens": 9, "decoder_start_token_id": 0,
+                               "eos_token_id": 1}
+    model.save_pretrained(folder)
+    out, err = decoded(cli("info", str(folder)))
+    assert f"parameters  {model.num_parameters():,} (F32)" in out, err
+    assert "4+2 heads, ffn 128+32" in out and "not staggered" in out and "embeddings  not tied" in out
+    assert "generation  beam search (3 beams), gnmt_alpha 0.6, up to 9 new tokens" in out
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, "tie_word_embeddings": "false"}))
+    proc = cli("info", str(folder))
+    out, err = decoded(proc)
+    assert proc.returncode == 2 and out == ""
+    assert err == "pegasus-x: error: config.tie_word_embeddings must be true or false (a JSON boolean, not a " \
+                  "string), got 'false'\n"
 
 
 def test_errors_end_to_end(checkpoint, tmp_path):
@@ -377,3 +406,15 @@ def test_markdown_to_text():
             "snake_case_name 2*3*4\n~~~\nhidden\n~~~\n<!-- note -->end")
     assert markdown_to_text(text) == ("Title\nquoted word and code\nitem one\nfirst\na chart link "
                                       "snake_case_name 2*3*4\n\nend")
+
+
+def test_info_says_when_the_model_cannot_fit(tmp_path, monkeypatch, capsys):
+    from pegasus_x import config as config_module
+
+    PegasusXForConditionalGeneration(PegasusXConfig.tiny(vocab_size=300)).save_pretrained(tmp_path)
+    monkeypatch.setattr(config_module, "machine_memory", lambda: 10**5)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "; this machine has 100.0 kB: too little, loading is refused" in out, out
+    with pytest.raises(ConfigError, match="this machine has 0.1 MB"):
+        PegasusXForConditionalGeneration.from_pretrained(tmp_path)
