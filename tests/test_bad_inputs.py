@@ -350,6 +350,7 @@ def test_checkpoint_corruption_property(tmp_path_factory, target, position, data
 
 
 # ---------------------------------------------------------------------------------------------- kill test
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
     big = PegasusXConfig(**tiny_kwargs(d_model=256, encoder_ffn_dim=1024, decoder_ffn_dim=1024, vocab_size=4096))

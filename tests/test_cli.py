@@ -99,6 +99,7 @@ def write(folder: Path, name: str, text: str | bytes) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_summarize_stdin_and_files(checkpoint, oracle, tmp_path):
     # Piped stdin without PATH: the summary alone on stdout, nothing on stderr (no progress bar off a TTY).
     proc = cli("summarize", "--model", str(checkpoint), "--max-new-tokens", str(NEW), stdin=SHORT[1])
@@ -113,6 +114,7 @@ def test_summarize_stdin_and_files(checkpoint, oracle, tmp_path):
                                 f"==> <stdin> <==\n{oracle(SHORT[2])}\n")
 
 
+@pytest.mark.slow
 def test_several_files_to_jsonl_with_truncation_warning(checkpoint, oracle, tokenizer, tmp_path):
     markdown = ("# Harvest report\n\nSee [the annual report](http://example.org/r) for **all** details.\n\n"
                 "```\nprint('code is dropped')\n```\n")
@@ -149,6 +151,7 @@ def chunked_oracle(oracle, tokenizer, text: str) -> str:
     return oracle(joined)
 
 
+@pytest.mark.slow
 def test_chunked_and_stream(checkpoint, oracle, tokenizer, tmp_path):
     write(tmp_path, "long.txt", LONG)
     write(tmp_path, "a.txt", SHORT[1])
@@ -160,6 +163,7 @@ def test_chunked_and_stream(checkpoint, oracle, tokenizer, tmp_path):
                    f"==> a.txt <==\n{oracle(SHORT[1])}\n")
 
 
+@pytest.mark.slow
 def test_info(checkpoint, model):
     proc = cli("info", str(checkpoint))
     out, err = decoded(proc)
@@ -172,6 +176,7 @@ def test_info(checkpoint, model):
     assert "tokenizer.json" in out and "generation_config.json" in out
 
 
+@pytest.mark.slow
 def test_errors_end_to_end(checkpoint, tmp_path):
     """Through a real process: exit status 2, one line on stderr, no traceback, the old --output untouched."""
     out_file = write(tmp_path, "out.jsonl", "old\n")
@@ -245,6 +250,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equals_single_process(checkpoint, oracle, tmp_path):
     texts = SHORT + [LONG[:200], "Rain fell all night over the quiet town.", SHORT[0][::-1]]
     with (tmp_path / "docs.jsonl").open("w") as f:

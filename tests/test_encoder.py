@@ -34,6 +34,7 @@ def test_fp16_is_refused_with_a_clear_message():
         model(input_ids=torch.ones(1, 4, dtype=torch.long), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_torch_compile_encoder_matches_eager():
     torch.manual_seed(0)
     model = PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).eval()

@@ -330,6 +330,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_gloo_ranks_equal_one_process(corpus, tmp_path, fsdp):
     # batch_size 3 over 2 ranks: uneven shards, and the epoch's last batch (1 example) leaves rank 1 empty.
