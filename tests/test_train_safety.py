@@ -141,15 +141,17 @@ def test_a_read_only_output_dir_fails_before_any_work(corpus, tmp_path):
     import os
 
     if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
+        folder = Path("/sys/pegasus-x-test-output")  # permission bits do not stop root; sysfs refuses new entries
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
     try:
         with pytest.raises(ConfigError, match="cannot write to --output-dir"):
             Trainer(options(corpus, folder, train=str(tmp_path / "missing.jsonl")))
     finally:
-        folder.chmod(0o755)
+        if folder.parent == tmp_path:
+            folder.chmod(0o755)
 
 
 # ---------------------------------------------------------------------------------------------------- lock
