@@ -23,7 +23,7 @@ from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, __versio
 from pegasus_x.cli import main
 from pegasus_x.markdown import markdown_to_text
 from pegasus_x.errors import CheckpointError, GenerationError, InputError
-from pegasus_x.summarize import Summarizer, TextStreamer, demo_model_path, summarize
+from pegasus_x.summarize import Summarizer, TextStreamer, summarize
 from pegasus_x.tokenizer import PegasusTokenizer
 
 LIMIT = 44        # config.max_position_embeddings of the tiny model: the input limit (tokenizer says 16384)
@@ -222,7 +222,7 @@ def test_user_errors_in_process(make_args, message, checkpoint, tmp_path, capsys
     assert out == "" and err.count("\n") == 1 and err.startswith("pegasus-x: error: ") and message in err, err
 
 
-def test_version_empty_stdin_bad_flags_and_missing_demo(checkpoint, tmp_path, capsys, monkeypatch):
+def test_version_empty_stdin_bad_flags_and_the_demo_model(checkpoint, tmp_path, capsys, monkeypatch):
     assert main(["--version"]) == 0 and capsys.readouterr().out == f"pegasus-x {__version__}\n"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"   \n")))
     assert main(["summarize", "--model", str(checkpoint)]) == 2
@@ -237,11 +237,8 @@ def test_version_empty_stdin_bad_flags_and_missing_demo(checkpoint, tmp_path, ca
 
     write(tmp_path, "a.txt", SHORT[0])
     monkeypatch.chdir(tmp_path)
-    if demo_model_path() is None:
-        assert main(["summarize", "a.txt"]) == 2
-        assert "pass --model" in capsys.readouterr().err
-    else:  # the bundled demo model has landed: it must just work
-        assert main(["summarize", "--max-new-tokens", "2", "a.txt"]) == 0
+    assert main(["summarize", "--max-new-tokens", "2", "a.txt"]) == 0       # no --model: the bundled demo model
+    assert capsys.readouterr().out.strip()
 
 
 def free_port() -> int:
@@ -358,9 +355,6 @@ def test_summarizer_stream_fallback_tokenizer_and_bad_inputs(checkpoint, model, 
             summarizer(bad)
     with pytest.raises(CheckpointError, match="does not exist"):
         Summarizer(tmp_path / "missing")
-    if demo_model_path() is None:
-        with pytest.raises(CheckpointError, match="no bundled demo model"):
-            Summarizer()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
