@@ -357,7 +357,7 @@ def test_summarizer_stream_fallback_tokenizer_and_bad_inputs(checkpoint, model, 
         Summarizer(tmp_path / "missing")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a machine with one")
 def test_cuda_defaults_to_bf16(checkpoint, tokenizer, tmp_path):
     summarizer = Summarizer(checkpoint, max_new_tokens=NEW)
     assert summarizer.device.type == "cuda" and summarizer.model.dtype == torch.bfloat16

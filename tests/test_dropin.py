@@ -22,7 +22,7 @@ from pegasus_x.summarize import demo_model_path
 
 from conftest import random_batch, reference_twin
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="install the test extras: pip install -e '.[test]'")
 EOS, PAD = 1, 0
 DOCS = ["NAME\n ls - list directory contents\nSYNOPSIS\n ls [OPTION]... [FILE]...\nDESCRIPTION\n List information "
         "about the FILEs (the current directory by default). Sort entries alphabetically if none of -cftuvSUX nor "

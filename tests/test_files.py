@@ -40,7 +40,7 @@ def mknod(path: Path, kind: int, major: int, minor: int) -> Path:
     try:
         os.mknod(path, 0o666 | kind, os.makedev(major, minor))
     except PermissionError:
-        pytest.skip("mknod is not permitted here")
+        pytest.skip("mknod is not permitted here: run as root (or with CAP_MKNOD)")
     return path
 
 
@@ -220,7 +220,7 @@ def test_a_folder_the_system_refuses_is_caught_by_a_real_write():
     else:
         os.close(fd)
         os.unlink(probe)
-        pytest.skip("/sys accepts new files here")
+        pytest.skip("/sys accepts new files here: run where /sys refuses them (a container, or sysfs)")
     with pytest.raises(InputError, match="cannot write --output /sys/out.jsonl"):
         check_output("/sys/out.jsonl")
 

@@ -112,7 +112,7 @@ def test_generation_through_slabs_matches_reference(no_native, tmp_path, threads
 @pytest.fixture
 def native_calls(monkeypatch):
     if loader.library() is None:
-        pytest.skip("no C compiler here: the native kernels are not built (test_native.py checks when they must be)")
+        pytest.skip("no C compiler here: the native kernels are not built; install cc or gcc to run it")
     calls = []
     real = kernels.linear
 

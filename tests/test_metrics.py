@@ -7,7 +7,7 @@ import pytest
 from pegasus_x import metrics, pretraining, sentences
 from pegasus_x.metrics import rouge_scores, sentence_per_line
 
-rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="install the test extras: pip install -e '.[test]'")
 
 REFERENCE = ("Dr. Smith measured the flow, e.g. in the main pipe. See Fig. 3 for the result. "
              "The pressure rose by 4 bar.\nJ. Doe repeated it.")

@@ -30,7 +30,7 @@ HAVE_CC = platform.system() == "Linux" and any(shutil.which(cc) for cc in ("cc",
 @pytest.fixture
 def lib():
     if not HAVE_CC:
-        pytest.skip("not Linux with a C compiler: the kernels need not build here (the library falls back)")
+        pytest.skip("not Linux with a C compiler: the kernels need not build here; run on Linux with cc or gcc")
     built = native.library()
     assert built is not None, "a C compiler is here, yet the native kernels did not build"
     return built
