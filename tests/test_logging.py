@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_helpers import make_tokenizer, toy_pairs, write_jsonl
+from conftest import make_tokenizer, toy_pairs, write_jsonl
 from pegasus_x import PegasusTokenizer, PegasusXConfig, PegasusXForConditionalGeneration
 from pegasus_x.cli import main
 from pegasus_x.training.data import Example

@@ -28,8 +28,7 @@ from pegasus_x.training.optim import lr_at
 from pegasus_x.training.state import latest_checkpoint
 from pegasus_x.training.trainer import label_smoothed_loss
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import make_tokenizer, toy_pairs, write_jsonl  # noqa: E402
+from conftest import make_tokenizer, toy_pairs, write_jsonl
 
 TINY = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=64, decoder_ffn_dim=64, block_size=6, num_global_tokens=3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,7 @@ from pegasus_x.training.state import latest_checkpoint
 from pegasus_x.training.options import MAX_STEPS
 from pegasus_x.training.output import metrics_line, open_output_folder
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import make_tokenizer, toy_pairs, write_jsonl  # noqa: E402
+from conftest import make_tokenizer, toy_pairs, write_jsonl
 
 TINY = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
             encoder_ffn_dim=32, decoder_ffn_dim=32, block_size=6, num_global_tokens=2)

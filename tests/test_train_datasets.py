@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _train_helpers import make_tokenizer, toy_pairs, write_jsonl
+from conftest import make_tokenizer, toy_pairs, write_jsonl
 from pegasus_x import PegasusTokenizer, PegasusXConfig, PegasusXForConditionalGeneration
 from pegasus_x.training.data import load_pairs
 from pegasus_x.errors import DataError
