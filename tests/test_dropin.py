@@ -171,6 +171,7 @@ def test_default_generation_matches_transformers(tmp_path, case):
 
 
 # ---------------------------------------------------------------------------------------------------- one policy
+@pytest.mark.slow
 @pytest.mark.parametrize("stored, length", [({"min_length": 30}, 21),
                                              ({"max_length": 25, "min_length": 24, "num_beams": 2}, 25)],
                          ids=["no length", "stored max_length"])

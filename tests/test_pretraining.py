@@ -106,6 +106,7 @@ def test_ratio_range_bounds_the_count(data, seed):
     assert low <= len(ex.selected) <= high
 
 
+@pytest.mark.slow
 def test_mask_probability_and_ratio_distribution_over_seeds():
     doc = " ".join(f"Sentence {i} talks about {' '.join(WORDS[i % 7: i % 7 + 4])}." for i in range(20))
     examples = [make_gsg_example(doc, seed) for seed in range(2000)]
