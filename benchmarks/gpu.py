@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 DEVICE = "cuda"
@@ -64,7 +62,7 @@ def _pair(dtype):
 
 
 def parity() -> dict:
-    from conftest import random_batch, reference_twin
+    from twin import random_batch, reference_twin  # benchmarks/twin.py (the script's folder)
 
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,14 +8,12 @@ relu and gelu; a batch of 3 right-padded inputs; both attention back-ends.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import random_batch, reference_twin  # noqa: E402
+from twin import random_batch, reference_twin  # benchmarks/twin.py (the script's folder)
 
 K = 8
 CASES = {

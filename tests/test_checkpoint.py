@@ -125,3 +125,26 @@ def test_tied_embedding_aliases_have_one_owner():
     assert all(params[k] is model.model.shared.weight for k in checkpoint.TIED_KEYS)
     for alias in checkpoint.TIED_ALIASES:   # no module spells out its own list
         assert sources_containing(alias) == ["checkpoint.py"]
+
+
+def test_hub_snapshot_shards_are_symlinks_outside_the_folder(tmp_path):
+    """In a hub cache, snapshots/REV/model-*.safetensors link to ../../blobs/HASH: an index naming them is fine
+    (only absolute and '..' spellings are refused), and a shard in a subfolder is too."""
+    torch.manual_seed(0)
+    model = PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).eval()
+    snapshot, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    model.save_pretrained(tmp_path / "plain")
+    state = load_file(tmp_path / "plain" / "model.safetensors")
+    names = sorted(state)
+    save_file({k: state[k] for k in names[:5]}, blobs / "1234")
+    (snapshot / "model-00001-of-00002.safetensors").symlink_to("../../blobs/1234")
+    (snapshot / "sub").mkdir()
+    save_file({k: state[k] for k in names[5:]}, snapshot / "sub" / "model-00002-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in names[:5]}
+    weight_map.update({k: "sub/model-00002-of-00002.safetensors" for k in names[5:]})
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (snapshot / "config.json").write_bytes((tmp_path / "plain" / "config.json").read_bytes())
+    loaded = PegasusXForConditionalGeneration.from_pretrained(snapshot)
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=0, rtol=0)

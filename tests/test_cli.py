@@ -1,8 +1,8 @@
-"""`pegasus-x` end to end (subprocesses on a tiny random checkpoint) and the `Summarizer` Python API.
+"""`pegasus-x` end to end: subprocesses (marked slow) and main() in process, on the tiny checkpoint of conftest.py.
 
 The oracle for every summary is the model's own `generate` called directly, one text at a time, on ids the test
 builds from the tokenizer: so these tests check the plumbing (reading, truncation, chunking, batching, ordering,
-sharding, output), not the model.
+sharding, output), not the model. The `Summarizer` Python API: test_summarize.py.
 """
 
 from __future__ import annotations
@@ -13,70 +13,18 @@ import os
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, __version__
+from pegasus_x import PegasusXForConditionalGeneration, __version__
 from pegasus_x.cli import main
-from pegasus_x.markdown import markdown_to_text
-from pegasus_x.errors import CheckpointError, GenerationError, InputError
-from pegasus_x.summarize import Summarizer, TextStreamer, demo_model_path, summarize
-from pegasus_x.tokenizer import PegasusTokenizer
+from pegasus_x.config import PegasusXConfig
+from pegasus_x.errors import ConfigError
+from pegasus_x.summarize import Summarizer
 
-LIMIT = 44        # config.max_position_embeddings of the tiny model: the input limit (tokenizer says 16384)
-BLOCK = 8
-CHUNK = 40        # largest multiple of BLOCK within LIMIT
-NEW = 6           # --max-new-tokens used throughout
-SHORT = ["The quick brown fox jumps over the lazy dog near the river bank.",
-         "Stock markets fell sharply on Monday after the inflation report.",
-         "A new species of frog was found in the rainforest of Peru by a team of biologists."]
-LONG = " ".join(f"Sentence {i} tells of rivers, mountains and the harvest of year {1900 + i}." for i in range(12))
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tokenizer() -> PegasusTokenizer:
-    return PegasusTokenizer.pegasus()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer) -> Path:
-    """A 3M-parameter random PEGASUS-X (d_model 32, full vocabulary) with tokenizer files and the hub's
-    generation_config quirk (max_length 16384). init_std 1.0 makes greedy outputs depend on the input."""
-    torch.manual_seed(0)
-    config = PegasusXConfig.tiny(d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
-                                 encoder_ffn_dim=64, decoder_ffn_dim=64, num_global_tokens=4, block_size=BLOCK,
-                                 max_position_embeddings=LIMIT, init_std=1.0)
-    model = PegasusXForConditionalGeneration(config)
-    model.generation_config = {"num_beams": 1, "max_length": 16384, "decoder_start_token_id": 0,
-                               "eos_token_id": 1, "pad_token_id": 0}
-    folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint) -> PegasusXForConditionalGeneration:
-    return PegasusXForConditionalGeneration.from_pretrained(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def oracle(model, tokenizer):
-    """summary(ids or text) by calling generate directly on one input, truncated to LIMIT keeping </s>."""
-    def run(source: str | list[int], **options) -> str:
-        ids = tokenizer.encode(source) if isinstance(source, str) else list(source)
-        if len(ids) > LIMIT:
-            ids = ids[:LIMIT - 1] + ids[-1:]
-        options = {"max_new_tokens": NEW, **options}
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), **options)
-        return tokenizer.decode(out[0], skip_special_tokens=True).strip()
-    return run
+from conftest import BLOCK, LIMIT, LONG, NEW, SHORT, chunked_oracle
 
 
 def cli(*args: str, stdin: str | bytes | None = None, env: dict | None = None, cwd: Path | None = None,
@@ -99,6 +47,7 @@ def write(folder: Path, name: str, text: str | bytes) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_summarize_stdin_and_files(checkpoint, oracle, tmp_path):
     # Piped stdin without PATH: the summary alone on stdout, nothing on stderr (no progress bar off a TTY).
     proc = cli("summarize", "--model", str(checkpoint), "--max-new-tokens", str(NEW), stdin=SHORT[1])
@@ -113,6 +62,7 @@ def test_summarize_stdin_and_files(checkpoint, oracle, tmp_path):
                                 f"==> <stdin> <==\n{oracle(SHORT[2])}\n")
 
 
+@pytest.mark.slow
 def test_several_files_to_jsonl_with_truncation_warning(checkpoint, oracle, tokenizer, tmp_path):
     markdown = ("# Harvest report\n\nSee [the annual report](http://example.org/r) for **all** details.\n\n"
                 "```\nprint('code is dropped')\n```\n")
@@ -139,16 +89,7 @@ def test_several_files_to_jsonl_with_truncation_warning(checkpoint, oracle, toke
                              "of it)"]
 
 
-def chunked_oracle(oracle, tokenizer, text: str) -> str:
-    """The spec of --chunked: block-aligned chunks of CHUNK tokens (</s> included), then the joined summaries."""
-    body = tokenizer.encode(text)[:-1]
-    pieces = [body[i:i + CHUNK - 1] + [1] for i in range(0, len(body), CHUNK - 1)]
-    assert len(pieces) >= 3 and all(len(p) == CHUNK for p in pieces[:-1])
-    joined = tokenizer.encode("\n".join(oracle(p) for p in pieces))
-    assert len(joined) <= LIMIT  # one round is enough for this text
-    return oracle(joined)
-
-
+@pytest.mark.slow
 def test_chunked_and_stream(checkpoint, oracle, tokenizer, tmp_path):
     write(tmp_path, "long.txt", LONG)
     write(tmp_path, "a.txt", SHORT[1])
@@ -160,6 +101,7 @@ def test_chunked_and_stream(checkpoint, oracle, tokenizer, tmp_path):
                    f"==> a.txt <==\n{oracle(SHORT[1])}\n")
 
 
+@pytest.mark.slow
 def test_info(checkpoint, model):
     proc = cli("info", str(checkpoint))
     out, err = decoded(proc)
@@ -170,8 +112,38 @@ def test_info(checkpoint, model):
     assert any(line.split()[:1] == ["model.safetensors"] and f"{size / 1e6:.1f} MB" in line
                for line in out.splitlines())
     assert "tokenizer.json" in out and "generation_config.json" in out
+    # What the model really runs (issue #15, item 10): resolved fields, the dtype it loads in, generation defaults.
+    assert "embeddings  tied (LM head = shared embedding), scaled by sqrt(d_model)" in out
+    assert "dtype       float32 by default (stored F32)" in out and "staggered" in out
+    assert ("generation  greedy, length_penalty 1, up to 16,383 new tokens, eos [1], forced eos [], start 0, pad 0 "
+            "(from generation_config.json)") in out
+    memory = next(line for line in out.splitlines() if line.startswith("memory      at least "))
+    assert float(memory.split()[3]) * 1e6 >= model.num_parameters() * 4 and memory.split()[4] == "MB", memory
 
 
+def test_info_shows_resolved_fields_and_refuses_string_booleans(checkpoint, tmp_path):
+    """Untied embeddings count the LM head; a folder the model would refuse is refused here, in one line."""
+    folder = tmp_path / "untied"
+    config = PegasusXConfig.tiny(vocab_size=300, tie_word_embeddings=False, stagger_local_blocks=False,
+                                 decoder_attention_heads=2, decoder_ffn_dim=32)
+    model = PegasusXForConditionalGeneration(config)
+    model.generation_config = {"num_beams": 3, "gnmt_alpha": 0.6, "max_new_tokens": 9, "decoder_start_token_id": 0,
+                               "eos_token_id": 1}
+    model.save_pretrained(folder)
+    out, err = decoded(cli("info", str(folder)))
+    assert f"parameters  {model.num_parameters():,} (F32)" in out, err
+    assert "4+2 heads, ffn 128+32" in out and "not staggered" in out and "embeddings  not tied" in out
+    assert "generation  beam search (3 beams), gnmt_alpha 0.6, up to 9 new tokens" in out
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, "tie_word_embeddings": "false"}))
+    proc = cli("info", str(folder))
+    out, err = decoded(proc)
+    assert proc.returncode == 2 and out == ""
+    assert err == "pegasus-x: error: config.tie_word_embeddings must be true or false (a JSON boolean, not a " \
+                  "string), got 'false'\n"
+
+
+@pytest.mark.slow
 def test_errors_end_to_end(checkpoint, tmp_path):
     """Through a real process: exit status 2, one line on stderr, no traceback, the old --output untouched."""
     out_file = write(tmp_path, "out.jsonl", "old\n")
@@ -217,7 +189,7 @@ def test_user_errors_in_process(make_args, message, checkpoint, tmp_path, capsys
     assert out == "" and err.count("\n") == 1 and err.startswith("pegasus-x: error: ") and message in err, err
 
 
-def test_version_empty_stdin_bad_flags_and_missing_demo(checkpoint, tmp_path, capsys, monkeypatch):
+def test_version_empty_stdin_bad_flags_and_the_demo_model(checkpoint, tmp_path, capsys, monkeypatch):
     assert main(["--version"]) == 0 and capsys.readouterr().out == f"pegasus-x {__version__}\n"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"   \n")))
     assert main(["summarize", "--model", str(checkpoint)]) == 2
@@ -232,11 +204,8 @@ def test_version_empty_stdin_bad_flags_and_missing_demo(checkpoint, tmp_path, ca
 
     write(tmp_path, "a.txt", SHORT[0])
     monkeypatch.chdir(tmp_path)
-    if demo_model_path() is None:
-        assert main(["summarize", "a.txt"]) == 2
-        assert "pass --model" in capsys.readouterr().err
-    else:  # the bundled demo model has landed: it must just work
-        assert main(["summarize", "--max-new-tokens", "2", "a.txt"]) == 0
+    assert main(["summarize", "--max-new-tokens", "2", "a.txt"]) == 0       # no --model: the bundled demo model
+    assert capsys.readouterr().out.strip()
 
 
 def free_port() -> int:
@@ -245,6 +214,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equals_single_process(checkpoint, oracle, tmp_path):
     texts = SHORT + [LONG[:200], "Rain fell all night over the quiet town.", SHORT[0][::-1]]
     with (tmp_path / "docs.jsonl").open("w") as f:
@@ -270,94 +240,7 @@ def test_torchrun_two_ranks_equals_single_process(checkpoint, oracle, tmp_path):
     assert [r["summary"] for r in records] == [oracle(t) for t in texts]
 
 
-# ---------------------------------------------------------------------------------------------------- Python API
-def spy_on_generate(model, monkeypatch, stub: bool = False) -> list[tuple[list[list[int]], dict]]:
-    """Record (unpadded input rows, options) of every generate call; with ``stub``, return "</s>" summaries
-    instead of generating (for tests of the options alone)."""
-    calls = []
-    original = model.generate
-
-    def spy(input_ids, attention_mask=None, **options):
-        masks = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        rows = [row[mask.bool()].tolist() for row, mask in zip(input_ids, masks)]
-        calls.append((rows, options))
-        if stub:
-            return torch.tensor([[0, 1]] * len(rows))
-        return original(input_ids, attention_mask, **options)
-    monkeypatch.setattr(model, "generate", spy)
-    return calls
-
-
-def test_summarizer_text_and_batches(checkpoint, oracle, model, monkeypatch):
-    summarizer = Summarizer(checkpoint, device="cpu", batch_size=2, max_new_tokens=NEW)
-    assert summarizer.max_input_tokens == LIMIT and summarizer.chunk_length() == CHUNK
-    assert summarizer(SHORT[0]) == oracle(SHORT[0])
-    texts = [SHORT[0], SHORT[2], "Short one.", SHORT[1]]
-    calls = spy_on_generate(summarizer.model, monkeypatch)
-    assert summarizer(texts) == [oracle(t) for t in texts]
-    lengths = [[len(r) for r in rows] for rows, _ in calls]
-    assert [len(x) for x in lengths] == [2, 2] and lengths[0][0] >= lengths[1][0]   # longest first
-    assert sorted(n for batch in lengths for n in batch) == sorted(len(summarizer.tokenizer.encode(t)) for t in texts)
-    assert summarize(SHORT[1], model=model, max_new_tokens=NEW) == oracle(SHORT[1])
-
-
-def test_summarizer_generation_defaults(model, monkeypatch):
-    calls = spy_on_generate(model, monkeypatch, stub=True)
-    summarizer = Summarizer(model, num_beams=2, length_penalty=0.5)
-    summarizer(SHORT[0], max_new_tokens=3)
-    summarizer.run([SHORT[0]])
-    assert calls[0][1] == {"num_beams": 2, "length_penalty": 0.5, "max_new_tokens": 3}
-    # The length (and every unset option) is left to generate, which reads the checkpoint as transformers does.
-    assert calls[1][1] == {"num_beams": 2, "length_penalty": 0.5}
-    assert summarizer.generation_options(num_beams=1) == {"num_beams": 1, "length_penalty": 0.5}
-    with pytest.raises(GenerationError, match="num_beam"):
-        summarizer(SHORT[0], num_beam=3)
-    with pytest.raises(GenerationError, match="min_new_tokens=5 is larger"):
-        Summarizer(model, min_new_tokens=5, max_new_tokens=4)
-
-
-def test_summarizer_truncates_or_chunks(model, oracle, tokenizer, monkeypatch):
-    summarizer = Summarizer(model, max_new_tokens=NEW)
-    dropped = len(tokenizer.encode(LONG)) - LIMIT
-    with pytest.warns(UserWarning, match=f"dropped the last {dropped} tokens"):
-        assert summarizer(LONG) == oracle(LONG)
-    expected = chunked_oracle(oracle, tokenizer, LONG)
-    calls = spy_on_generate(model, monkeypatch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                                          # chunked: nothing dropped
-        (result,) = summarizer.run([LONG], chunked=True)
-    assert result.text == expected
-    assert result.dropped_tokens == 0 and result.chunks == len(calls[0][0]) and len(calls) == 2
-    assert all(len(row) == CHUNK for row in calls[0][0][:-1]) and len(calls[1][0][0]) <= LIMIT
-    # max_input_tokens below the model's limit: chunks shrink to a multiple of the block size within it.
-    small = Summarizer(model, max_input_tokens=20, max_new_tokens=NEW)
-    assert small.max_input_tokens == 20 and small.chunk_length() == 16
-
-
-def test_summarizer_stream_fallback_tokenizer_and_bad_inputs(checkpoint, model, oracle, tmp_path):
-    summarizer = Summarizer(model, max_new_tokens=NEW)
-    sink = io.StringIO()
-    results = summarizer.run(SHORT[:2], streamer=TextStreamer(summarizer.tokenizer, file=sink))
-    assert sink.getvalue() == "".join(r.text + "\n" for r in results)
-    assert [r.text for r in results] == [oracle(t) for t in SHORT[:2]]
-
-    bare = tmp_path / "no-tokenizer"
-    model.save_pretrained(bare)
-    with pytest.warns(UserWarning, match="no tokenizer.json or spiece.model"):
-        fallback = Summarizer(bare, device="cpu", max_new_tokens=NEW)
-    assert fallback(SHORT[0]) == oracle(SHORT[0])
-
-    for bad, message in ((b"bytes", "decode bytes first"), ([""], "text 0 is empty"), ([], "list is empty")):
-        with pytest.raises(InputError, match=message):
-            summarizer(bad)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        Summarizer(tmp_path / "missing")
-    if demo_model_path() is None:
-        with pytest.raises(CheckpointError, match="no bundled demo model"):
-            Summarizer()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a machine with one")
 def test_cuda_defaults_to_bf16(checkpoint, tokenizer, tmp_path):
     summarizer = Summarizer(checkpoint, max_new_tokens=NEW)
     assert summarizer.device.type == "cuda" and summarizer.model.dtype == torch.bfloat16
@@ -372,8 +255,13 @@ def test_cuda_defaults_to_bf16(checkpoint, tokenizer, tmp_path):
     assert proc.returncode == 0 and decoded(proc)[0] == expected + "\n", decoded(proc)[1]
 
 
-def test_markdown_to_text():
-    text = ("## Title\n> quoted *word* and `code`\n- item one\n1. first\n![a chart](c.png) [link](u) "
-            "snake_case_name 2*3*4\n~~~\nhidden\n~~~\n<!-- note -->end")
-    assert markdown_to_text(text) == ("Title\nquoted word and code\nitem one\nfirst\na chart link "
-                                      "snake_case_name 2*3*4\n\nend")
+def test_info_says_when_the_model_cannot_fit(tmp_path, monkeypatch, capsys):
+    from pegasus_x import config as config_module
+
+    PegasusXForConditionalGeneration(PegasusXConfig.tiny(vocab_size=300)).save_pretrained(tmp_path)
+    monkeypatch.setattr(config_module, "machine_memory", lambda: 10**5)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "; this machine has 100.0 kB: too little, loading is refused" in out, out
+    with pytest.raises(ConfigError, match="this machine has 0.1 MB"):
+        PegasusXForConditionalGeneration.from_pretrained(tmp_path)

@@ -41,7 +41,7 @@ def mknod(path: Path, kind: int, major: int, minor: int) -> Path:
     try:
         os.mknod(path, 0o666 | kind, os.makedev(major, minor))
     except PermissionError:
-        pytest.skip("mknod is not permitted here")
+        pytest.skip("mknod is not permitted here: run as root (or with CAP_MKNOD)")
     return path
 
 
@@ -221,7 +221,7 @@ def test_a_folder_the_system_refuses_is_caught_by_a_real_write():
     else:
         os.close(fd)
         os.unlink(probe)
-        pytest.skip("/sys accepts new files here")
+        pytest.skip("/sys accepts new files here: run where /sys refuses them (a container, or sysfs)")
     with pytest.raises(InputError, match="cannot write --output /sys/out.jsonl"):
         check_output("/sys/out.jsonl")
 
@@ -374,6 +374,7 @@ def test_convert_refuses_its_source_folder_and_existing_checkpoint_files(tmp_pat
     assert (out / "model.safetensors").read_bytes() == b"someone's weights"
 
 
+@pytest.mark.slow
 def test_closed_stdout_is_an_error_before_any_work(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text(TEXT)
@@ -383,6 +384,7 @@ def test_closed_stdout_is_an_error_before_any_work(tmp_path):
                                             "to a file, or use --output")
 
 
+@pytest.mark.slow
 def test_closed_stdin_is_an_error(tmp_path):
     proc = run_cli("summarize", "-", stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=closing(0))
     assert proc.returncode == 2 and proc.stdout == b""
@@ -390,6 +392,7 @@ def test_closed_stdin_is_an_error(tmp_path):
                                             "pass files or --input")
 
 
+@pytest.mark.slow
 def test_stdout_on_a_full_disk():
     with open("/dev/full", "wb") as full:   # only a file descriptor of it: the code under test cannot replace it
         proc = run_cli("info", str(DEMO), stdout=full, stderr=subprocess.PIPE)
@@ -397,6 +400,7 @@ def test_stdout_on_a_full_disk():
     assert proc.stderr.decode() == "pegasus-x: error: cannot write to stdout: No space left on device\n"
 
 
+@pytest.mark.slow
 def test_stdout_into_a_closed_pipe():
     read, write = os.pipe()
     os.close(read)                         # `| head` that has already exited

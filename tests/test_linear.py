@@ -83,6 +83,7 @@ def test_other_products_use_f_linear(no_native, threads, bmm_calls, case):
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(), dict(num_beams=4, length_penalty=0.8)], ids=["greedy", "beam4"])
 def test_generation_through_slabs_matches_reference(no_native, tmp_path, threads, bmm_calls, options):
     """A model wide enough for the slab route (and an odd vocabulary: a leftover row) still generates the
@@ -112,7 +113,7 @@ def test_generation_through_slabs_matches_reference(no_native, tmp_path, threads
 @pytest.fixture
 def native_calls(monkeypatch):
     if loader.library() is None:
-        pytest.skip("no C compiler here: the native kernels are not built (test_native.py checks when they must be)")
+        pytest.skip("no C compiler here: the native kernels are not built; install cc or gcc to run it")
     calls = []
     real = kernels.linear
 

@@ -19,7 +19,7 @@ import pytest
 from pegasus_x.native import abi, loader
 
 HAVE_CC = platform.system() == "Linux" and any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
-needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine: the kernels need not build here")
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine: install cc or gcc to run it")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -64,7 +64,7 @@ def test_builds_into_the_cache_folder_once(fresh_build):
 
 def test_source_compiles_without_warnings(tmp_path):
     if not HAVE_CC:
-        pytest.skip("no C compiler on this machine")
+        pytest.skip("no C compiler on this machine: install cc or gcc to run it")
     cc = next(shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c))
     done = subprocess.run([cc, *loader.FLAGS, "-Wall", "-Wextra", "-Werror", "-o", str(tmp_path / "k.so"),
                            str(loader.SOURCE), "-lm"], capture_output=True, text=True)
@@ -119,7 +119,7 @@ def test_refuses_a_cache_folder_others_control(fresh_build, monkeypatch, tmp_pat
         match = "others can write to it \\(mode 777\\)"
     else:
         if os.getuid() != 0:
-            pytest.skip("giving a folder to another user needs root")
+            pytest.skip("giving a folder to another user needs root: run as root")
         os.chown(fresh_build, os.getuid() + 4242, -1)
         match = f"belongs to user id {os.getuid() + 4242}"
     with pytest.warns(UserWarning, match=f"refusing to load native kernels from .*{match}.*chmod go-w"):

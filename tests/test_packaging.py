@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")
+tomllib = pytest.importorskip("tomllib", reason="needs Python 3.11 or later (tomllib)")
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "pegasus_x"
@@ -93,7 +93,7 @@ def _pypi_reachable() -> bool:
 def test_declared_lowest_versions_work(tmp_path):
     """A fresh venv with the lowest declared versions (no site packages) runs tests/_lowest_deps_smoke.py."""
     if not _pypi_reachable():
-        pytest.skip("PyPI (https://pypi.org) is unreachable: the lowest declared versions cannot be installed")
+        pytest.skip("PyPI (https://pypi.org) is unreachable: the lowest declared versions cannot be installed; run with network access")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

@@ -27,6 +27,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
@@ -35,7 +36,7 @@ from pegasus_x.errors import TokenizerError
 from pegasus_x.tokenizer import PegasusTokenizer
 from conftest import assert_imports_without_torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="install the test extras: pip install -e '.[test]'")
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pegasus-tokenizer"   # ../shared beside the repo
 if not (REAL / "tokenizer.json").is_file():  # fall back to the copy shipped in the package
@@ -213,7 +214,6 @@ def test_decode_equals_transformers(ours, hf, skip):
 
 
 def test_decode_accepts_tensors(ours):
-    torch = pytest.importorskip("torch")
     batch = ours(PROSE[:3], padding=True, return_tensors="pt")
     assert ours.batch_decode(batch["input_ids"], skip_special_tokens=True) == ours.batch_decode(
         batch["input_ids"].tolist(), skip_special_tokens=True)
@@ -254,7 +254,6 @@ def test_text_target_equals_transformers(ours, hf, kwargs):
 
 
 def test_attribute_access_and_tensor_dtypes(ours):
-    torch = pytest.importorskip("torch")
     batch = ours(["a b", "c"], padding=True, return_tensors="pt")
     assert batch.input_ids.dtype == torch.long and batch.attention_mask.dtype == torch.long
     assert batch.input_ids.tolist() == [[114, 3027, 1], [2895, 1, 0]]
@@ -301,7 +300,7 @@ SPM_WORDS = ("the quick brown fox jumps over lazy dog bank flow resolution ensur
 
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
+    spm = pytest.importorskip("sentencepiece", reason="install the test extras: pip install -e '.[test]'")
     root = tmp_path_factory.mktemp("spm")
     rng = random.Random(0)
     syllables = ("ka ri to su ne mo la pe di ghu sta bro qui fla nk ing ed er th sh ch x z v w y j "
@@ -368,7 +367,7 @@ def test_spm_save_then_load(spm_dir, spm_texts, tmp_path):
 
 
 def test_spm_wrong_layout_is_rejected(tmp_path, spm_dir):
-    spm = pytest.importorskip("sentencepiece")
+    spm = pytest.importorskip("sentencepiece", reason="install the test extras: pip install -e '.[test]'")
     spm.SentencePieceTrainer.train(input=str(spm_dir.parent / "corpus.txt"), model_prefix=str(tmp_path / "d"),
                                    vocab_size=200, hard_vocab_limit=False, minloglevel=2)  # unk=0, bos=1, eos=2
     (tmp_path / "tok").mkdir()
@@ -434,7 +433,7 @@ def test_hub_id_errors_say_how_to_get_files(monkeypatch):
 
 
 def test_hub_download_failure_is_a_tokenizer_error(monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub as hub
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")

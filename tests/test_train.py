@@ -28,8 +28,7 @@ from pegasus_x.training.optim import lr_at
 from pegasus_x.training.state import latest_checkpoint
 from pegasus_x.training.trainer import label_smoothed_loss
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import make_tokenizer, toy_pairs, write_jsonl  # noqa: E402
+from conftest import make_tokenizer, toy_pairs, write_jsonl
 
 TINY = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=64, decoder_ffn_dim=64, block_size=6, num_global_tokens=3)
@@ -330,6 +329,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_gloo_ranks_equal_one_process(corpus, tmp_path, fsdp):
     # batch_size 3 over 2 ranks: uneven shards, and the epoch's last batch (1 example) leaves rank 1 empty.

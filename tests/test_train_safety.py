@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,7 @@ from pegasus_x.training.state import latest_checkpoint
 from pegasus_x.training.options import MAX_STEPS
 from pegasus_x.training.output import metrics_line, open_output_folder
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import make_tokenizer, toy_pairs, write_jsonl  # noqa: E402
+from conftest import make_tokenizer, toy_pairs, write_jsonl
 
 TINY = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
             encoder_ffn_dim=32, decoder_ffn_dim=32, block_size=6, num_global_tokens=2)
@@ -141,15 +139,17 @@ def test_a_read_only_output_dir_fails_before_any_work(corpus, tmp_path):
     import os
 
     if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
+        folder = Path("/sys/pegasus-x-test-output")  # permission bits do not stop root; sysfs refuses new entries
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
     try:
         with pytest.raises(ConfigError, match="cannot write to --output-dir"):
             Trainer(options(corpus, folder, train=str(tmp_path / "missing.jsonl")))
     finally:
-        folder.chmod(0o755)
+        if folder.parent == tmp_path:
+            folder.chmod(0o755)
 
 
 # ---------------------------------------------------------------------------------------------------- lock

@@ -12,19 +12,20 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .native import hugepages
-from .config import CONFIG_NAME, PegasusXConfig
+from .config import CONFIG_NAME, PegasusXConfig, check_fits_in_memory
 from .devices import check_device, check_dtype
 from .errors import CheckpointError, InputError
 from .files import atomic_write_bytes, json_text
 from .generation_config import GENERATION_CONFIG, GenerationConfig
 from .hub import download, is_hub_id
+from .strict_json import read_object
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -93,16 +94,35 @@ def _safetensors_files(folder: Path) -> list[Path]:
     if (folder / SAFE_WEIGHTS).is_file():
         return [folder / SAFE_WEIGHTS]
     if (folder / SAFE_INDEX).is_file():
-        try:
-            index = json.loads((folder / SAFE_INDEX).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{folder / SAFE_INDEX} is malformed ({exc}); re-download it") from None
+        names = _shard_names(folder / SAFE_INDEX)
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"{folder} lacks the shards {missing} listed in {SAFE_INDEX}; download them")
         return [folder / n for n in names]
     return []
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names, each a relative path inside its folder.
+
+    Only the spelling is checked: a hub snapshot's shards are symlinks into the cache's blob folder, so where a
+    shard's link points is not the index's business (its header is validated like any safetensors file).
+    """
+    fix = "re-download the index or fix it"
+    weight_map = read_object(index, CheckpointError, fix=fix).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} is malformed: its \"weight_map\" must be a non-empty object of tensor name → "
+                              f"shard file, got {weight_map!r:.60}; {fix}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index} is malformed: tensor {name!r} maps to {shard!r:.60}, not a file name; "
+                                  f"{fix}")
+        path = PurePosixPath(shard)
+        if not shard.endswith(".safetensors") or path.is_absolute() or ".." in path.parts or "\\" in shard \
+                or "\0" in shard:
+            raise CheckpointError(f"{index} names the shard {shard!r:.200} for tensor {name!r}: a shard must be a "
+                                  f".safetensors file inside the checkpoint folder (no absolute path, no '..'); {fix}")
+    return sorted(set(weight_map.values()))
 
 
 def read_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]] | None:
@@ -242,6 +262,8 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
                          f"{type(path).__name__}; e.g. from_pretrained('google/pegasus-x-base')")
     folder = resolve(path, **hub_kwargs)
     config = PegasusXConfig.from_pretrained(folder)
+    shapes = read_shapes(folder)
+    check_fits_in_memory(config, bytes_per_value(dtype, shapes))
     with torch.device("meta"):
         model = cls(config, init=False)
     expected = _expected(model)
@@ -250,7 +272,6 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     tied = with_head and config.tie_word_embeddings
     on_cpu = device.type == "cpu"
 
-    shapes = read_shapes(folder)
     into = None
     if shapes is not None:                         # validate before materialising anything
         _check_names_shapes({k: v[0] for k, v in shapes.items()}, expected, with_head, folder)
@@ -286,6 +307,19 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     model.generation_config = GenerationConfig.from_pretrained(folder)
     model.eval()
     return model
+
+
+def loaded_dtypes(shapes: dict[str, tuple[tuple[int, ...], str]] | None) -> list[torch.dtype]:
+    """The dtypes the stored floating-point tensors load in without ``dtype=`` (fp16 as fp32; see
+    :func:`_target_dtype`), smallest first; empty for a .bin folder (``shapes`` None)."""
+    stored = {_SAFETENSORS_DTYPES[d] for _, d in (shapes or {}).values() if d in _SAFETENSORS_DTYPES}
+    return sorted({_target_dtype(None, t) for t in stored}, key=lambda t: t.itemsize)
+
+
+def bytes_per_value(requested: torch.dtype | None, shapes: dict[str, tuple[tuple[int, ...], str]] | None) -> int:
+    """Bytes per parameter of the loaded model, at least: the dtype asked for, else the smallest it loads in, else
+    (a .bin, read later) bf16's."""
+    return (requested or (loaded_dtypes(shapes) or [torch.bfloat16])[0]).itemsize
 
 
 def _target_dtype(requested: torch.dtype | None, stored: torch.dtype) -> torch.dtype:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import logging
 import sys
 import warnings
@@ -349,43 +348,81 @@ def _register_info(subparsers: Any) -> None:
 
 
 def run_info(opts: InfoOptions) -> int:
-    """`pegasus-x info`: print the checkpoint summary to stdout.
+    """`pegasus-x info`: print what the checkpoint really runs (the validated config, the dtype it loads in, the
+    parameter count, the resolved generation defaults) and its files.
 
     Raises:
-        CheckpointError: the folder is missing, its config.json is unreadable, or a safetensors header is corrupt.
+        CheckpointError: the folder is missing, a JSON file of it is unreadable, or a safetensors header is corrupt.
+        ConfigError / GenerationError: a value in config.json or generation_config.json is invalid.
     """
-    from .checkpoint import GENERATION_CONFIG, read_shapes, resolve
-    from .config import PegasusXConfig
+    from .checkpoint import bytes_per_value, loaded_dtypes, read_shapes, resolve
+    from .config import PegasusXConfig, estimate_memory, machine_memory
 
     folder = resolve(opts.path)
     c = PegasusXConfig.from_pretrained(folder)
     shapes = read_shapes(folder)
     if shapes is None:
-        params = "unknown (pytorch_model.bin only; the count needs safetensors headers)"
+        params = f"{estimate_memory(c).parameters:,} (from config.json; pytorch_model.bin holds no header to count)"
+        dtype = "as stored in pytorch_model.bin"
     else:
         count, dtypes = _count_parameters(shapes, c.tie_word_embeddings)
         params = f"{count:,} ({', '.join(dtypes)})"
+        loads = [str(t).removeprefix("torch.") for t in loaded_dtypes(shapes)]
+        dtype = f"{' / '.join(loads)} by default (stored {', '.join(dtypes)}); dtype= / --dtype changes it"
     stagger = "staggered" if c.stagger_local_blocks else "not staggered"
+    memory, have = estimate_memory(c, bytes_per_value(None, shapes)), machine_memory()
     rows = [("checkpoint", str(folder)),
             ("model", f"d_model {c.d_model}, {c.encoder_layers}+{c.decoder_layers} layers, "
-                      f"{c.encoder_attention_heads} heads, ffn {c.encoder_ffn_dim}, {c.activation_function}"),
+                      f"{_pair(c.encoder_attention_heads, c.decoder_attention_heads)} heads, "
+                      f"ffn {_pair(c.encoder_ffn_dim, c.decoder_ffn_dim)}, {c.activation_function}, "
+                      f"layer_norm_eps {c.layer_norm_eps:g}"),
             ("attention", f"block {c.block_size}, {c.num_global_tokens} global tokens, {stagger}"),
+            ("embeddings", f"{'tied' if c.tie_word_embeddings else 'not tied'} (LM head "
+                           f"{'= shared embedding' if c.tie_word_embeddings else 'separate'}), "
+                           f"{'scaled by sqrt(d_model)' if c.scale_embedding else 'not scaled'}"),
             ("inputs", f"up to {c.max_position_embeddings:,} tokens, vocabulary {c.vocab_size:,}"),
-            ("parameters", params)]
-    generation = folder / GENERATION_CONFIG
-    if generation.is_file():
-        try:
-            settings = json.loads(generation.read_text(encoding="utf-8"))
-            rows.append(("generation", ", ".join(f"{k}={v}" for k, v in sorted(settings.items())
-                                                 if not k.startswith(("_", "transformers")))))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            rows.append(("generation", f"{GENERATION_CONFIG} is not a valid JSON object"))
+            ("parameters", params),
+            ("dtype", dtype),
+            ("memory", f"at least {_human_size(memory.total_bytes)} as loaded (weights and the largest run-time "
+                       f"tensor){f'; this machine has {_human_size(have)}' if have else ''}"
+                       f"{': too little, loading is refused' if have and memory.total_bytes > have else ''}"),
+            ("generation", _generation_summary(folder, c))]
     for label, value in rows:
         print(f"{label:<11} {value}")
     print("files")
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         print(f"  {file.name:<32} {_human_size(file.stat().st_size):>9}")
     return 0
+
+
+def _pair(encoder: int, decoder: int) -> str:
+    return str(encoder) if encoder == decoder else f"{encoder}+{decoder}"
+
+
+def _generation_summary(folder: Any, config: Any) -> str:
+    """The generation defaults ``generate`` resolves for this folder when a call passes no options."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from .generate import resolve_options
+    from .generation_config import GENERATION_CONFIG, GenerationConfig
+
+    stored = GenerationConfig.from_pretrained(folder)
+    with warnings.catch_warnings(record=True) as caught:        # "no length set" is said below, not warned
+        warnings.simplefilter("always")
+        o = resolve_options(SimpleNamespace(config=config, generation_config=stored), {}, torch.device("cpu"))
+    search = (f"beam search ({o.num_beams} beams)" if o.num_beams > 1 else "greedy") if not o.do_sample else (
+        f"sampling (temperature {o.temperature:g}, top_k {o.top_k}, top_p {o.top_p:g})")
+    penalty = f"gnmt_alpha {o.gnmt_alpha:g}" if o.gnmt_alpha is not None else f"length_penalty {o.length_penalty:g}"
+    length = f"up to {o.max_length - 1:,} new tokens" + (" (none set: the default)" if caught else "")
+    extras = [f"{name} {value:g}" for name, value, off in (("min new tokens", o.min_length - 1, -1),
+                                                           ("no_repeat_ngram_size", o.no_repeat_ngram_size, 0),
+                                                           ("repetition_penalty", o.repetition_penalty, 1.0))
+              if value not in (off, 0)]
+    ids = f"eos {list(o.eos)}, forced eos {list(o.forced_eos)}, start {o.start}, pad {o.pad}"
+    source = GENERATION_CONFIG if (folder / GENERATION_CONFIG).is_file() else "config.json"
+    return ", ".join([search, penalty, length, *extras, ids]) + f" (from {source})"
 
 
 def _count_parameters(shapes: dict[str, tuple[tuple[int, ...], str]], tied: bool) -> tuple[int, list[str]]:

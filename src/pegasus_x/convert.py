@@ -33,7 +33,6 @@ conversion refuses it unless ``drop_bias=True`` (``--drop-bias``), and lists wha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import warnings
@@ -48,6 +47,7 @@ from .checkpoint import TIED_KEYS
 from .config import CONFIG_NAME, PegasusXConfig
 from .errors import CheckpointError, ConfigError
 from .files import check_output_dir, same_file
+from .strict_json import read_object
 from .flax_checkpoint import (FLAX_LAYER_NORM_EPS, RELEASED_OPTIONS, flax_to_state_dict, infer_flax_config,
                               read_flax_params)
 
@@ -182,10 +182,7 @@ def _read_pegasus_config(folder: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {folder}; pass a PEGASUS checkpoint folder (config.json + "
                               "model.safetensors or pytorch_model.bin)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc})") from None
+    data = read_object(file, CheckpointError, fix="re-download the PEGASUS checkpoint")
     kind = data.get("model_type")
     if kind == "pegasus_x":
         raise ConfigError(f"{folder} is already a PEGASUS-X checkpoint; load it directly")

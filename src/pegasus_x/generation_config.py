@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 from .errors import CheckpointError, GenerationError
 from .files import atomic_write_bytes, json_text
+from .strict_json import read_object
 
 GENERATION_CONFIG = "generation_config.json"
 DEFAULT_MAX_NEW_TOKENS = 20   # transformers' max_length=20 counts the prompt: for a decoder, the start token
@@ -88,14 +89,16 @@ class GenerationConfig:
         options of its ``config.json`` (see the module docstring).
 
         Raises:
-            CheckpointError: a file is not valid JSON.
+            CheckpointError: a file is too large or not a valid JSON object (:func:`strict_json.read_object`).
         """
         folder = Path(folder)
         file = folder / GENERATION_CONFIG
         if file.is_file():
-            return cls.from_dict(_read_json(file))
+            return cls.from_dict(read_object(file, CheckpointError, fix="fix or delete it"))
         config = folder / "config.json"
-        return cls.from_model_config(_read_json(config)) if config.is_file() else cls()
+        if not config.is_file():
+            return cls()
+        return cls.from_model_config(read_object(config, CheckpointError, fix="re-download or rewrite it"))
 
     def to_dict(self) -> dict[str, Any]:
         """Every option (None where unset) and every kept key."""
@@ -183,13 +186,3 @@ def merge(stored: GenerationConfig, given: GenerationConfig | None, call: dict[s
         value[name] = call[name] if name in call else next((d[name] for d in layers if name in d), default)
     no_max_length = "max_length" not in call and all("max_length" not in d for d in layers)
     return value, no_max_length
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc}); fix or delete it") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}; fix or delete it")
-    return data

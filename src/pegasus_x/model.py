@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from . import native
 from .attention import BACKENDS, Attention, GlobalLocalAttention
 from .cache import DecoderCache
-from .config import PegasusXConfig
+from .config import PegasusXConfig, check_fits_in_memory
 from .devices import refuse_float16
 from .errors import ConfigError, InputError
 from .generation_config import GenerationConfig, as_generation_config
@@ -341,12 +341,18 @@ def _embed(table: nn.Embedding, ids: Tensor, cfg: PegasusXConfig, positions: Ten
 
 # ---------------------------------------------------------------------------------------------------- models
 class PegasusXPreTrainedModel(nn.Module):
-    """What both public models share: checkpoint I/O, init, gradient checkpointing, the attention switch."""
+    """What both public models share: checkpoint I/O, init, gradient checkpointing, the attention switch.
+
+    Building a model first checks that its parameters and largest run-time tensor fit this machine's memory
+    (:func:`pegasus_x.config.check_fits_in_memory`; a ``ConfigError`` saying how much it needs otherwise).
+    """
 
     def __init__(self, config: PegasusXConfig):
         super().__init__()
         if not isinstance(config, PegasusXConfig):
             raise ConfigError(f"expected a PegasusXConfig, got {type(config).__name__}")
+        if torch.get_default_device().type != "meta":   # a meta build allocates nothing; its loader checks
+            check_fits_in_memory(config, torch.get_default_dtype().itemsize)
         self.config = config
         # Like transformers: the model config's generation options until a checkpoint's own replace them.
         self.generation_config = GenerationConfig.from_model_config(config)

@@ -32,12 +32,14 @@ from tokenizers.models import Unigram
 from .errors import TokenizerError
 from .files import atomic_write_bytes
 from .hub import download, is_hub_id
+from .strict_json import read_object
 
 TOKENIZER_FILE, SPM_FILE = "tokenizer.json", "spiece.model"
 CONFIG_FILE, SPECIAL_MAP_FILE = "tokenizer_config.json", "special_tokens_map.json"
 DEFAULT_MODEL_MAX_LENGTH = 16384  # PEGASUS-X's input length
 NEWLINE_PIECE = "<n>"
 _ABSURD_MAX_LENGTH = 10**7  # HF configs store 1e30 to mean "no limit known"
+_MAX_OFFSET = 2**16         # ids before the SentencePiece pieces; saving writes one <unk_i> name for each
 _SPECIAL_DEFAULTS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
                      "mask_token": "<mask_2>", "mask_token_sent": "<mask_1>"}
 # The classic detokenizer clean-up (spaces before punctuation and in English contractions).
@@ -130,6 +132,7 @@ class PegasusTokenizer:
         folder = _resolve_folder(name_or_path, dict(revision=revision, cache_dir=cache_dir,
                                                     local_files_only=local_files_only, token=token))
         config, special_map = _read_json(folder / CONFIG_FILE), _read_json(folder / SPECIAL_MAP_FILE)
+        _check_files(config, special_map, folder)
         spm = None
         if (folder / TOKENIZER_FILE).is_file():
             try:
@@ -446,15 +449,30 @@ def _resolve_folder(name_or_path: Any, hub_kwargs: dict[str, Any]) -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    """A tokenizer JSON file's object; {} when the folder has no such file (both files are optional)."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {str(path)!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{str(path)!r} should hold a JSON object")
-    return data
+    return read_object(path, TokenizerError, fix="re-download the tokenizer files or fix this one")
+
+
+def _check_files(config: dict, special_map: dict, folder: Path) -> None:
+    """Refuse values of the wrong type before they are used: ``int("x")`` would be a traceback, ``"false"`` true."""
+    offset = config.get("offset", 103)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 2 <= offset <= _MAX_OFFSET:
+        raise TokenizerError(f"{folder / CONFIG_FILE}: \"offset\" must be an integer in [2, {_MAX_OFFSET}] (103 for "
+                             f"PEGASUS), got {offset!r:.60}; fix it or re-download the tokenizer files")
+    clean_up = config.get("clean_up_tokenization_spaces", False)
+    if not isinstance(clean_up, bool):
+        raise TokenizerError(f"{folder / CONFIG_FILE}: \"clean_up_tokenization_spaces\" must be true or false (a "
+                             f"JSON boolean, not a string), got {clean_up!r:.60}")
+    for file, data in ((SPECIAL_MAP_FILE, special_map), (CONFIG_FILE, config)):
+        for key in _SPECIAL_DEFAULTS:
+            value = data.get(key)
+            content = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(content, str):
+                raise TokenizerError(f"{folder / file}: \"{key}\" must be a token string such as "
+                                     f"{_SPECIAL_DEFAULTS[key]!r} (or an object with such a \"content\"), got "
+                                     f"{value!r:.60}; fix it or re-download the tokenizer files")
 
 
 def _backend_from_spm(model: bytes, config: dict, special_map: dict) -> Tokenizer:

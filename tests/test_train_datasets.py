@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from _train_helpers import make_tokenizer, toy_pairs, write_jsonl
+from conftest import make_tokenizer, toy_pairs, write_jsonl
 from pegasus_x import PegasusTokenizer, PegasusXConfig, PegasusXForConditionalGeneration
 from pegasus_x.training.data import load_pairs
 from pegasus_x.errors import DataError
 from pegasus_x.metrics import GenerationOptions, evaluate
 from pegasus_x.training.options import TrainOptions, options_record, resume_key
 
-datasets = pytest.importorskip("datasets")
+datasets = pytest.importorskip("datasets", reason="install the test extras: pip install -e '.[test]'")
 ROWS = [{"document": "the cat sat on the mat", "summary": "a cat"}, {"document": "a dog ran", "summary": "dog"},
         {"document": "", "summary": "skipped"}]
 

@@ -1,0 +1,90 @@
+"""The decoder cache (pegasus_x.cache) on its own: growth policy, what a growth keeps, beam reorders, inputs leaving
+the batch, and the cross-attention part. Generation through growing buffers: test_generate.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pegasus_x.cache as cache_module
+from conftest import tiny_kwargs
+from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration
+from pegasus_x.cache import new_cache, next_capacity
+
+
+def test_next_capacity_doubles_within_the_limit():
+    assert next_capacity(5, 4, 100) == 8           # at least double
+    assert next_capacity(20, 4, 100) == 20         # at least what is needed
+    assert next_capacity(90, 64, 100) == 100       # never past the limit
+    assert next_capacity(100, 100, 100) == 100
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).eval()
+
+
+def _write(cache, steps: int, seed: int):
+    """Write ``steps`` positions of random keys/values into every layer, as decode steps do; returns them."""
+    g = torch.Generator().manual_seed(seed)
+    R, H, _, hd = cache.self_k[0].shape
+    written = []
+    for _ in range(steps):
+        kv = [(torch.randn(R, H, 1, hd, generator=g), torch.randn(R, H, 1, hd, generator=g))
+              for _ in cache.self_k]
+        for layer, (k, v) in enumerate(kv):
+            cache.update(layer, k, v)
+        cache.length += 1
+        written.append(kv)
+    # (layers, R, H, steps, hd) for keys and for values
+    keys = torch.stack([torch.cat([step[layer][0] for step in written], 2) for layer in range(len(cache.self_k))])
+    values = torch.stack([torch.cat([step[layer][1] for step in written], 2) for layer in range(len(cache.self_k))])
+    return keys, values
+
+
+def _filled(cache):
+    n = cache.length
+    return torch.stack([k[:, :, :n] for k in cache.self_k]), torch.stack([v[:, :, :n] for v in cache.self_v])
+
+
+def test_cross_part_is_computed_once_per_input(model):
+    states, keep = torch.randn(2, 9, 32), torch.ones(2, 9, dtype=torch.bool)
+    cache = new_cache(model, states, keep, rows=6, max_len=20)          # 3 beams per input
+    assert cache.encoder_keep is None                                   # no padding: no mask to apply
+    for layer, k, v in zip(model.get_decoder().layers, cache.cross_k, cache.cross_v):
+        expected_k, expected_v = layer.encoder_attn.project_kv(states)
+        assert k.shape[0] == 2 and torch.equal(k, expected_k) and torch.equal(v, expected_v)
+    keep[1, 7:] = False
+    assert torch.equal(new_cache(model, states, keep, 6, 20).encoder_keep[:, 0, 0], keep)
+
+
+def test_growth_keeps_what_was_written_and_stops_at_the_limit(model, monkeypatch):
+    monkeypatch.setattr(cache_module, "FIRST_CHUNK", 3)
+    cache = new_cache(model, torch.randn(2, 9, 32), torch.ones(2, 9, dtype=torch.bool), rows=2, max_len=10)
+    assert cache.max_len == 3
+    keys, values = _write(cache, 7, seed=1)
+    assert cache.max_len == 10 > 7                                      # 3 → 6 → 10 (the limit)
+    filled_k, filled_v = _filled(cache)
+    assert torch.equal(filled_k, keys) and torch.equal(filled_v, values)
+    _write(cache, 3, seed=2)
+    with pytest.raises(RuntimeError, match="holds 10 positions, 11 requested"):
+        cache.reserve(1)
+
+
+def test_reorder_and_keep_inputs_move_whole_rows(model, monkeypatch):
+    monkeypatch.setattr(cache_module, "FIRST_CHUNK", 4)
+    states, keep = torch.randn(3, 9, 32), torch.ones(3, 9, dtype=torch.bool)
+    keep[2, 5:] = False
+    cache = new_cache(model, states, keep, rows=6, max_len=12)          # 3 inputs × 2 beams
+    keys, values = _write(cache, 5, seed=3)
+    rows = torch.tensor([1, 1, 2, 3, 5, 4])
+    cache.reorder(rows)
+    filled_k, filled_v = _filled(cache)
+    assert torch.equal(filled_k, keys[:, rows]) and torch.equal(filled_v, values[:, rows])
+    cross = [k.clone() for k in cache.cross_k]
+    cache.keep_inputs(torch.tensor([0, 2]))                             # input 1 finished: its 2 rows leave
+    filled_k, _ = _filled(cache)
+    assert torch.equal(filled_k, keys[:, rows][:, [0, 1, 4, 5]])
+    assert all(torch.equal(k, c[[0, 2]]) for k, c in zip(cache.cross_k, cross))
+    assert torch.equal(cache.encoder_keep[:, 0, 0], keep[[0, 2]])
