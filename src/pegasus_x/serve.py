@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import importlib.util
 import ipaddress
 import json
 import os
@@ -36,6 +37,7 @@ from .errors import InputError, RequestError
 
 API_KEY_ENV = "PEGASUS_X_API_KEY"
 EXTRA_HINT = 'pip install "pegasus-x[serve]"'
+_EXTRA = {"starlette": "starlette", "uvicorn": "uvicorn", "multipart": "python-multipart"}  # module: package
 ROUTES = ("/", "/healthz", "/metrics", "/v1/summarize")
 # Room in a request body beyond the text itself: JSON syntax, options, multipart headers.
 BODY_OVERHEAD = 64 * 1024
@@ -128,12 +130,11 @@ def run_serve(opts: ServeOptions) -> int:
             bound, a bad option.
         CheckpointError: the model cannot be loaded.
     """
-    try:
-        import multipart  # noqa: F401  (python-multipart: Starlette's form parser)
-        import starlette  # noqa: F401
-        import uvicorn
-    except ImportError as exc:
-        raise InputError(f"pegasus-x serve needs {exc.name}: {EXTRA_HINT}") from None
+    missing = [package for module, package in _EXTRA.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise InputError(f"pegasus-x serve needs {', '.join(missing)}: {EXTRA_HINT}")
+    import uvicorn
+
     from .summarize import Summarizer
 
     if not 0 <= opts.max_wait_ms <= 10_000:
