@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -10,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,12 +17,13 @@ import pytest
 
 pytest.importorskip("starlette", reason='the serve tests need the serve extra: pip install -e ".[serve,test]"')
 httpx = pytest.importorskip("httpx", reason='the serve tests need httpx: pip install -e ".[test]"')
-import uvicorn  # noqa: E402
 
 from pegasus_x import cli  # noqa: E402
 from pegasus_x.markdown import markdown_to_text  # noqa: E402
 from pegasus_x.serve import ServeOptions, create_app, is_loopback  # noqa: E402
 from pegasus_x.summarize import Summarizer  # noqa: E402
+
+from _serve_helpers import live  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = (ROOT / "examples" / "sample.txt").read_text()
@@ -42,27 +41,6 @@ def texts(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def summarizer():
     return Summarizer(None, max_input_tokens=MAX_INPUT_TOKENS)
-
-
-@contextlib.contextmanager
-def live(app):
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")
