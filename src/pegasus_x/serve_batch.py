@@ -42,7 +42,7 @@ class Job:
 
     ``notify(kind, data)`` is called from the worker thread: ``("token", {"text"})`` for each new piece of a streamed
     summary, then either ``("done", {"summary", "input_tokens", "dropped_tokens", "seconds"})`` or
-    ``("error", {"error"})``.
+    ``("error", {"error"})``. ``seconds`` is the request's time in the service: queued and generated.
     """
 
     ids: list[int]
@@ -199,20 +199,23 @@ class Batcher:
         return batch
 
     def _run(self, batch: list[Job]) -> None:
+        """Generate a batch and answer its jobs; any failure answers them with an error and the worker goes on."""
         jobs = [job for job in batch if not job.cancelled.is_set()]
         if not jobs:
             return
-        start = time.perf_counter()
         try:
-            sequences = self._generate(jobs)
+            self._answer(jobs)
         except _AllCancelled:
-            return
+            pass
         except Exception as exc:  # a model failure answers its requests with 500; the server keeps serving
             logger.exception("generation failed for a batch of %d request(s)", len(jobs))
             message = " ".join(f"the model failed on this request ({type(exc).__name__}: {exc})".split())
             for job in jobs:
                 job.notify(ERROR, {"error": message})
-            return
+
+    def _answer(self, jobs: list[Job]) -> None:
+        start = time.perf_counter()
+        sequences = self._generate(jobs)
         seconds = time.perf_counter() - start
         self._last_batch_seconds = seconds
         pad = self.summarizer.tokenizer.pad_token_id
