@@ -355,7 +355,7 @@ def test_disconnect_cancels_stream(solo_url):
 def test_cancelled_row_leaves_its_batch(summarizer):
     """Two requests batched together; one client goes away: its row ends, the other's summary is unchanged."""
     options = {"num_beams": 2, "min_new_tokens": 300, "max_new_tokens": 300, "no_repeat_ngram_size": 0}
-    with live(create_app(summarizer, ServeOptions(max_wait_ms=500))) as url:
+    with live(create_app(summarizer, ServeOptions(max_wait_ms=3000, max_batch_size=2))) as url:
         kept_text = texts(2)[1]
         alone = post(url, {"text": kept_text, **options}).json()["summary"]
         tokens = metric(url, "generated_tokens_total")
