@@ -238,9 +238,9 @@ def create_app(summarizer: Any, opts: ServeOptions | None = None) -> Any:
     async def summarize(request: Request) -> Any:
         try:
             body = await _read_body(request, body_limit, opts.max_input_bytes)
-            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if kind == "multipart/form-data":
-                fields, upload = await _read_form(request, body, body_limit, Request)
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media == "multipart/form-data":
+                fields, upload = await _read_form(request, body, body_limit)
                 parsed = serve_requests.from_form(fields, upload, summarizer, opts.max_input_bytes)
             else:  # JSON, whatever the header says (curl -d sends a form type)
                 parsed = serve_requests.from_json(body, summarizer, opts.max_input_bytes)
@@ -250,7 +250,7 @@ def create_app(summarizer: Any, opts: ServeOptions | None = None) -> Any:
             batcher.submit(job)
         except RequestError as exc:
             headers = {"retry-after": str(batcher.retry_after())} if exc.status == 503 else None
-            return _error(JSONResponse, exc.status, str(exc), exc.field, headers)
+            return _error(exc.status, str(exc), exc.field, headers)
         if parsed.stream:
             return _EventStream(job, events, batcher, TOKEN)
         watcher = asyncio.ensure_future(_disconnected(request.receive))
@@ -262,7 +262,7 @@ def create_app(summarizer: Any, opts: ServeOptions | None = None) -> Any:
             batcher.cancel(job)
             return Response(status_code=CLIENT_GONE)
         kind, data = event
-        return JSONResponse(data) if kind == DONE else _error(JSONResponse, 500, data["error"])
+        return JSONResponse(data) if kind == DONE else _error(500, data["error"])
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
@@ -270,10 +270,10 @@ def create_app(summarizer: Any, opts: ServeOptions | None = None) -> Any:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
             message = f"no route {request.url.path}; routes: GET /, /healthz, /metrics; POST /v1/summarize"
-        return _error(JSONResponse, status, message)
+        return _error(status, message)
 
     async def crashed(request: Request, exc: Exception) -> Response:
-        return _error(JSONResponse, 500, f"internal error ({type(exc).__name__}); see the server log")
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -286,15 +286,17 @@ def create_app(summarizer: Any, opts: ServeOptions | None = None) -> Any:
     app = Starlette(routes=[Route("/", index), Route("/healthz", healthz), Route("/metrics", metrics_route),
                             Route("/v1/summarize", summarize, methods=["POST"])],
                     exception_handlers={HTTPException: not_found, Exception: crashed}, lifespan=lifespan)
-    return _Guard(app, opts.api_key, metrics, JSONResponse)
+    return _Guard(app, opts.api_key, metrics)
 
 
-def _error(response: Any, status: int, message: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> Any:
+def _error(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> Any:
+    """The JSON answer of a request that gets no summary: one line of text, and the field at fault if any."""
+    from starlette.responses import JSONResponse
+
     content: dict[str, Any] = {"error": " ".join(message.split())}
     if field is not None:
         content["field"] = field
-    return response(content, status_code=status, headers=headers)
+    return JSONResponse(content, status_code=status, headers=headers)
 
 
 async def _read_body(request: Any, limit: int, max_input_bytes: int) -> bytes:
@@ -313,12 +315,12 @@ async def _read_body(request: Any, limit: int, max_input_bytes: int) -> bytes:
     return b"".join(pieces)
 
 
-async def _read_form(request: Any, body: bytes, limit: int, request_type: Any
-                     ) -> tuple[dict[str, str], tuple[str, str, bytes] | None]:
+async def _read_form(request: Any, body: bytes, limit: int) -> tuple[dict[str, str], tuple[str, str, bytes] | None]:
     """(text fields, the ``file`` upload as (name, content type, bytes) or None) of a multipart body."""
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
 
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
@@ -326,7 +328,7 @@ async def _read_form(request: Any, body: bytes, limit: int, request_type: Any
     fields: dict[str, str] = {}
     upload = None
     try:
-        async with request_type(request.scope, replay).form(max_files=1, max_fields=64, max_part_size=limit) as form:
+        async with Request(request.scope, replay).form(max_files=1, max_fields=64, max_part_size=limit) as form:
             for name, value in form.multi_items():
                 if name in fields or (upload is not None and name == "file"):
                     raise RequestError(f"the field {name!r} is given twice", field=name)
@@ -403,8 +405,8 @@ class _EventStream:
 class _Guard:
     """ASGI middleware: the API key check (401) and the request counters (route, status, latency)."""
 
-    def __init__(self, app: Any, api_key: str | None, metrics: Any, json_response: Any) -> None:
-        self.app, self.api_key, self.metrics, self.json_response = app, api_key, metrics, json_response
+    def __init__(self, app: Any, api_key: str | None, metrics: Any) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -420,7 +422,7 @@ class _Guard:
 
         try:
             if self.api_key is not None and not _authorized(scope, self.api_key):
-                response = _error(self.json_response, 401, "this server needs its API key: send 'Authorization: "
+                response = _error(401, "this server needs its API key: send 'Authorization: "
                                   "Bearer KEY' (on the page, your browser asks: any user name, the key as "
                                   "password)", headers={"www-authenticate": 'Basic realm="pegasus-x", '
                                                                              'charset="UTF-8"'})

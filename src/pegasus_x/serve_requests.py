@@ -80,12 +80,7 @@ def from_form(fields: dict[str, str], upload: tuple[str, str, bytes] | None, sum
     Raises:
         RequestError: as :func:`from_json`; also a file that is not text, Markdown or a readable PDF (422).
     """
-    values: dict[str, Any] = {}
-    for name, raw in fields.items():
-        if name in ("text", "stream"):
-            values[name] = raw if name == "text" else _form_literal(name, raw)
-        else:
-            values[name] = _form_literal(name, raw)
+    values = {name: raw if name == "text" else _form_literal(name, raw) for name, raw in fields.items()}
     return _build(values, upload, summarizer, max_input_bytes)
 
 
