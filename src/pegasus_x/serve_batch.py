@@ -208,8 +208,8 @@ class Batcher:
         except _AllCancelled:
             pass
         except Exception as exc:  # a model failure answers its requests with 500; the server keeps serving
-            logger.exception("generation failed for a batch of %d request(s)", len(jobs))
             message = " ".join(f"the model failed on this request ({type(exc).__name__}: {exc})".split())
+            logger.exception("a batch of %d request(s) failed: %s", len(jobs), message)
             for job in jobs:
                 job.notify(ERROR, {"error": message})
 
