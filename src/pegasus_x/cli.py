@@ -22,7 +22,7 @@ from .files import SIGPIPE_STATUS, atomic_write_bytes, check_output, check_stdou
 
 PROG = "pegasus-x"
 # Modules that add subcommands through `register(subparsers)`; each sets `func=` (args -> exit status).
-_PLUGINS = ("pegasus_x.training.commands", "pegasus_x.convert", "pegasus_x.pretraining")
+_PLUGINS = ("pegasus_x.training.commands", "pegasus_x.convert", "pegasus_x.pretraining", "pegasus_x.serve")
 # Generation flags of `summarize`: flag dest == generate() option name; None means "the checkpoint's default".
 GENERATION_FLAGS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size")
 

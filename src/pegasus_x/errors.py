@@ -33,3 +33,13 @@ class TokenizerError(PegasusXError, ValueError):
 
 class DataError(PegasusXError, ValueError):
     """A training or evaluation dataset is empty, missing columns or unreadable."""
+
+
+class RequestError(InputError):
+    """A request to ``pegasus-x serve`` cannot be served: ``status`` is its HTTP status, ``field`` the request field
+    at fault (None when the request as a whole is)."""
+
+    def __init__(self, message: str, status: int = 422, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
