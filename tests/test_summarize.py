@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 
-from conftest import CHUNK, LIMIT, LONG, NEW, SHORT, chunked_oracle
+from conftest import CHUNK, LIMIT, LONG, NEW, SHORT, chunked_oracle, sources_containing
 from pegasus_x.cli import main
 from pegasus_x.errors import CheckpointError, GenerationError, InputError
-from pegasus_x.summarize import Summarizer, TextStreamer, summarize
+from pegasus_x.summarize import Summarizer, TextStreamer, decode_texts, pad_rows, summarize
 
 def spy_on_generate(model, monkeypatch, stub: bool = False) -> list[tuple[list[list[int]], dict]]:
     """Record (unpadded input rows, options) of every generate call; with ``stub``, return "</s>" summaries
@@ -154,3 +154,15 @@ def test_chunked_fallback_warning_advises_shorter_summaries(summarizer, checkpoi
 def test_python_texts_with_a_lone_surrogate_are_refused(summarizer):
     with pytest.raises(InputError, match=r"text 1 holds the lone surrogate \\ud800 .* at character 2"):
         summarizer(["fine", "ab\ud800c"])
+
+
+def test_padding_and_decoding_of_batches_have_one_owner(tokenizer):
+    ids, mask = pad_rows([[5, 6, 1], [7, 1]], 0, torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 1], [7, 1, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    hello = tokenizer.encode("Hello there.")
+    out = torch.tensor([[0, *hello], [0, *tokenizer.encode(" spaced "), *[0] * (len(hello) - 2)]])
+    assert decode_texts(tokenizer, out) == ["Hello there.", "spaced"]
+    # Summarizer, evaluation and the server all pad and decode through these two.
+    assert sources_containing("batch_decode(") == ["summarize.py", "tokenizer.py"]
+    assert sources_containing("[pad] * (") == ["summarize.py"]
+

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .errors import RequestError
 from .serve_metrics import Metrics
+from .summarize import decode_texts, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +221,11 @@ class Batcher:
         self._last_batch_seconds = seconds
         pad = self.summarizer.tokenizer.pad_token_id
         self.metrics.batch(len(jobs), int((sequences[:, 1:] != pad).sum()), seconds)
-        texts = self.summarizer.tokenizer.batch_decode(sequences.cpu(), skip_special_tokens=True)
+        texts = decode_texts(self.summarizer.tokenizer, sequences)
         now = time.perf_counter()
-        for job, text in zip(jobs, texts):
+        for job, summary in zip(jobs, texts):
             if job.cancelled.is_set():
                 continue
-            summary = text.strip()
             if job.stream and summary.startswith(job.streamed) and len(summary) > len(job.streamed):
                 _send(job, summary[len(job.streamed):])  # the rest (all of it after beam search)
             job.notify(DONE, {"summary": summary, "input_tokens": job.input_tokens,
@@ -248,10 +248,7 @@ class Batcher:
         if opts.num_beams == 1 and any(job.stream for job in jobs):  # beam hypotheses change until the end
             options["streamer"] = _Streamers(jobs, tokenizer, opts.eos)
             opts = resolve_options(model, options, model.device)
-        width, pad = max(len(job.ids) for job in jobs), tokenizer.pad_token_id
-        ids = torch.tensor([job.ids + [pad] * (width - len(job.ids)) for job in jobs], device=model.device)
-        mask = torch.tensor([[1] * len(job.ids) + [0] * (width - len(job.ids)) for job in jobs],
-                            device=model.device)
+        ids, mask = pad_rows([job.ids for job in jobs], tokenizer.pad_token_id, model.device)
         encoded = model.encode(ids, mask)
         rows = len(jobs) * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
         cache = new_cache(model, encoded.last_hidden_state, encoded.attention_mask, rows, opts.max_length - 1)

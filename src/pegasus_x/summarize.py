@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import resolve
 from .devices import check_dtype, resolve_device
@@ -295,21 +295,30 @@ def generate_rows(model: PegasusXForConditionalGeneration, tokenizer: Any, rows:
         order, size = sorted(range(len(rows)), key=lambda i: -len(rows[i])), batch_size
     else:
         order, size, options = list(range(len(rows))), 1, {**options, "streamer": streamer}
-    pad, device = tokenizer.pad_token_id, model.device
     for first in range(0, len(order), size):
         batch = order[first:first + size]
-        width = max(len(rows[i]) for i in batch)
-        ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in batch], device=device)
-        mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in batch], device=device)
+        ids, mask = pad_rows([rows[i] for i in batch], tokenizer.pad_token_id, model.device)
         start = time.perf_counter()
-        out = model.generate(ids, mask, **options)
-        decoded = tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
+        decoded = decode_texts(tokenizer, model.generate(ids, mask, **options))
         share = (time.perf_counter() - start) / len(batch)
         for i, text in zip(batch, decoded):
-            texts[i], seconds[i] = text.strip(), share
+            texts[i], seconds[i] = text, share
         if progress is not None:
             progress(len(batch))
     return texts, seconds
+
+
+def pad_rows(rows: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(input ids, attention mask), both ``(len(rows), longest)`` on ``device``: ``rows`` padded on the right."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return ids, mask
+
+
+def decode_texts(tokenizer: Any, sequences: Tensor) -> list[str]:
+    """The text of each generated sequence ``(N, L)``: special tokens dropped, surrounding whitespace stripped."""
+    return [text.strip() for text in tokenizer.batch_decode(sequences.cpu(), skip_special_tokens=True)]
 
 
 def summarize(text: str | Sequence[str], *, model: str | os.PathLike | nn.Module | None = None,
