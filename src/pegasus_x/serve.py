@@ -23,10 +23,10 @@ import hmac
 import importlib.util
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -35,6 +35,7 @@ from typing import Any
 from .documents import MAX_INPUT_BYTES
 from .errors import InputError, RequestError
 
+logger = logging.getLogger(__name__)
 API_KEY_ENV = "PEGASUS_X_API_KEY"
 EXTRA_HINT = 'pip install "pegasus-x[serve]"'
 _EXTRA = {"starlette": "starlette", "uvicorn": "uvicorn", "multipart": "python-multipart"}  # module: package
@@ -150,8 +151,7 @@ def run_serve(opts: ServeOptions) -> int:
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on"))
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
-        print(f"pegasus-x: serving {opts.model or 'the demo model'} on {url} (Ctrl-C or SIGTERM stops it)",
-              file=sys.stderr, flush=True)
+        logger.info("serving %s on %s (Ctrl-C or SIGTERM stops it)", opts.model or "the demo model", url)
         # uvicorn re-raises a SIGTERM after draining; with this handler restored then, that ends with status 0.
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
         try:
