@@ -251,11 +251,8 @@ def run_summarize(opts: SummarizeOptions) -> int:
 def _summarize_share(opts: SummarizeOptions, docs: list[Document], mine: list[int], device: str | None,
                      show_progress: bool) -> list[tuple[int, dict[str, Any]]]:
     """(input index, output record) for this process's inputs."""
-    from .summarize import Summarizer, TextStreamer, demo_model_path
+    from .summarize import Summarizer, TextStreamer
 
-    if opts.model is None and demo_model_path() is None:
-        raise InputError("no bundled demo model in this install (pegasus_x/assets/demo/); pass --model DIR or a "
-                         "hub id such as google/pegasus-x-base")
     generation = dict(opts.generation)
     if opts.stream:
         generation.setdefault("num_beams", 1)  # a stream follows one hypothesis; beams would reorder it

@@ -53,10 +53,9 @@ class Summary:
     seconds: float
 
 
-def demo_model_path() -> Path | None:
-    """The model bundled with the package (``pegasus_x/assets/demo/``), or None when this install has none."""
-    folder = resources.files(__package__).joinpath("assets", "demo")
-    return Path(str(folder)) if folder.is_dir() else None
+def demo_model_path() -> Path:
+    """The model bundled with the package (``pegasus_x/assets/demo/``)."""
+    return Path(str(resources.files(__package__).joinpath("assets", "demo")))
 
 
 class Summarizer:
@@ -83,7 +82,7 @@ class Summarizer:
             over the checkpoint's ``generation_config`` (resolved by ``generate``, as transformers does).
 
     Raises:
-        CheckpointError: the model folder or hub id cannot be found or loaded, or there is no bundled demo model.
+        CheckpointError: the model folder or hub id cannot be found or loaded.
         ConfigError: a dtype other than fp32 / bf16.
         InputError: a device that is unknown or not available here, a bad batch size or input limit.
         GenerationError: an unknown generation option.
@@ -440,9 +439,6 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
         return model.eval(), None
     if model is None:
         model = demo_model_path()
-        if model is None:
-            raise CheckpointError("this install has no bundled demo model (pegasus_x/assets/demo/); pass a "
-                                  "checkpoint folder or a hub id, e.g. Summarizer('google/pegasus-x-base')")
     if not isinstance(model, (str, os.PathLike)):
         raise InputError(f"model must be a folder, a hub id or a model object, got {type(model).__name__}")
     device = resolve_device(device)
