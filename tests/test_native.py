@@ -155,6 +155,42 @@ def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, i
         assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inputs,rows,T", [(1, 1, 5), (1, 1, 9), (2, 2, 4), (2, 4, 3)], ids=["1x5", "1x9", "2x4", "2x2x3"])
+def test_decoder_rows_equal_torch_layers(lib, monkeypatch, dtype, inputs, rows, T):
+    """Lookahead's pass: T new positions per row in one native call, causal among them, equal to the torch layers
+    (which also fill the cache the same way); a step after it sees the same cache."""
+    model = small_model("relu", dtype)
+    g = torch.Generator().manual_seed(T)
+    enc = torch.randn(inputs, 13, 64, generator=g).to(dtype)
+    keep = torch.ones(inputs, 13, dtype=torch.bool)
+    keep[-1, 9:] = False
+    tokens = [torch.randint(3, 120, (rows, n), generator=g) for n in (1, 2, T, 1)]
+
+    def run(model=model, enc=enc):
+        cache = new_cache(model, enc, keep, rows, 2 * T + 4)
+        step = make_step(model, cache)
+        with torch.no_grad():
+            return torch.cat([step(t, every=True) for t in tokens], 1), cache
+    calls = []
+    real = native.decoder_rows
+    monkeypatch.setattr(native, "decoder_rows", lambda *a: calls.append(1) or real(*a))
+    got, got_cache = run()
+    assert len(calls) == 2                                        # the passes of 2 and T positions
+    monkeypatch.setattr(native, "decoder_plan", lambda *a: None)
+    expected, expected_cache = run()
+    n = got_cache.length
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        for mine, theirs in zip(got_cache.self_k + got_cache.self_v, expected_cache.self_k + expected_cache.self_v):
+            torch.testing.assert_close(mine[:, :, :n], theirs[:, :, :n], rtol=1e-4, atol=1e-4)
+    else:
+        # As for decoder_step: both against fp32 arithmetic on the same weights; ours no further from it.
+        exact, _ = run(model.float(), enc.float())
+        ours_err, torch_err = (got - exact).abs().max(), (expected - exact).abs().max()
+        assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
+
+
 def test_decoder_plan_only_what_it_can_run(lib):
     model = small_model()
     enc, keep = torch.randn(1, 9, 64), torch.ones(1, 9, dtype=torch.bool)

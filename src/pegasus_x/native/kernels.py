@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import abi, loader
-from .abi import MAX_HEAD_DIM, MAX_ROWS
+from .abi import MAX_DRAFT_ROWS, MAX_HEAD_DIM, MAX_ROWS
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -167,4 +167,28 @@ def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
                                        threads))
     if lib.px_decoder(plan.layers, len(plan.layers), cache.length, state.data_ptr(), work.data_ptr(), threads):
         raise RuntimeError("px_decoder refused its arguments; decoder_plan should have caught this")
+    return state.to(x.dtype).view(x.shape)
+
+
+def decoder_rows_fit(plan: DecoderPlan, x: Tensor) -> bool:
+    """Whether :func:`decoder_rows` takes ``x`` ``(R, T, D)`` with this plan."""
+    return x.shape[0] == plan.rows and x.shape[0] * x.shape[1] <= MAX_DRAFT_ROWS
+
+
+def decoder_rows(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
+    """Every decoder layer on ``x`` ``(R, T, D)``: T new positions ``cache.length …`` per cache row, causal among
+    them (lookahead's verification pass; :func:`decoder_step` is the case T = 1).
+
+    Writes their self-attention keys/values into ``cache`` (the caller advances ``cache.length``). Each weight and
+    each cross-attention key/value is read once for all R·T rows.
+    """
+    lib = loader.library()
+    threads = torch.get_num_threads()
+    R, T, _ = x.shape
+    state = x.reshape(R * T, plan.d_model).to(torch.float32, copy=True)
+    work = _floats(lib.px_decoder_rows_work(R, T, plan.d_model, plan.ffn, plan.inputs, plan.keys, cache.length,
+                                            threads))
+    if lib.px_decoder_rows(plan.layers, len(plan.layers), cache.length, T, state.data_ptr(), work.data_ptr(),
+                           threads):
+        raise RuntimeError("px_decoder_rows refused its arguments; decoder_rows_fit should have caught this")
     return state.to(x.dtype).view(x.shape)
