@@ -578,10 +578,40 @@ int px_decoder(const px_layer *layers, int count, int64_t length, float *x, floa
 /* ---------------------------------------------------------------------------- decoder layer, several rows
  * Lookahead decoding's verification pass (pegasus_x/lookahead.py): like layer_step, but each of the layer's L->R
  * cache rows feeds T consecutive new positions length … length+T-1 (the current token and a draft) as T query rows,
- * x is (R·T, D) with row r·T + i = cache row r, position length+i. Every weight and every cross-attention key/value
- * is streamed once per pass for all R·T rows (the linear kernel reuses each weight row for 4 query rows at a time);
+ * x is (R·T, D) with row r·T + i = cache row r, position length+i. Every weight is streamed from memory once per
+ * pass for all R·T rows (linear_rows) and every cross-attention key once (the value pass runs per 4 query rows);
  * self-attention is causal inside the draft: query i of row r sees that row's keys 0 … length+i, one attention call
  * per draft position (the self-attention cache is small next to the weights and the cross keys/values). */
+
+/* linear_part for any number of rows: a block of LINEAR_BLOCK weight rows meets every chunk of ROW_CHUNK query rows
+ * while it is in the core's caches, so the weight streams from memory once (linear_part streams it once per chunk). */
+#define LINEAR_BLOCK 8
+static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
+                        int rows, const void *bias, float *y, int t, int n) {
+    if (rows <= ROW_CHUNK) {
+        linear_part(W, is_bf16, out, in, x, xs, rows, bias, y, t, n);
+        return;
+    }
+    int64_t o0, o1;
+    share(out, t, n, &o0, &o1);
+    for (int64_t b0 = o0; b0 < o1; b0 += LINEAR_BLOCK) {
+        int64_t b1 = b0 + LINEAR_BLOCK < o1 ? b0 + LINEAR_BLOCK : o1;
+        for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
+            int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
+            const float *xc = x + r0 * in, *xsc = xs ? xs + r0 * in : NULL;
+            float *yc = y + r0 * out;
+            if (is_bf16) {
+                DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, b0, b1, in, xc, xsc, rn, yc, out)
+            } else {
+                DISPATCH_ROWS(dot_block_f32, (const float *)W, b0, b1, in, xc, xsc, rn, yc, out)
+            }
+        }
+    }
+    if (bias)
+        for (int r = 0; r < rows; r++)
+            for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, is_bf16, o);
+}
+
 static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, float *work, int t, int n) {
     int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, N = L->R * T, wide = F > D ? F : D;
     int bf16 = L->bf16, rows = (int)N;
@@ -592,9 +622,9 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
 
 #pragma omp single
     add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-    linear_part(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
-    linear_part(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
-    linear_part(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
+    linear_rows(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_rows(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
+    linear_rows(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
 #pragma omp barrier
 #pragma omp single
     for (int64_t r = 0; r < R; r++)
@@ -620,18 +650,22 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
     }
 #pragma omp single
     if (bf16) split_even_odd(a, rows, D, xs);
-    linear_part(L->o, bf16, D, D, a, xs, rows, NULL, h, t, n);
+    linear_rows(L->o, bf16, D, D, a, xs, rows, NULL, h, t, n);
 #pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-    linear_part(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_rows(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
 #pragma omp barrier
-    attend_project(&cross, scratch, L->co, bf16, xs, h, t, n);
+    attend_tasks(&cross, scratch);           /* attend_project's steps, with linear_rows */
+#pragma omp single
+    if (bf16) split_even_odd(a, rows, D, xs);
+    linear_rows(L->co, bf16, D, D, a, xs, rows, NULL, h, t, n);
+#pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-    linear_part(L->fc1_w, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
+    linear_rows(L->fc1_w, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
     {
         int64_t o0, o1;
         share(F, t, n, &o0, &o1);
@@ -640,7 +674,7 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
         if (bf16) split_range(f, rows, F, o0, o1, fs);
     }
 #pragma omp barrier
-    linear_part(L->fc2_w, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
+    linear_rows(L->fc2_w, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < N * D; i++) x[i] += h[i];
