@@ -288,3 +288,12 @@ def test_cli_lookahead_flag(tmp_path, capsys):
     assert outputs[0] == outputs[1] and outputs[0].strip()
     assert main(["summarize", "--lookahead", "-1", str(page)]) == 2
     assert "--lookahead: must be" in capsys.readouterr().err
+
+
+def test_encoder_outputs_without_ids_draft_from_the_output(model):
+    ids, mask = BATCH
+    enc = model.get_encoder()(input_ids=ids, attention_mask=mask)
+    plain = model.generate(encoder_outputs=enc, **IDS, max_new_tokens=30, return_dict_in_generate=True)
+    ahead = model.generate(encoder_outputs=enc, **IDS, max_new_tokens=30, return_dict_in_generate=True,
+                           prompt_lookup_num_tokens=4)
+    assert torch.equal(ahead.sequences, plain.sequences) and ahead.decoder_passes < plain.decoder_passes

@@ -3,7 +3,8 @@
 A summary copies much of its wording from its source. Each pass feeds the current token plus a *draft* of up to K
 tokens: the last n generated tokens (n in :data:`NGRAM_SIZES`, longest first) are looked up in the source ids, then in
 the generated prefix, and what followed them there is the draft. One decoder pass scores all 1+K positions (causal
-masking inside the draft; the cache takes several new rows). Every logits processor runs per position, with the
+masking inside the draft; on the CPU the native ``decoder_rows`` kernel reads each weight and each cross-attention
+key/value once for all of them, elsewhere the torch layers run). Every logits processor runs per position, with the
 draft tokens before that position in the history, exactly as plain decoding would see them; the longest prefix of the
 draft that plain decoding would have produced is kept, plus the token plain decoding produces after it, and the
 self-attention cache is rolled back past the rejected tokens (:meth:`~pegasus_x.cache.DecoderCache.rollback`).

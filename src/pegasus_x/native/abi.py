@@ -77,6 +77,7 @@ def check(lib: ctypes.CDLL) -> None:
                                  _ptr, _i64, _ptr, _ptr, _int]
     lib.px_decoder_work.argtypes, lib.px_decoder_work.restype = [_i64, _i64, _i64, _i64, _i64, _i64, _int], _i64
     lib.px_decoder.argtypes = [ctypes.POINTER(Layer), _int, _i64, _ptr, _ptr, _int]
+    lib.px_linear_rows.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
     lib.px_decoder_rows_work.argtypes = [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _int]
     lib.px_decoder_rows_work.restype = _i64
     lib.px_decoder_rows.argtypes = [ctypes.POINTER(Layer), _int, _i64, _i64, _ptr, _ptr, _int]

@@ -612,6 +612,18 @@ static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, con
             for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, is_bf16, o);
 }
 
+/* px_linear for up to MAX_DRAFT_ROWS rows, each weight streamed once (lookahead's LM head over 1+K positions). */
+int px_linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows, const void *bias,
+                   float *y, float *work, int threads) {
+    if (rows < 1 || rows > MAX_DRAFT_ROWS) return 1;
+    if (is_bf16)
+        split_even_odd(x, rows, in, work);
+#pragma omp parallel num_threads(threads)
+    linear_rows(W, is_bf16, out, in, x, is_bf16 ? work : NULL, rows, bias, y, omp_get_thread_num(),
+                omp_get_num_threads());
+    return 0;
+}
+
 static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, float *work, int t, int n) {
     int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, N = L->R * T, wide = F > D ? F : D;
     int bf16 = L->bf16, rows = (int)N;

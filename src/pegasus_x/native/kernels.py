@@ -44,8 +44,9 @@ def linear_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and (bias is None or bias.shape == (weight.shape[0],)))
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` for tensors :func:`linear_fits` takes, ``x`` ``(..., in)``.
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, many: bool = False) -> Tensor:
+    """``F.linear`` for tensors :func:`linear_fits` takes, ``x`` ``(..., in)``; with ``many``, for the bf16
+    products of up to ``MAX_DRAFT_ROWS`` rows that :func:`many_rows_fit` takes (``px_linear_rows``).
 
     Accumulates in fp32; a bf16 result is rounded once at the end (as torch's bf16 linear does).
     """
@@ -57,9 +58,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     bf = None if bias is None else bias.to(weight.dtype).contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     work = _floats(lib.px_linear_work(rows, in_features, int(bf16)))
-    lib.px_linear(weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
-                  None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    if (lib.px_linear_rows if many else lib.px_linear)(
+            weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
+            None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError("px_linear refused its arguments; linear_fits should have caught this")
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def many_rows_fit(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`linear` with ``many`` takes these tensors: what :func:`linear_fits` takes, in bf16, with
+    ``MAX_ROWS`` to ``MAX_DRAFT_ROWS`` rows (lookahead's passes; torch's bf16 products are slow on CPUs without
+    native bf16 arithmetic, and fp32 keeps torch's GEMM past ``MAX_ROWS``)."""
+    in_features = weight.shape[1]
+    rows = x.numel() // in_features if in_features else 0
+    return (MAX_ROWS < rows <= MAX_DRAFT_ROWS and x.shape[-1] == in_features and on_cpu(x, weight, bias)
+            and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and (bias is None or bias.shape == (weight.shape[0],)))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
