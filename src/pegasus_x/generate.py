@@ -503,11 +503,14 @@ def generate(model, input_ids: Tensor | None = None, attention_mask: Tensor | No
             ``eos_token_id``/``pad_token_id``/``decoder_start_token_id``. Output: ``return_dict_in_generate`` or
             ``output_scores`` → :class:`GenerateOutput`; ``streamer``: an object with ``put(tokens)``/``end()``
             (transformers' streamers) or a callable receiving each step's new tokens ``(B·num_return_sequences,)``.
+            Speed: ``prompt_lookup_num_tokens=K`` drafts up to K tokens from the source and the output and checks
+            them in one decoder pass, same output (greedy and sampling; beam search ignores it; see
+            :mod:`pegasus_x.lookahead`).
             Unset options come from ``generation_config``, then ``model.generation_config``, exactly as in
             transformers 5 (see :mod:`pegasus_x.generation_config`).
     Returns:
         ``(B·num_return_sequences, L)`` LongTensor starting with the decoder start token, padded with pad; or a
-        :class:`GenerateOutput` when asked for.
+        :class:`GenerateOutput` (with ``decoder_passes``) when asked for.
     Raises:
         GenerationError: unknown or out-of-range options.
         InputError: malformed ids or mask (from ``model.encode``), or neither ids nor encoder outputs.

@@ -143,7 +143,7 @@ def lookahead_search(step: Callable[..., Tensor], cache: DecoderCache, opts, pro
         batch: inputs.
         inputs_source: each input's :class:`Source` (from :func:`sources`).
     """
-    from .generate import _Streamer, _sync_every, _used_length, _widen
+    from .generate import _Streamer, _sync_every, _used_length, _widen   # (generate imports this module)
 
     group, L, dev = opts.num_return_sequences, opts.max_length, cache.cross_k[0].device
     eos = torch.tensor(opts.eos, dtype=torch.long, device=dev)
