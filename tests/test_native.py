@@ -90,6 +90,30 @@ def test_linear_equals_f_linear(lib, dtype, rows, shape, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("rows", [9, 17, 72])
+@pytest.mark.parametrize("shape", [(384, 256), (1001, 72)])
+def test_many_rows_bf16_linear_equals_f_linear(lib, rows, shape):
+    """bf16 products of MAX_ROWS < rows <= MAX_DRAFT_ROWS (lookahead's LM head) take px_linear_rows through
+    Linear; fp32 ones and larger ones stay with torch."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    b = torch.randn(shape[0], generator=g).to(torch.bfloat16)
+    x = (torch.randn(rows, shape[1], generator=g) / shape[1] ** 0.5).to(torch.bfloat16)
+    assert kernels.many_rows_fit(x, w, b) and not kernels.many_rows_fit(x.float(), w.float(), b.float())
+    assert not kernels.many_rows_fit(x.repeat(9, 1)[:73], w, b)
+    for bias in (None, b):
+        with torch.no_grad():
+            got = native.Linear(shape[1], shape[0], bias=bias is not None).to(torch.bfloat16)
+            got.weight.copy_(w)
+            if bias is not None:
+                got.bias.copy_(bias)
+            y = got(x)
+        expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
+        torch.testing.assert_close(y.float(), expected, **tolerance(torch.bfloat16))
+        torch.testing.assert_close(kernels.linear(x, w, bias, many=True), y, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G", [1, 2, 4, 5, 8, 11])
@@ -186,6 +210,42 @@ def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, i
         # bf16: ours keeps activations in fp32 between operations, torch rounds after each. Both are measured
         # against fp32 arithmetic on the same (bf16-valued) weights: ours must be no further from it.
         exact, _ = run_steps(model.float(), enc.float(), keep, rows, tokens)
+        ours_err, torch_err = (got - exact).abs().max(), (expected - exact).abs().max()
+        assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inputs,rows,T", [(1, 1, 5), (1, 1, 9), (2, 2, 4), (2, 4, 3)], ids=["1x5", "1x9", "2x4", "2x2x3"])
+def test_decoder_rows_equal_torch_layers(lib, monkeypatch, dtype, inputs, rows, T):
+    """Lookahead's pass: T new positions per row in one native call, causal among them, equal to the torch layers
+    (which also fill the cache the same way); a step after it sees the same cache."""
+    model = small_model("relu", dtype)
+    g = torch.Generator().manual_seed(T)
+    enc = torch.randn(inputs, 13, 64, generator=g).to(dtype)
+    keep = torch.ones(inputs, 13, dtype=torch.bool)
+    keep[-1, 9:] = False
+    tokens = [torch.randint(3, 120, (rows, n), generator=g) for n in (1, 2, T, 1)]
+
+    def run(model=model, enc=enc):
+        cache = new_cache(model, enc, keep, rows, 2 * T + 4)
+        step = make_step(model, cache)
+        with torch.no_grad():
+            return torch.cat([step(t, every=True) for t in tokens], 1), cache
+    calls = []
+    real = native.decoder_rows
+    monkeypatch.setattr(native, "decoder_rows", lambda *a: calls.append(1) or real(*a))
+    got, got_cache = run()
+    assert len(calls) == 2                                        # the passes of 2 and T positions
+    monkeypatch.setattr(native, "decoder_plan", lambda *a: None)
+    expected, expected_cache = run()
+    n = got_cache.length
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        for mine, theirs in zip(got_cache.self_k + got_cache.self_v, expected_cache.self_k + expected_cache.self_v):
+            torch.testing.assert_close(mine[:, :, :n], theirs[:, :, :n], rtol=1e-4, atol=1e-4)
+    else:
+        # As for decoder_step: both against fp32 arithmetic on the same weights; ours no further from it.
+        exact, _ = run(model.float(), enc.float())
         ours_err, torch_err = (got - exact).abs().max(), (expected - exact).abs().max()
         assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
 

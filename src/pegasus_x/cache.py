@@ -91,6 +91,19 @@ class DecoderCache:
         self.self_v[layer][:, :, self.length:end] = v
         return self.self_k[layer][:, :, :end], self.self_v[layer][:, :, :end]
 
+    def rollback(self, length: int) -> None:
+        """Forget every position from ``length`` on (draft tokens a lookahead pass rejected).
+
+        Nothing is copied or freed: the next step writes its keys/values over the forgotten ones, and attention
+        only reads positions below ``length``.
+
+        Raises:
+            RuntimeError: ``length`` outside ``0 … self.length`` (a caller's bug).
+        """
+        if not 0 <= length <= self.length:
+            raise RuntimeError(f"cannot roll the decoder cache back to {length} positions; it holds {self.length}")
+        self.length = length
+
     def reorder(self, rows: Tensor) -> None:
         """Keep decoder rows ``rows`` (beam search): row i of the new cache is old row ``rows[i]``.
 

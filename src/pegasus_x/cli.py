@@ -24,7 +24,8 @@ PROG = "pegasus-x"
 # Modules that add subcommands through `register(subparsers)`; each sets `func=` (args -> exit status).
 _PLUGINS = ("pegasus_x.training.commands", "pegasus_x.convert", "pegasus_x.pretraining", "pegasus_x.serve")
 # Generation flags of `summarize`: flag dest == generate() option name; None means "the checkpoint's default".
-GENERATION_FLAGS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size")
+GENERATION_FLAGS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",
+                    "prompt_lookup_num_tokens")
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
@@ -210,6 +211,9 @@ def _register_summarize(subparsers: Any) -> None:
     g.add_argument("--num-beams", type=_positive_int, metavar="N")
     g.add_argument("--length-penalty", type=float, metavar="X")
     g.add_argument("--no-repeat-ngram-size", type=_non_negative_int, metavar="N")
+    g.add_argument("--lookahead", dest="prompt_lookup_num_tokens", type=_non_negative_int, metavar="K",
+                   help="greedy search and sampling: draft up to K tokens from the source and check them in one "
+                   "decoder pass (same output, fewer passes; 0 = off; beam search ignores it)")
     p.set_defaults(func=lambda args: run_summarize(SummarizeOptions.from_args(args)))
 
 

@@ -27,6 +27,7 @@ from .cache import FIRST_CHUNK, DecoderCache, new_cache, next_capacity
 from .errors import GenerationError, InputError
 from .generation_config import (DEFAULT_MAX_NEW_TOKENS, DEFAULTS, RUNTIME_OPTIONS, GenerationConfig,
                                 as_generation_config, merge)
+from .lookahead import lookahead_search, sources
 from .outputs import GenerateOutput, encoder_inputs
 from .processors import Processor, build_processors, process
 
@@ -34,6 +35,7 @@ NEG = -1.0e9                 # the "impossible" score of the reference's beam bo
 MIN_TEMPERATURE = 1e-4
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed's largest seed
 SYNC_EVERY = 8               # decode steps between checks for finished inputs on an accelerator
+MAX_LOOKAHEAD = 64           # draft tokens per pass: past this a pass costs more than the tokens it can save
 
 # Every keyword generate() takes besides the inputs: the config options and the per-call ones.
 OPTION_NAMES = frozenset(DEFAULTS) | frozenset(RUNTIME_OPTIONS)
@@ -65,6 +67,7 @@ class Options:
     start: int
     return_dict: bool
     streamer: Any
+    lookahead: int = 0    # prompt_lookup_num_tokens: draft tokens verified per decoder pass (0 = off)
 
     def penalty(self, length: int) -> float:
         """Length normaliser: ``((5 + len) / 6) ** gnmt_alpha`` (GNMT) if given, else ``len ** length_penalty``."""
@@ -147,7 +150,7 @@ def resolve_options(model, options: dict[str, Any], device: torch.device,
         forced_eos=forced, eos=eos, pad=pad, start=start,
         return_dict=_bool("return_dict_in_generate", value["return_dict_in_generate"])
         or _bool("output_scores", value["output_scores"]),
-        streamer=streamer)
+        streamer=streamer, lookahead=_lookahead(value["prompt_lookup_num_tokens"]))
 
 
 def _resolve_max_length(value: dict[str, Any], no_max_length: bool, max_positions: int) -> int:
@@ -228,6 +231,12 @@ def _bad_words(value: Any, eos: tuple[int, ...], vocab: int) -> tuple[tuple[int,
     return tuple(w for w in words if not (len(w) == 1 and w[0] in eos))
 
 
+def _lookahead(value: Any) -> int:
+    if value is None:
+        return 0
+    return _int("prompt_lookup_num_tokens", value, 0, MAX_LOOKAHEAD)
+
+
 def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generator | None:
     if generator is not None and seed is not None:
         raise GenerationError("give either generator or seed, not both")
@@ -241,12 +250,16 @@ def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generat
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-def make_step(model, cache: DecoderCache) -> Callable[[Tensor], Tensor]:
-    """``step(tokens (R, T)) -> fp32 logits (R, V)`` of the last position; advances the cache by T."""
+def make_step(model, cache: DecoderCache) -> Callable[..., Tensor]:
+    """``step(tokens (R, T)) -> fp32 logits (R, V)`` of the last position (``step(tokens, every=True)``: of every
+    position, ``(R, T, V)``); advances the cache by T and counts its calls in ``step.passes``."""
     decoder, head = model.get_decoder(), model.lm_head
 
-    def step(tokens: Tensor) -> Tensor:
-        return head(decoder(tokens, None, None, cache=cache)[:, -1]).float()
+    def step(tokens: Tensor, every: bool = False) -> Tensor:
+        step.passes += 1
+        h = decoder(tokens, None, None, cache=cache)
+        return head(h if every else h[:, -1]).float()
+    step.passes = 0
     return step
 
 
@@ -492,11 +505,14 @@ def generate(model, input_ids: Tensor | None = None, attention_mask: Tensor | No
             ``eos_token_id``/``pad_token_id``/``decoder_start_token_id``. Output: ``return_dict_in_generate`` or
             ``output_scores`` → :class:`GenerateOutput`; ``streamer``: an object with ``put(tokens)``/``end()``
             (transformers' streamers) or a callable receiving each step's new tokens ``(B·num_return_sequences,)``.
+            Speed: ``prompt_lookup_num_tokens=K`` drafts up to K tokens from the source and the output and checks
+            them in one decoder pass, same output (greedy and sampling; beam search ignores it; see
+            :mod:`pegasus_x.lookahead`).
             Unset options come from ``generation_config``, then ``model.generation_config``, exactly as in
             transformers 5 (see :mod:`pegasus_x.generation_config`).
     Returns:
         ``(B·num_return_sequences, L)`` LongTensor starting with the decoder start token, padded with pad; or a
-        :class:`GenerateOutput` when asked for.
+        :class:`GenerateOutput` (with ``decoder_passes``) when asked for.
     Raises:
         GenerationError: unknown or out-of-range options.
         InputError: malformed ids or mask (from ``model.encode``), or neither ids nor encoder outputs.
@@ -523,6 +539,13 @@ def generate(model, input_ids: Tensor | None = None, attention_mask: Tensor | No
         del states
         source = input_ids.long() if input_ids is not None else keep.long()   # (device and batch size only)
         procs = build_processors(opts, source)
-        search = beam_search if opts.num_beams > 1 else greedy_or_sample
-        result = search(make_step(model, cache), cache, opts, procs, batch)
+        step = make_step(model, cache)
+        if opts.num_beams > 1:
+            result = beam_search(step, cache, opts, procs, batch)       # no lookahead here: see lookahead.py
+        elif opts.lookahead:
+            drafts_from = sources(None if input_ids is None else source, keep, batch)
+            result = lookahead_search(step, cache, opts, procs, batch, drafts_from)
+        else:
+            result = greedy_or_sample(step, cache, opts, procs, batch)
+        result.decoder_passes = step.passes
     return result if opts.return_dict else result.sequences

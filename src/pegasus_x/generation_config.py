@@ -33,12 +33,14 @@ DEFAULT_MAX_NEW_TOKENS = 20   # transformers' max_length=20 counts the prompt: f
 
 # Options a generation config can hold, with the value used when no layer sets one (transformers' global
 # defaults; None = off / not set). ``gnmt_alpha`` is ours: ((5+len)/6)**alpha length normalisation.
+# ``prompt_lookup_num_tokens`` (transformers' name): draft up to that many tokens from the source and the output
+# and verify them in one decoder pass (:mod:`pegasus_x.lookahead`); None or 0 = off.
 DEFAULTS: dict[str, Any] = dict(
     max_new_tokens=None, max_length=None, min_new_tokens=None, min_length=0, num_beams=1, length_penalty=1.0,
     gnmt_alpha=None, early_stopping=False, num_return_sequences=1, do_sample=False, temperature=1.0, top_k=50,
     top_p=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None,
     forced_eos_token_id=None, eos_token_id=None, pad_token_id=None, bos_token_id=None, decoder_start_token_id=None,
-    output_scores=False, return_dict_in_generate=False)
+    output_scores=False, return_dict_in_generate=False, prompt_lookup_num_tokens=None)
 # Arguments of one generate call that no config holds.
 RUNTIME_OPTIONS: dict[str, Any] = dict(generator=None, seed=None, streamer=None)
 

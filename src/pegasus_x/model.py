@@ -299,15 +299,18 @@ class PegasusXDecoder(nn.Module):
                 self_keep = self_keep & keep[:, None, None, :]
         cross_keep = cache.encoder_keep if cache is not None else encoder_keep[:, None, None, :]
         plan = None
-        if (cache is not None and T == 1 and keep is None and not self.training and not torch.is_grad_enabled()
+        if (cache is not None and keep is None and not self.training and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and native.available(self)):
-            # A decode step on the CPU: every layer in native code, each weight streamed once (native/). The
-            # plan is made at the cache's first step (False: these layers or this cache do not fit the kernels).
+            # A decode step (or lookahead's pass over a draft) on the CPU: every layer in native code, each weight
+            # streamed once (native/). The plan is made at the cache's first step (False: these layers or this
+            # cache do not fit the kernels).
             if cache.native_plan is None:
                 cache.native_plan = native.decoder_plan(self, cache, x) or False
             plan = cache.native_plan or None
+            if plan is not None and T > 1 and not native.decoder_rows_fit(plan, x):
+                plan = None
         if plan is not None:
-            x = native.decoder_step(plan, x, cache)
+            x = native.decoder_step(plan, x, cache) if T == 1 else native.decoder_rows(plan, x, cache)
         else:
             for i, layer in enumerate(self.layers):
                 if self.training and cfg.decoder_layerdrop > 0 and torch.rand(()) < cfg.decoder_layerdrop:

@@ -85,10 +85,12 @@ class Seq2SeqLMOutput(ModelOutput):
 @dataclass(eq=False)
 class GenerateOutput(ModelOutput):
     """``sequences`` ``(B·num_return_sequences, L)``; ``sequences_scores`` ``(B·num_return_sequences,)`` (the
-    length-penalised beam scores; None for greedy search and sampling)."""
+    length-penalised beam scores; None for greedy search and sampling); ``decoder_passes``: how many times the
+    decoder ran (one per token without lookahead; fewer with ``prompt_lookup_num_tokens``)."""
 
     sequences: Tensor
     sequences_scores: Tensor | None = None
+    decoder_passes: int | None = None
 
 
 def encoder_inputs(encoder_outputs: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:

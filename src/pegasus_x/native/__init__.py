@@ -2,7 +2,8 @@
 
 **What it computes.** ``kernels.c`` (built by :mod:`.loader`, called through :mod:`.kernels`) does a CPU decode
 step: every decoder layer in one call (``decoder_step``: pre-LN self-attention over the cache, this position's
-keys/values written into it, cross-attention, feed-forward), few-query attention (``attention``) and few-row
+keys/values written into it, cross-attention, feed-forward; ``decoder_rows``: the same for several new positions
+per row, causal among them, for lookahead's verification pass), few-query attention (``attention``) and few-row
 products (``kernels.linear``), fp32 and bf16 with fp32 accumulation. :mod:`.linear`'s ``Linear`` sends few-row
 CPU products to those kernels, else (fp32, no compiler) to one ``torch.bmm`` over row slabs of the weight.
 :mod:`.hugepages` puts the weights and decoder caches in 2 MB pages (same numbers, faster streaming).
@@ -20,9 +21,10 @@ Results agree up to the order of floating-point summation.
 """
 
 from . import hugepages
-from .kernels import DecoderPlan, attention, attention_fits, decoder_plan, decoder_step
+from .kernels import (DecoderPlan, attention, attention_fits, decoder_plan, decoder_rows, decoder_rows_fit,
+                      decoder_step)
 from .linear import Linear
 from .loader import available, enabled, library, set_enabled
 
-__all__ = ["DecoderPlan", "Linear", "attention", "attention_fits", "available", "decoder_plan", "decoder_step",
-           "enabled", "hugepages", "library", "set_enabled"]
+__all__ = ["DecoderPlan", "Linear", "attention", "attention_fits", "available", "decoder_plan", "decoder_rows",
+           "decoder_rows_fit", "decoder_step", "enabled", "hugepages", "library", "set_enabled"]

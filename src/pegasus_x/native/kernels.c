@@ -22,6 +22,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 
 #define ROW_CHUNK 4           /* linear: query rows per pass over the weight */
 #define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
+#define MAX_DRAFT_ROWS 72     /* px_decoder_rows: rows × positions per call (lookahead's verification pass) */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
 #define ABI_VERSION 2         /* raise with any change to a px_ function's arguments */
 
@@ -574,6 +575,149 @@ int px_decoder(const px_layer *layers, int count, int64_t length, float *x, floa
     return 0;
 }
 
+/* ---------------------------------------------------------------------------- decoder layer, several rows
+ * Lookahead decoding's verification pass (pegasus_x/lookahead.py): like layer_step, but each of the layer's L->R
+ * cache rows feeds T consecutive new positions length … length+T-1 (the current token and a draft) as T query rows,
+ * x is (R·T, D) with row r·T + i = cache row r, position length+i. Every weight is streamed from memory once per
+ * pass for all R·T rows (linear_rows) and every cross-attention key once (the value pass runs per 4 query rows);
+ * self-attention is causal inside the draft: query i of row r sees that row's keys 0 … length+i, one attention call
+ * per draft position (the self-attention cache is small next to the weights and the cross keys/values). */
+
+/* linear_part for any number of rows: a block of LINEAR_BLOCK weight rows meets every chunk of ROW_CHUNK query rows
+ * while it is in the core's caches, so the weight streams from memory once (linear_part streams it once per chunk). */
+#define LINEAR_BLOCK 8
+static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
+                        int rows, const void *bias, float *y, int t, int n) {
+    if (rows <= ROW_CHUNK) {
+        linear_part(W, is_bf16, out, in, x, xs, rows, bias, y, t, n);
+        return;
+    }
+    int64_t o0, o1;
+    share(out, t, n, &o0, &o1);
+    for (int64_t b0 = o0; b0 < o1; b0 += LINEAR_BLOCK) {
+        int64_t b1 = b0 + LINEAR_BLOCK < o1 ? b0 + LINEAR_BLOCK : o1;
+        for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
+            int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
+            const float *xc = x + r0 * in, *xsc = xs ? xs + r0 * in : NULL;
+            float *yc = y + r0 * out;
+            if (is_bf16) {
+                DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, b0, b1, in, xc, xsc, rn, yc, out)
+            } else {
+                DISPATCH_ROWS(dot_block_f32, (const float *)W, b0, b1, in, xc, xsc, rn, yc, out)
+            }
+        }
+    }
+    if (bias)
+        for (int r = 0; r < rows; r++)
+            for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, is_bf16, o);
+}
+
+/* px_linear for up to MAX_DRAFT_ROWS rows, each weight streamed once (lookahead's LM head over 1+K positions). */
+int px_linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, int rows, const void *bias,
+                   float *y, float *work, int threads) {
+    if (rows < 1 || rows > MAX_DRAFT_ROWS) return 1;
+    if (is_bf16)
+        split_even_odd(x, rows, in, work);
+#pragma omp parallel num_threads(threads)
+    linear_rows(W, is_bf16, out, in, x, is_bf16 ? work : NULL, rows, bias, y, omp_get_thread_num(),
+                omp_get_num_threads());
+    return 0;
+}
+
+static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, float *work, int t, int n) {
+    int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, N = L->R * T, wide = F > D ? F : D;
+    int bf16 = L->bf16, rows = (int)N;
+    float *h = work, *q = h + N * D, *k = q + N * D, *v = k + N * D, *a = v + N * D, *f = a + N * D,
+          *xs = f + N * F, *fs = xs + N * wide, *scratch = fs + N * wide;
+    attn_args cross = {q, a, (N / L->B) * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
+                       L->S * hd, bf16, L->keep, L->S, L->B, H, N / L->B, L->S, hd};
+
+#pragma omp single
+    add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
+    linear_rows(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_rows(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
+    linear_rows(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
+#pragma omp barrier
+#pragma omp single
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < T; i++)
+            for (int64_t hh = 0; hh < H; hh++) {
+                int64_t at = ((r * H + hh) * L->max_len + length + i) * hd;
+                const float *kk = k + (r * T + i) * D + hh * hd, *vv = v + (r * T + i) * D + hh * hd;
+                for (int64_t d = 0; d < hd; d++) {
+                    if (bf16) {
+                        ((uint16_t *)L->self_k)[at + d] = f32_to_bf16(kk[d]);
+                        ((uint16_t *)L->self_v)[at + d] = f32_to_bf16(vv[d]);
+                    } else {
+                        ((float *)L->self_k)[at + d] = kk[d];
+                        ((float *)L->self_v)[at + d] = vv[d];
+                    }
+                }
+            }
+    for (int64_t i = 0; i < T; i++) {        /* draft position i: every row's query i over its first length+i+1 keys */
+        attn_args self = {q + i * D, a + i * D, T * D, hd, D, L->self_k, L->self_v, H * L->max_len * hd,
+                          L->max_len * hd, H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1,
+                          length + i + 1, hd};
+        attend_tasks(&self, scratch);        /* ends in a barrier */
+    }
+#pragma omp single
+    if (bf16) split_even_odd(a, rows, D, xs);
+    linear_rows(L->o, bf16, D, D, a, xs, rows, NULL, h, t, n);
+#pragma omp barrier
+
+#pragma omp single
+    add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
+    linear_rows(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
+#pragma omp barrier
+    attend_tasks(&cross, scratch);           /* attend_project's steps, with linear_rows */
+#pragma omp single
+    if (bf16) split_even_odd(a, rows, D, xs);
+    linear_rows(L->co, bf16, D, D, a, xs, rows, NULL, h, t, n);
+#pragma omp barrier
+
+#pragma omp single
+    add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
+    linear_rows(L->fc1_w, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
+    {
+        int64_t o0, o1;
+        share(F, t, n, &o0, &o1);
+        for (int64_t r = 0; r < N; r++)
+            for (int64_t o = o0; o < o1; o++) f[r * F + o] = activate(f[r * F + o], L->activation);
+        if (bf16) split_range(f, rows, F, o0, o1, fs);
+    }
+#pragma omp barrier
+    linear_rows(L->fc2_w, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
+#pragma omp barrier
+#pragma omp single
+    for (int64_t i = 0; i < N * D; i++) x[i] += h[i];
+}
+
+/* Scratch floats px_decoder_rows needs: px_decoder_work's for R·T rows and length+T keys. */
+int64_t px_decoder_rows_work(int64_t R, int64_t T, int64_t D, int64_t ffn, int64_t B, int64_t S, int64_t length,
+                             int threads) {
+    int64_t N = R * T, G = N / B, keys = S > length + T ? S : length + T, wide = ffn > D ? ffn : D;
+    return 5 * N * D + N * ffn + 2 * N * wide + threads * G * (keys + D);
+}
+
+/* Every layer for T new positions length … length+T-1 of each cache row (layer_rows), in place on x (R·T, D) fp32.
+ * Returns 1 (doing nothing) when the shapes are outside what the kernels take. */
+int px_decoder_rows(const px_layer *layers, int count, int64_t length, int64_t T, float *x, float *work,
+                    int threads) {
+    for (int i = 0; i < count; i++) {
+        const px_layer *L = layers + i;
+        if (T < 1 || L->R < 1 || L->R * T > MAX_DRAFT_ROWS || L->R % L->B != 0 || L->hd > MAX_HEAD_DIM
+                || L->hd % 8 != 0 || length + T > L->max_len || L->R != layers[0].R
+                || L->H * L->hd != layers[0].H * layers[0].hd)
+            return 1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        for (int i = 0; i < count; i++) layer_rows(layers + i, length, T, x, work, t, n);
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------------ ABI
  * What kernels.py mirrors by hand, exported by name so it can check its copy at load: the ABI version, the limits,
  * the activation enum and px_layer's size and every field's offset and size. */
@@ -585,7 +729,7 @@ typedef struct {
 #define FIELD(f) {"px_layer." #f, offsetof(px_layer, f)}, {"px_layer." #f ".size", sizeof(((px_layer *)0)->f)}
 
 static const px_constant constants[] = {
-    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_head_dim", MAX_HEAD_DIM},
+    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM},
     {"act.relu", ACT_RELU}, {"act.gelu", ACT_GELU}, {"act.gelu_tanh", ACT_GELU_TANH}, {"act.silu", ACT_SILU},
     {"act.tanh", ACT_TANH}, {"px_layer", sizeof(px_layer)},
     FIELD(ln1_w), FIELD(ln1_b), FIELD(q), FIELD(k), FIELD(v), FIELD(o), FIELD(ln2_w), FIELD(ln2_b), FIELD(cq),

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import abi, loader
-from .abi import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, MAX_ROWS
+from .abi import HEAD_DIM_MULTIPLE, MAX_DRAFT_ROWS, MAX_HEAD_DIM, MAX_ROWS
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -44,8 +44,9 @@ def linear_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and (bias is None or bias.shape == (weight.shape[0],)))
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` for tensors :func:`linear_fits` takes, ``x`` ``(..., in)``.
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, many: bool = False) -> Tensor:
+    """``F.linear`` for tensors :func:`linear_fits` takes, ``x`` ``(..., in)``; with ``many``, for the bf16
+    products of up to ``MAX_DRAFT_ROWS`` rows that :func:`many_rows_fit` takes (``px_linear_rows``).
 
     Accumulates in fp32; a bf16 result is rounded once at the end (as torch's bf16 linear does).
     """
@@ -57,9 +58,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     bf = None if bias is None else bias.to(weight.dtype).contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     work = _floats(lib.px_linear_work(rows, in_features, int(bf16)))
-    lib.px_linear(weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
-                  None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    if (lib.px_linear_rows if many else lib.px_linear)(
+            weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
+            None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError("px_linear refused its arguments; linear_fits should have caught this")
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def many_rows_fit(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`linear` with ``many`` takes these tensors: what :func:`linear_fits` takes, in bf16, with
+    ``MAX_ROWS`` to ``MAX_DRAFT_ROWS`` rows (lookahead's passes; torch's bf16 products are slow on CPUs without
+    native bf16 arithmetic, and fp32 keeps torch's GEMM past ``MAX_ROWS``)."""
+    in_features = weight.shape[1]
+    rows = x.numel() // in_features if in_features else 0
+    return (MAX_ROWS < rows <= MAX_DRAFT_ROWS and x.shape[-1] == in_features and on_cpu(x, weight, bias)
+            and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and (bias is None or bias.shape == (weight.shape[0],)))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
@@ -167,4 +181,28 @@ def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
                                        threads))
     if lib.px_decoder(plan.layers, len(plan.layers), cache.length, state.data_ptr(), work.data_ptr(), threads):
         raise RuntimeError("px_decoder refused its arguments; decoder_plan should have caught this")
+    return state.to(x.dtype).view(x.shape)
+
+
+def decoder_rows_fit(plan: DecoderPlan, x: Tensor) -> bool:
+    """Whether :func:`decoder_rows` takes ``x`` ``(R, T, D)`` with this plan."""
+    return x.shape[0] == plan.rows and x.shape[0] * x.shape[1] <= MAX_DRAFT_ROWS
+
+
+def decoder_rows(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
+    """Every decoder layer on ``x`` ``(R, T, D)``: T new positions ``cache.length …`` per cache row, causal among
+    them (lookahead's verification pass; :func:`decoder_step` is the case T = 1).
+
+    Writes their self-attention keys/values into ``cache`` (the caller advances ``cache.length``). Each weight and
+    each cross-attention key/value is read once for all R·T rows.
+    """
+    lib = loader.library()
+    threads = torch.get_num_threads()
+    R, T, _ = x.shape
+    state = x.reshape(R * T, plan.d_model).to(torch.float32, copy=True)
+    work = _floats(lib.px_decoder_rows_work(R, T, plan.d_model, plan.ffn, plan.inputs, plan.keys, cache.length,
+                                            threads))
+    if lib.px_decoder_rows(plan.layers, len(plan.layers), cache.length, T, state.data_ptr(), work.data_ptr(),
+                           threads):
+        raise RuntimeError("px_decoder_rows refused its arguments; decoder_rows_fit should have caught this")
     return state.to(x.dtype).view(x.shape)

@@ -41,6 +41,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Mod
         return F.linear(x, weight, bias)
     if kernels.linear_fits(x, weight, bias) and loader.library() is not None:
         return kernels.linear(x, weight, bias)
+    if kernels.many_rows_fit(x, weight, bias) and loader.library() is not None:
+        return kernels.linear(x, weight, bias, many=True)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     parts = torch.get_num_threads()
