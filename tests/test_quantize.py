@@ -194,3 +194,76 @@ def test_save_refused_and_from_pretrained_quantizes(tmp_path):
     assert not (tmp_path / "int8").exists()
     with pytest.raises(ConfigError, match="quantize"):
         PegasusXForConditionalGeneration.from_pretrained(tmp_path / "fp32", quantize="int4")
+
+
+def test_summarizer_and_cli_take_quantize(tmp_path, capsys, monkeypatch):
+    from pegasus_x import Summarizer
+    from pegasus_x.cli import main
+    from pegasus_x.summarize import demo_model_path
+
+    if demo_model_path() is None:
+        pytest.skip("this install has no bundled demo model")
+    seen = []
+    real = quantize_model
+    monkeypatch.setattr("pegasus_x.quantize.quantize_model", lambda *a: seen.append(a[1]) or real(*a))
+    summarizer = Summarizer(None, device="cpu", quantize="int8", max_new_tokens=6)
+    assert quantized(summarizer.model) and seen == ["int8"]
+    text = "join lines of two files on a common field " * 20
+    assert isinstance(summarizer(text), str)
+    exact = Summarizer(None, device="cpu", max_new_tokens=6).model
+    assert not quantized(exact)
+    again = Summarizer(exact, summarizer.tokenizer, quantize="int8")
+    assert again.model is exact and quantized(exact)                                  # a model object, in place
+    with pytest.raises(ConfigError, match="int4"):
+        Summarizer(None, device="cpu", quantize="int4")
+    page = tmp_path / "page.txt"
+    page.write_text(text)
+    seen.clear()
+    assert main(["summarize", str(page), "--quantize", "int8", "--device", "cpu", "--max-new-tokens", "6"]) == 0
+    assert seen == ["int8"] and capsys.readouterr().out.strip()
+    assert main(["summarize", str(page), "--quantize", "int4"]) == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_evaluate_takes_quantize(tmp_path, monkeypatch):
+    from pegasus_x.cli import main
+    from pegasus_x.training import commands
+
+    model = small_model(seed=6)
+    model.save_pretrained(tmp_path / "model")
+    loads = []
+    monkeypatch.setattr(commands.PegasusXForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(k) or (_ for _ in ()).throw(SystemExit(0))))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"source": "a b c", "target": "a"}\n')
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--quantize", "int8",
+              "--device", "cpu"])
+    assert loads and loads[0]["quantize"] == "int8"
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--quantize", "int8",
+                 "--device", "meta"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ dtype auto
+def test_auto_dtype_follows_the_cpu_flags(monkeypatch):
+    from pegasus_x import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    dtype, why = hardware.auto_dtype("cpu")
+    assert dtype == torch.float32 and "AVX512-BF16 or AMX" in why
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
+        dtype, why = hardware.auto_dtype("cpu")
+        assert dtype == torch.bfloat16 and flag in why
+
+
+def test_info_says_which_dtype_auto_picks(tmp_path, capsys):
+    from pegasus_x import hardware
+    from pegasus_x.cli import main
+
+    small_model().save_pretrained(tmp_path / "model")
+    assert main(["info", str(tmp_path / "model")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("dtype auto"))
+    assert hardware.auto_dtype("cpu")[1] in line
+    expected = "bf16" if {"avx512_bf16", "amx_bf16"} & hardware.cpu_flags() else "fp32"
+    assert line.split()[2].startswith(expected)
