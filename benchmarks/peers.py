@@ -10,7 +10,8 @@ decoder at pegasus-x-base size (12 layers x 768, 12 heads, FFN 3,072, vocabulary
 the same random input of the given length. The encoder is left out of the measure, so both get one encoder layer
 (its output only has to have the input's length): ms per decode step = (time to generate N tokens - time to
 generate 1 token) / (N - 1), every token forced (min length = max length). Also reported: first-token latency (the
-1-token run: encoder + prefill + one step) and peak RSS of the process.
+1-token run: encoder + prefill + one step) and peak RSS of the process. Our model is saved once under ``.bench/``
+and loaded with ``from_pretrained`` as users load it (weights in 2 MB pages; int8: quantized at load).
 
 Configurations: CTranslate2 ``float32`` and ``int8`` (its weight and activation int8), ours ``fp32``, ``bf16`` and
 ``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations). Each configuration runs in a
@@ -69,36 +70,49 @@ def cpu_info() -> tuple[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------------------- children
 def _timed(generate, repeats: int, new_tokens: int) -> dict:
-    """Medians of the 1-token and N-token runs (alternating), and the per-step time they give."""
+    """Medians of the 1-token and N-token runs (alternating), and the per-step time they give: by the wall clock,
+    and by the process's CPU time (``*_cpu``: what a run would take with its cores to itself; only meaningful for
+    one thread, where no thread waits for another)."""
     generate(2)                                                             # warm-up: kernels built, pages touched
-    one, many = [], []
+    runs = {(n, clock): [] for n in (1, new_tokens) for clock in ("wall", "cpu")}
     for _ in range(repeats):
-        for n, into in ((1, one), (new_tokens, many)):
-            start = time.perf_counter()
+        for n in (1, new_tokens):
+            wall, cpu = time.perf_counter(), time.process_time()
             generate(n)
-            into.append(time.perf_counter() - start)
-    first, full = statistics.median(one), statistics.median(many)
-    return dict(ms_per_step=1000 * (full - first) / (new_tokens - 1), first_token_ms=1000 * first,
-                one_token_s=one, n_tokens_s=many)
+            runs[n, "wall"].append(time.perf_counter() - wall)
+            runs[n, "cpu"].append(time.process_time() - cpu)
+    out = dict(one_token_s=runs[1, "wall"], n_tokens_s=runs[new_tokens, "wall"],
+               one_token_cpu_s=runs[1, "cpu"], n_tokens_cpu_s=runs[new_tokens, "cpu"])
+    for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
+        first, full = statistics.median(runs[1, clock]), statistics.median(runs[new_tokens, clock])
+        out[f"ms_per_step{suffix}"] = 1000 * (full - first) / (new_tokens - 1)
+        out[f"first_token_ms{suffix}"] = 1000 * first
+    return out
 
 
-def child_ours(spec: dict) -> dict:
-    """Ours on a random pegasus-x-base-shaped decoder."""
+def save_ours(folder: Path) -> None:
+    """A random pegasus-x-base model with one encoder layer, saved once: children load it as users do
+    (``from_pretrained``: weights in 2 MB pages, quantized at load for int8)."""
     import torch
 
     from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration
-    from pegasus_x.quantize import quantize_model
 
-    torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     cfg = PegasusXConfig.base()
     cfg.encoder_layers = SHAPE["encoder_layers"]
-    model = PegasusXForConditionalGeneration(cfg).eval()
+    PegasusXForConditionalGeneration(cfg).save_pretrained(folder)
+
+
+def child_ours(spec: dict) -> dict:
+    """Ours on the saved random pegasus-x-base-shaped model."""
+    import torch
+
+    from pegasus_x import PegasusXForConditionalGeneration
+
+    torch.set_num_threads(spec["threads"])
     kind = spec["config"].split("-", 1)[1]
-    if kind == "bf16":
-        model = model.to(torch.bfloat16)
-    elif kind == "int8":
-        quantize_model(model, "int8")
+    model = PegasusXForConditionalGeneration.from_pretrained(
+        spec["ours_model"], dtype="bf16" if kind == "bf16" else "fp32", quantize="int8" if kind == "int8" else None)
     ids = torch.tensor([spec["ids"]])
     beams = MODES[spec["mode"]]
 
@@ -180,14 +194,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="processes per configuration, interleaved")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/peers-<cpu>.json)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="what the table shows: wall-clock "
+                    "time, or CPU time (for --threads 1 on a machine shared with other jobs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--convert", help=argparse.SUPPRESS)
+    ap.add_argument("--save-ours", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
         result = (child_ct2 if spec["config"].startswith("ct2") else child_ours)(spec)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
+        return
+    if args.save_ours:
+        save_ours(Path(args.save_ours))
         return
     if args.convert:
         folder, max_length = args.convert.split(":")
@@ -213,6 +233,10 @@ def main() -> None:
             subprocess.run([str(ct2_python), __file__, "--convert", f"{ct2_models}:{max_length}"], check=True)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ours_model = BENCH / "ours-base-1-encoder-layer"
+    if any(c.startswith("ours") for c in args.configs) and not (ours_model / "model.safetensors").exists():
+        print(f"saving a random pegasus-x-base into {ours_model} ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--save-ours", str(ours_model)], check=True, env=env)
     import random
 
     rng = random.Random(0)
@@ -223,31 +247,37 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for config in args.configs if round_ % 2 == 0 else args.configs[::-1]:
                     spec = dict(config=config, mode=mode, length=length, ids=ids, new_tokens=args.new_tokens,
-                                repeats=args.repeats, threads=args.threads,
+                                repeats=args.repeats, threads=args.threads, ours_model=str(ours_model),
                                 ct2_model=str(ct2_models / config.split("-", 1)[1]) if config.startswith("ct2")
                                 else None)
                     out = run_child(ct2_python if config.startswith("ct2") else Path(sys.executable), spec, env)
                     out.update(config=config, mode=mode, length=length, round=round_)
                     results.append(out)
-                    print(f"{length:>6} {mode:<7} {config:<12} {out['ms_per_step']:8.2f} ms/step  first token "
-                          f"{out['first_token_ms']:8.0f} ms  peak RSS {out['peak_rss_mb']:6.0f} MB", flush=True)
+                    print(f"{length:>6} {mode:<7} {config:<12} {out['ms_per_step']:8.2f} ms/step "
+                          f"({out['ms_per_step_cpu']:.2f} CPU)  first token {out['first_token_ms']:6.0f} ms  "
+                          f"peak RSS {out['peak_rss_mb']:6.0f} MB", flush=True)
     table = summarize(results, args)
     print(f"\nCPU: {name}; ISA: {' '.join(isa)}\n" + table)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
     out = args.out or ROOT / "benchmarks" / "results" / f"peers-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(cpu=name, isa=isa, threads=args.threads, new_tokens=args.new_tokens,
+    out.write_text(json.dumps(dict(cpu=name, isa=isa, threads=args.threads, clock=args.clock,
+                                   new_tokens=args.new_tokens,
                                    repeats=args.repeats, shape=SHAPE, results=results, table=table), indent=1) + "\n")
     print(f"wrote {out}")
 
 
 def summarize(results: list[dict], args) -> str:
     """Markdown: ms/step (median over rounds) per configuration, then the bar's ratios."""
+    suffix = "_cpu" if args.clock == "cpu" else ""
+
     def med(length, mode, config, key="ms_per_step"):
+        key += suffix if key != "peak_rss_mb" else ""
         vals = [r[key] for r in results if (r["length"], r["mode"], r["config"]) == (length, mode, config)]
         return statistics.median(vals) if vals else None
 
-    lines = ["| tokens | mode | " + " | ".join(args.configs) + " | int8/ct2-int8 | int8/ours-fp32 | fp32/ct2-fp32 |",
+    lines = [f"ms per decode step ({args.clock} clock, {args.threads} thread(s)):", "",
+             "| tokens | mode | " + " | ".join(args.configs) + " | int8/ct2-int8 | int8/ours-fp32 | fp32/ct2-fp32 |",
              "|---:|---|" + "---:|" * (len(args.configs) + 3)]
     for length in args.lengths:
         for mode in args.modes:

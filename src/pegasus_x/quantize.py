@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import native
 from .errors import CheckpointError, ConfigError
-from .native import kernels
+from .native import hugepages, kernels
 
 MODES = ("int8",)
 QMAX = 127              # symmetric: -127..127, so -W quantizes to -Q
@@ -63,9 +63,12 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """Quantize ``linear``'s weight (per output row); the bias is copied."""
+    def from_linear(cls, linear: nn.Linear, arena: hugepages.Arena | None = None) -> Int8Linear:
+        """Quantize ``linear``'s weight (per output row); the bias is copied. ``arena``: where the int8 weight and
+        its scales go (2 MB pages, which decode steps stream faster), else ordinary memory."""
         q, scale = quantize_weight(linear.weight)
+        if arena is not None:
+            q, scale = arena.empty(q.shape, q.dtype).copy_(q), arena.empty(scale.shape, scale.dtype).copy_(scale)
         return cls(q, scale, linear.bias)
 
     def dequantize(self) -> Tensor:
@@ -114,9 +117,15 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
         raise ConfigError(f"int8 quantization runs on the CPU; this model is on {model.device}: load it with "
                           "device='cpu'")
     use_native = getattr(model, "use_native", True)
+    linears = _decoder_linears(model)
+    arena = None
+    if hugepages.supported():
+        shapes = [getattr(parent, name).weight.shape for parent, name in linears]
+        arena = hugepages.Arena(sum(hugepages.nbytes(tuple(s), torch.int8) + hugepages.nbytes((s[0],), torch.float32)
+                                    for s in shapes))
     with torch.no_grad():
-        for parent, name in _decoder_linears(model):
-            layer = Int8Linear.from_linear(getattr(parent, name))
+        for parent, name in linears:
+            layer = Int8Linear.from_linear(getattr(parent, name), arena)
             layer.use_native = use_native
             setattr(parent, name, layer)
     return model.eval()
