@@ -41,7 +41,7 @@ def check_mode(quantize: str | None) -> str | None:
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Q int8 (out, in), scale fp32 (out,))`` with ``Q · scale[:, None] ≈ weight``; an all-zero row gets scale 1."""
+    """``(Q int8 (out, in), scale fp32 (out,))``, ``Q · scale[:, None] ≈ weight``; an all-zero row gets scale 1."""
     w = weight.detach().float()
     scale = w.abs().amax(dim=1) / QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
