@@ -14,7 +14,8 @@ generate 1 token) / (N - 1), every token forced (min length = max length). Also 
 and loaded with ``from_pretrained`` as users load it (weights in 2 MB pages; int8: quantized at load).
 
 Configurations: CTranslate2 ``float32`` and ``int8`` (its weight and activation int8), ours ``fp32``, ``bf16`` and
-``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations). Each configuration runs in a
+``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations), and ``int8-bf16kv`` (the same
+with the cross-attention keys/values kept in bf16: ``quantize_model(..., kv_dtype="bf16")``). Each configuration runs in a
 fresh process, which warms up, then times the 1-token and N-token runs ``--repeats`` times alternately (medians
 kept); configurations are interleaved, so a shared machine's drift hits them alike. The table names the CPU and its
 ISA (AVX2 / AVX512 / AVX512-BF16 / AMX / VNNI); the raw results go to ``benchmarks/results/peers-<cpu>.json``.
@@ -46,7 +47,7 @@ CT2_PACKAGES = ["ctranslate2", "transformers==4.57.*", "torch==2.13.0", "sentenc
 TOKENIZER = ROOT / "src" / "pegasus_x" / "assets" / "pegasus-tokenizer"   # the converter reads the vocabulary here
 SHAPE = dict(vocab=96103, d_model=768, heads=12, decoder_layers=12, ffn=3072, encoder_layers=1)
 MODES = {"greedy": 1, "beam4": 4}
-CONFIGS = ("ct2-float32", "ct2-int8", "ours-fp32", "ours-bf16", "ours-int8")
+CONFIGS = ("ct2-float32", "ct2-int8", "ours-fp32", "ours-bf16", "ours-int8", "ours-int8-bf16kv")
 # /proc/cpuinfo flag -> the name printed; what decides which fast paths a CPU has.
 ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
              "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
@@ -108,11 +109,14 @@ def child_ours(spec: dict) -> dict:
     import torch
 
     from pegasus_x import PegasusXForConditionalGeneration
+    from pegasus_x.quantize import quantize_model
 
     torch.set_num_threads(spec["threads"])
     kind = spec["config"].split("-", 1)[1]
     model = PegasusXForConditionalGeneration.from_pretrained(
         spec["ours_model"], dtype="bf16" if kind == "bf16" else "fp32", quantize="int8" if kind == "int8" else None)
+    if kind == "int8-bf16kv":
+        quantize_model(model, "int8", kv_dtype="bf16")
     ids = torch.tensor([spec["ids"]])
     beams = MODES[spec["mode"]]
 
@@ -277,8 +281,9 @@ def summarize(results: list[dict], args) -> str:
         return statistics.median(vals) if vals else None
 
     lines = [f"ms per decode step ({args.clock} clock, {args.threads} thread(s)):", "",
-             "| tokens | mode | " + " | ".join(args.configs) + " | int8/ct2-int8 | int8/ours-fp32 | fp32/ct2-fp32 |",
-             "|---:|---|" + "---:|" * (len(args.configs) + 3)]
+             "| tokens | mode | " + " | ".join(args.configs) + " | int8/ct2-int8 | int8/ours-fp32 | int8-bf16kv/ct2-int8"
+             " | int8-bf16kv/ours-fp32 | fp32/ct2-fp32 |",
+             "|---:|---|" + "---:|" * (len(args.configs) + 5)]
     for length in args.lengths:
         for mode in args.modes:
             cells = [med(length, mode, c) for c in args.configs]
@@ -288,6 +293,7 @@ def summarize(results: list[dict], args) -> str:
                 return f"{x / y:.2f}" if x and y else "–"
             lines.append(f"| {length:,} | {mode} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells)
                          + f" | {ratio('ours-int8', 'ct2-int8')} | {ratio('ours-int8', 'ours-fp32')} | "
+                         f"{ratio('ours-int8-bf16kv', 'ct2-int8')} | {ratio('ours-int8-bf16kv', 'ours-fp32')} | "
                          f"{ratio('ours-fp32', 'ct2-float32')} |")
     lines.append("")
     lines.append("first-token ms / peak RSS MB: " + "; ".join(

@@ -267,3 +267,24 @@ def test_info_says_which_dtype_auto_picks(tmp_path, capsys):
     assert hardware.auto_dtype("cpu")[1] in line
     expected = "bf16" if {"avx512_bf16", "amx_bf16"} & hardware.cpu_flags() else "fp32"
     assert line.split()[2].startswith(expected)
+
+
+# ------------------------------------------------------------------------------------- bf16 cross keys/values
+@pytest.mark.parametrize("rows", [1, 4])
+def test_bf16_cross_keys_native_equals_reference_and_stays_close(lib, rows):
+    model = quantize_model(small_model(seed=7), "int8", kv_dtype="bf16")
+    g = torch.Generator().manual_seed(rows)
+    enc, keep = torch.randn(1, 13, 64, generator=g), torch.ones(1, 13, dtype=torch.bool)
+    keep[0, 10:] = False
+    tokens = [torch.randint(3, 120, (rows, 1), generator=g) for _ in range(5)]
+    got, cache = run_steps(model, enc, keep, rows, tokens)
+    assert cache.cross_k[0].dtype == torch.bfloat16 and cache.native_plan           # the fused step took them
+    model.set_native(False)
+    expected, _ = run_steps(model, enc, keep, rows, tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    model.get_decoder().cross_kv_dtype = None                                       # fp32 keys/values
+    exact, _ = run_steps(model, enc, keep, rows, tokens)
+    assert float((got - exact).abs().max()) < 0.05 * float(exact.abs().max())
+    assert not torch.equal(got, exact)
+    with pytest.raises(ConfigError, match="kv_dtype"):
+        quantize_model(small_model(), "int8", kv_dtype="fp16")

@@ -98,17 +98,21 @@ def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return found
 
 
-def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
+def quantize_model(model: nn.Module, mode: str = "int8", kv_dtype: torch.dtype | str | None = None) -> nn.Module:
     """Replace every decoder linear and the LM head of ``model`` by an :class:`Int8Linear`, in place.
 
     The LM head gets its own int8 copy of the (tied) embedding; the embedding itself stays for the lookups.
+    ``kv_dtype``: ``torch.bfloat16`` / ``"bf16"`` keeps the cross-attention keys/values of generation in bf16 (every
+    decode step reads them: at long inputs they outweigh the int8 weights); None: the model's dtype.
     Returns ``model``, in eval mode.
 
     Raises:
-        ConfigError: an unknown ``mode``, a model already quantized, or weights not on the CPU (the int8 kernels and
-            this module's reference are for CPU decoding).
+        ConfigError: an unknown ``mode`` or ``kv_dtype``, a model already quantized, or weights not on the CPU (the
+            int8 kernels and this module's reference are for CPU decoding).
     """
     check_mode(mode)
+    if kv_dtype not in (None, torch.bfloat16, "bf16"):
+        raise ConfigError(f"kv_dtype={kv_dtype!r} is not supported; use 'bf16' or None (the model's dtype)")
     if mode is None:
         raise ConfigError("quantize_model needs a mode: 'int8'")
     if quantized(model):
@@ -128,6 +132,7 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
             layer = Int8Linear.from_linear(getattr(parent, name), arena)
             layer.use_native = use_native
             setattr(parent, name, layer)
+    model.get_decoder().cross_kv_dtype = None if kv_dtype is None else torch.bfloat16
     return model.eval()
 
 

@@ -33,7 +33,7 @@ class Layer(ctypes.Structure):
     _fields_ = ([(name, _ptr) for name in POINTERS]
                 + [(name, _i64) for name in ("R", "B", "H", "hd", "ffn", "max_len", "S")]
                 + [("bf16", _int), ("activation", _int), ("eps", ctypes.c_float)]
-                + [(name, _ptr) for name in SCALES.values()])
+                + [(name, _ptr) for name in SCALES.values()] + [("cross_bf16", _int)])
 
 
 class _Constant(ctypes.Structure):

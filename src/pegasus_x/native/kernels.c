@@ -533,6 +533,7 @@ typedef struct {
     /* int8 weights (quantize.py): each product's fp32 row scales, and its weight pointer above holds int8; NULL:
      * that weight is in the layer's dtype. */
     const float *q_s, *k_s, *v_s, *o_s, *cq_s, *co_s, *fc1_s, *fc2_s;
+    int cross_bf16;                   /* cross_k/cross_v are bf16 (quantize.py's kv_dtype), else in the layer's dtype */
 } px_layer;
 
 
@@ -616,7 +617,7 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
     attn_args self = {q, a, D, hd, D, L->self_k, L->self_v, H * L->max_len * hd, L->max_len * hd,
                       H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1, length + 1, hd};
     attn_args cross = {q, a, G * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
-                       L->S * hd, bf16, L->keep, L->S, L->B, H, G, L->S, hd};
+                       L->S * hd, L->cross_bf16, L->keep, L->S, L->B, H, G, L->S, hd};
 
     /* Self-attention over the cache, this position included. */
 #pragma omp single
@@ -704,7 +705,7 @@ static const px_constant constants[] = {
     FIELD(co), FIELD(ln3_w), FIELD(ln3_b), FIELD(fc1_w), FIELD(fc1_b), FIELD(fc2_w), FIELD(fc2_b), FIELD(self_k),
     FIELD(self_v), FIELD(cross_k), FIELD(cross_v), FIELD(keep), FIELD(R), FIELD(B), FIELD(H), FIELD(hd), FIELD(ffn),
     FIELD(max_len), FIELD(S), FIELD(bf16), FIELD(activation), FIELD(eps), FIELD(q_s), FIELD(k_s), FIELD(v_s),
-    FIELD(o_s), FIELD(cq_s), FIELD(co_s), FIELD(fc1_s), FIELD(fc2_s),
+    FIELD(o_s), FIELD(cq_s), FIELD(co_s), FIELD(fc1_s), FIELD(fc2_s), FIELD(cross_bf16),
 };
 
 /* The table above; its length in *count. */

@@ -185,8 +185,12 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
         own, scales = _layer_tensors(layer)
         own.update(self_k=cache.self_k[i], self_v=cache.self_v[i], cross_k=cache.cross_k[i], cross_v=cache.cross_v[i])
         int8 = {field for field, name in abi.SCALES.items() if name in scales}
-        if any(t is None or t.dtype != (torch.int8 if name in int8 else dtype) or t.device.type != "cpu"
-               or not t.is_contiguous() for name, t in own.items()):
+        # The cross keys/values may be bf16 under fp32 layers (quantize.py's kv_dtype).
+        cross = cache.cross_k[i].dtype
+        wanted = {**dict.fromkeys(int8, torch.int8), "cross_k": cross, "cross_v": cross}
+        if cross not in _KERNEL_DTYPES or any(
+                t is None or t.dtype != wanted.get(name, dtype) or t.device.type != "cpu" or not t.is_contiguous()
+                for name, t in own.items()):
             return None
         if any(s.dtype != torch.float32 or s.device.type != "cpu" or not s.is_contiguous() for s in scales.values()):
             return None
@@ -194,7 +198,8 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
         specs.append(abi.Layer(**{name: t.data_ptr() for name, t in {**own, **scales}.items()},
                                keep=None if keep is None else keep.data_ptr(), R=rows, B=B, H=H, hd=hd,
                                ffn=cfg.decoder_ffn_dim, max_len=cache.max_len, S=S, bf16=int(dtype == torch.bfloat16),
-                               activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps))
+                               activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps,
+                               cross_bf16=int(cross == torch.bfloat16)))
     return DecoderPlan((abi.Layer * len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
 
 
