@@ -15,10 +15,10 @@ and loaded with ``from_pretrained`` as users load it (weights in 2 MB pages; int
 
 Configurations: CTranslate2 ``float32`` and ``int8`` (its weight and activation int8), ours ``fp32``, ``bf16`` and
 ``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations), and ``int8-bf16kv`` (the same
-with the cross-attention keys/values kept in bf16: ``quantize_model(..., kv_dtype="bf16")``). Each configuration runs in a
-fresh process, which warms up, then times the 1-token and N-token runs ``--repeats`` times alternately (medians
-kept); configurations are interleaved, so a shared machine's drift hits them alike. The table names the CPU and its
-ISA (AVX2 / AVX512 / AVX512-BF16 / AMX / VNNI); the raw results go to ``benchmarks/results/peers-<cpu>.json``.
+with the cross-attention keys/values kept in bf16: ``quantize_model(..., kv_dtype="bf16")``). Each configuration
+runs in a fresh process, which warms up, then times the 1-token and N-token runs ``--repeats`` times alternately
+(medians kept); configurations are interleaved, so a shared machine's drift hits them alike. The table names the CPU
+and its ISA (AVX2 / AVX512 / AVX512-BF16 / AMX / VNNI); the raw results go to ``benchmarks/results/peers-<cpu>.json``.
 
 CT2_VENV: CTranslate2's converter needs transformers 4.x and torch, kept apart from the project's environment:
 ``python3 -m venv .bench/ct2-venv && .bench/ct2-venv/bin/pip install ctranslate2 "transformers==4.57.*"
@@ -281,8 +281,8 @@ def summarize(results: list[dict], args) -> str:
         return statistics.median(vals) if vals else None
 
     lines = [f"ms per decode step ({args.clock} clock, {args.threads} thread(s)):", "",
-             "| tokens | mode | " + " | ".join(args.configs) + " | int8/ct2-int8 | int8/ours-fp32 | int8-bf16kv/ct2-int8"
-             " | int8-bf16kv/ours-fp32 | fp32/ct2-fp32 |",
+             "| tokens | mode | " + " | ".join(args.configs) + " | int8/ct2-int8 | int8/ours-fp32"
+             " | int8-bf16kv/ct2-int8 | int8-bf16kv/ours-fp32 | fp32/ct2-fp32 |",
              "|---:|---|" + "---:|" * (len(args.configs) + 5)]
     for length in args.lengths:
         for mode in args.modes:
