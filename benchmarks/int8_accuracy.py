@@ -7,7 +7,8 @@
    here), a random 1,024-token input, 64 teacher-forced decoder tokens: for every decoder position the relative
    error of the int8 logits row, ||int8 - fp32|| / ||fp32||, and whether its argmax (top-1) is fp32's. Random
    weights are a hard case: their logits are nearly flat, so top-1 flips on tiny differences. Also: the time
-   ``quantize_model`` takes on that model (every decoder linear and the LM head).
+   ``quantize_model`` takes on that model (every decoder linear and the LM head), and the same error for the model in
+   bf16 (what ``--dtype auto`` requires of bf16: within 1e-2).
 2. The bundled demo model on its held-out test pages (examples/manpages: the pages of this machine's man pages that
    prepare.py's hash puts in the test split, rendered the same way, so never seen in training; how many depends on
    the man pages installed; inputs cut at 256 tokens as trained): ROUGE
@@ -20,6 +21,7 @@ Native kernels on (the path users run); ``PEGASUS_X_NATIVE=0`` measures the torc
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib.util
 import json
@@ -46,14 +48,18 @@ def random_weights(length: int, tokens: int) -> dict:
     labels = torch.randint(3, cfg.vocab_size, (1, tokens), generator=g)
     with torch.no_grad():
         exact = model(ids, labels=labels).logits[0]
+        # bf16 against fp32 on the same weights: what `--dtype auto` asks of bf16 before choosing it.
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)(ids, labels=labels).logits[0].float()
         start = time.perf_counter()
         quantize_model(model, "int8")
         seconds = time.perf_counter() - start
         got = model(ids, labels=labels).logits[0]
     rel = ((got - exact).norm(dim=-1) / exact.norm(dim=-1)).tolist()
     agree = (got.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    bf16_rel = ((bf16 - exact).norm(dim=-1) / exact.norm(dim=-1)).tolist()
     return dict(positions=tokens, rel_error_median=sorted(rel)[len(rel) // 2], rel_error_max=max(rel),
-                top1_agreement=agree, quantize_seconds=seconds)
+                top1_agreement=agree, quantize_seconds=seconds, bf16_rel_error_median=sorted(bf16_rel)[len(rel) // 2],
+                bf16_rel_error_max=max(bf16_rel))
 
 
 def _prepare_module():
@@ -115,7 +121,8 @@ def main() -> None:
     r = results["random_base"]
     print(f"random base weights, {args.length} input tokens, {r['positions']} teacher-forced positions: relative "
           f"logit error median {r['rel_error_median']:.4f}, max {r['rel_error_max']:.4f}; top-1 agreement "
-          f"{100 * r['top1_agreement']:.1f}%; quantize_model {r['quantize_seconds']:.2f} s", flush=True)
+          f"{100 * r['top1_agreement']:.1f}%; quantize_model {r['quantize_seconds']:.2f} s; bf16 (not int8) against "
+          f"fp32: median {r['bf16_rel_error_median']:.4f}, max {r['bf16_rel_error_max']:.4f}", flush=True)
     if not args.skip_demo:
         pages = test_pages(args.man_root)
         if not pages:

@@ -192,8 +192,8 @@ def _register_summarize(subparsers: Any) -> None:
     p.add_argument("--model", metavar="DIR|HUB_ID", help="checkpoint folder or hub id (default: the bundled demo "
                    "model)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="weights and activations (auto: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32; "
-                        "`pegasus-x info` says which here)")
+                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU; `pegasus-x info` says which "
+                        "and why)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU; "
                    "faster decoding, see the README)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")

@@ -74,8 +74,8 @@ class Summarizer:
             :class:`PegasusXForConditionalGeneration`, or None for the demo model bundled with the package.
         tokenizer: a :class:`PegasusTokenizer` or a tokenizer folder; default: the one saved with the model, or the
             bundled PEGASUS vocabulary (with a warning when a model folder has none).
-        dtype: "fp32", "bf16" or a torch dtype; default :func:`pegasus_x.hardware.auto_dtype`: bf16 on CUDA and on CPUs
-            with AVX512-BF16 or AMX, else fp32 (a model object: as it is).
+        dtype: "fp32", "bf16" or a torch dtype; default :func:`pegasus_x.hardware.auto_dtype`: bf16 on CUDA, fp32 on
+            a CPU (a model object: as it is).
         quantize: ``"int8"``: int8 decoder and LM-head weights (:mod:`pegasus_x.quantize`; CPU only), or None.
         device: "cpu", "cuda", "cuda:1", ...; default CUDA when available (a model object: where it is).
         batch_size: texts generated together (sorted by length so padding stays small).
