@@ -4,8 +4,9 @@
 step: every decoder layer in one call (``decoder_step``: pre-LN self-attention over the cache, this position's
 keys/values written into it, cross-attention, feed-forward), few-query attention (``attention``) and few-row
 products (``kernels.linear``), fp32 and bf16 with fp32 accumulation, and int8 weights with fp32 row scales
-(``kernels.linear_int8`` and the same step, for :mod:`pegasus_x.quantize`), widened to fp32 in registers. :mod:`.linear`'s ``Linear`` sends few-row
-CPU products to those kernels, else (fp32, no compiler) to one ``torch.bmm`` over row slabs of the weight.
+(``kernels.linear_int8`` and the same step, for :mod:`pegasus_x.quantize`), widened to fp32 in registers.
+:mod:`.linear`'s ``Linear`` sends few-row CPU products to those kernels, else (fp32, no compiler) to one
+``torch.bmm`` over row slabs of the weight.
 :mod:`.hugepages` puts the weights and decoder caches in 2 MB pages (same numbers, faster streaming).
 
 **Its reference path.** The torch layers of ``model.py``/``attention.py`` and ``F.linear`` (for int8:
