@@ -403,6 +403,25 @@ def test_cli_refuses_before_loading(capsys, monkeypatch):
     assert "port number" in capsys.readouterr().err
 
 
+def test_cli_quantize_reaches_the_summarizer(monkeypatch):
+    """--quantize int8 is passed to the Summarizer the service runs (the same option as summarize's)."""
+    summarize_module = importlib.import_module("pegasus_x.summarize")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(summarize_module, "Summarizer", fake)
+    with pytest.raises(Stop):
+        cli.main(["serve", "--port", "0", "--quantize", "int8"])
+    assert seen["quantize"] == "int8"
+    assert cli.main(["serve", "--quantize", "int4"]) == 2
+
+
 def test_cli_without_the_extra(capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))

@@ -158,6 +158,8 @@ class Attention(nn.Module):
                 # matmuls spread the key axis. bf16 keeps SDPA's flash kernel: matmuls did no better there.
                 # benchmarks/gpu.py measures both (greedy fp32, beam bf16 at 16K tokens; benchmarks/RESULTS.md).
                 backend = "eager"
+            if k.dtype != q.dtype:          # narrower cached keys/values (quantize.py's kv_dtype)
+                k, v = k.to(q.dtype), v.to(q.dtype)
             out = attend(q, k, v, keep, p_drop, backend)
         out = out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D)
         return self.out_proj(out)

@@ -169,7 +169,9 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
     layers = decoder.layers
     attn = layers[0].self_attn
     B, S, D = encoder_states.shape
-    empty = _allocator(encoder_states.device, encoder_states.dtype, [(B, S, D)] * 2 * len(layers))
+    # quantize.py may ask for narrower cross keys/values (``kv_dtype``): they are read by every decode step.
+    kv_dtype = getattr(decoder, "cross_kv_dtype", None) or encoder_states.dtype
+    empty = _allocator(encoder_states.device, kv_dtype, [(B, S, D)] * 2 * len(layers))
     cross_k, cross_v = [], []
     for layer in layers:
         # Copied layer by layer: projecting every layer first and copying after would hold the cross keys/values

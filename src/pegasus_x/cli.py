@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from .errors import InputError, PegasusXError
 from .documents import MAX_INPUT_BYTES, TEXT_FIELD, Document, read_documents
 from .files import SIGPIPE_STATUS, atomic_write_bytes, check_output, check_stdout, guarded_stdio, json_text
+from .quantize import MODES as QUANTIZE_MODES
 
 PROG = "pegasus-x"
 # Modules that add subcommands through `register(subparsers)`; each sets `func=` (args -> exit status).
@@ -151,6 +152,7 @@ class SummarizeOptions:
     output: str | None
     model: str | None
     dtype: str | None
+    quantize: str | None
     device: str | None
     batch_size: int
     max_input_tokens: int | None
@@ -163,7 +165,8 @@ class SummarizeOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SummarizeOptions:
         return cls(paths=args.paths, input=args.input, text_field=args.text_field, output=args.output,
-                   model=args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                   model=args.model, dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
+                   device=args.device,
                    batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
                    max_input_bytes=args.max_input_bytes, chunked=args.chunked,
                    stream=args.stream, newline_to_n=args.newline_to_n,
@@ -188,7 +191,10 @@ def _register_summarize(subparsers: Any) -> None:
     p.add_argument("--model", metavar="DIR|HUB_ID", help="checkpoint folder or hub id (default: the bundled demo "
                    "model)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="weights and activations (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU; `pegasus-x info` says which "
+                        "and why)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU; "
+                   "faster decoding, see the README)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help="inputs generated together (default: %(default)s)")
@@ -260,7 +266,8 @@ def _summarize_share(opts: SummarizeOptions, docs: list[Document], mine: list[in
     generation = dict(opts.generation)
     if opts.stream:
         generation.setdefault("num_beams", 1)  # a stream follows one hypothesis; beams would reorder it
-    summarizer = Summarizer(opts.model, dtype=opts.dtype, device=device, batch_size=opts.batch_size,
+    summarizer = Summarizer(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize,
+                            batch_size=opts.batch_size,
                             max_input_tokens=opts.max_input_tokens, newline_to_n=opts.newline_to_n, **generation)
     texts = [docs[i].text for i in mine]
     with _progress_bar(len(texts), show_progress) as bar:
@@ -358,6 +365,7 @@ def run_info(opts: InfoOptions) -> int:
     """
     from .checkpoint import bytes_per_value, loaded_dtypes, read_shapes, resolve
     from .config import PegasusXConfig, estimate_memory, machine_memory
+    from .hardware import auto_dtype
 
     folder = resolve(opts.path)
     c = PegasusXConfig.from_pretrained(folder)
@@ -387,6 +395,7 @@ def run_info(opts: InfoOptions) -> int:
             ("memory", f"at least {_human_size(memory.total_bytes)} as loaded (weights and the largest run-time "
                        f"tensor){f'; this machine has {_human_size(have)}' if have else ''}"
                        f"{': too little, loading is refused' if have and memory.total_bytes > have else ''}"),
+            ("dtype auto", auto_dtype("cpu")[1] + " (on this CPU)"),
             ("generation", _generation_summary(folder, c))]
     for label, value in rows:
         print(f"{label:<11} {value}")

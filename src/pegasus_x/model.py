@@ -373,7 +373,8 @@ class PegasusXPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, strict: bool = False,
-                        torch_dtype: torch.dtype | str | None = None, **hub_kwargs: Any):
+                        torch_dtype: torch.dtype | str | None = None, quantize: str | None = None,
+                        **hub_kwargs: Any):
         """Load a checkpoint folder (or hub id) in the Hugging Face layout.
 
         Args:
@@ -384,16 +385,20 @@ class PegasusXPreTrainedModel(nn.Module):
             device: where the weights go (default CPU).
             strict: turn the warning about NaN/inf weights into an error.
             torch_dtype: transformers' older name for ``dtype``.
+            quantize: ``"int8"``: int8 weights for the decoder and the LM head (:mod:`pegasus_x.quantize`; CPU
+                only), quantized after loading.
             **hub_kwargs: for a hub id: ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
                 ``force_download``.
         Raises:
             CheckpointError: files missing/unsafe, or keys/shapes not matching the config (all named at once).
-            ConfigError: an argument this method does not take, ``dtype`` and ``torch_dtype`` disagreeing, or a dtype
-                other than fp32 / bf16.
+            ConfigError: an argument this method does not take, an unknown ``quantize``, ``dtype`` and ``torch_dtype``
+                disagreeing, or a dtype other than fp32 / bf16.
             InputError: a device that is unknown or not available here, or a path that is not a str / PathLike.
         """
         from .checkpoint import load_pretrained
+        from .quantize import check_mode, quantize_model
 
+        check_mode(quantize)
         unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
         if unknown:
             raise ConfigError(f"from_pretrained() got unsupported argument(s) {unknown}; it takes dtype, device, "
@@ -401,13 +406,20 @@ class PegasusXPreTrainedModel(nn.Module):
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype")
         dtype = dtype if dtype is not None else torch_dtype
-        return load_pretrained(cls, path, dtype=None if dtype == "auto" else dtype, device=device, strict=strict,
-                               **hub_kwargs)
+        model = load_pretrained(cls, path, dtype=None if dtype == "auto" else dtype, device=device, strict=strict,
+                                **hub_kwargs)
+        return model if quantize is None else quantize_model(model, quantize)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json``, ``model.safetensors`` (and ``generation_config.json``) atomically."""
-        from .checkpoint import save_pretrained
+        """Write ``config.json``, ``model.safetensors`` (and ``generation_config.json``) atomically.
 
+        Raises:
+            CheckpointError: also for a quantized model (:func:`pegasus_x.quantize.check_savable`).
+        """
+        from .checkpoint import save_pretrained
+        from .quantize import check_savable
+
+        check_savable(self)
         save_pretrained(self, directory)
 
     def init_weights(self) -> None:

@@ -59,6 +59,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str | None = None
+    quantize: str | None = None
     device: str | None = None
     api_key: str | None = None
     max_input_tokens: int | None = None
@@ -71,8 +72,8 @@ class ServeOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
         return cls(model=args.model, host=args.host, port=args.port,
-                   dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-                   api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                   dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
+                   device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                    max_input_tokens=args.max_input_tokens, max_input_bytes=args.max_input_bytes,
                    max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                    max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
@@ -81,7 +82,7 @@ class ServeOptions:
 # ---------------------------------------------------------------------------------------------------- command
 def register(subparsers: Any) -> None:
     """Add the ``serve`` subcommand."""
-    from .cli import _positive_int
+    from .cli import QUANTIZE_MODES, _positive_int
 
     d = ServeOptions()
     p = subparsers.add_parser(
@@ -96,7 +97,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--api-key", metavar="KEY", help=f"key every request must send (default: ${API_KEY_ENV}, "
                    "which keeps it out of the process list)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="weights and activations (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU; `pegasus-x info` says which "
+                        "and why)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU; "
+                   "faster decoding, see the README)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--max-input-tokens", type=_positive_int, metavar="N", help="read at most N tokens of each "
                    "text, reporting the rest as dropped (default: what the model takes)")
@@ -145,7 +149,7 @@ def run_serve(opts: ServeOptions) -> int:
                          f"{API_KEY_ENV}=... (or --api-key), or keep the default --host 127.0.0.1")
     sock = bind(opts.host, opts.port)  # before the (slow) model load: a busy port fails at once
     try:
-        summarizer = Summarizer(opts.model, dtype=opts.dtype, device=opts.device,
+        summarizer = Summarizer(opts.model, dtype=opts.dtype, quantize=opts.quantize, device=opts.device,
                                 max_input_tokens=opts.max_input_tokens)
         app = create_app(summarizer, opts)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on"))

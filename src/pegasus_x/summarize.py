@@ -24,8 +24,10 @@ from torch import Tensor, nn
 
 from .checkpoint import resolve
 from .devices import check_dtype, resolve_device
-from .errors import CheckpointError, GenerationError, InputError
+from .errors import CheckpointError, ConfigError, GenerationError, InputError
+from .hardware import auto_dtype
 from .model import PegasusXForConditionalGeneration
+from .quantize import check_mode, quantize_model, quantized
 from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
 
 DEFAULT_BATCH_SIZE = 8
@@ -72,7 +74,9 @@ class Summarizer:
             :class:`PegasusXForConditionalGeneration`, or None for the demo model bundled with the package.
         tokenizer: a :class:`PegasusTokenizer` or a tokenizer folder; default: the one saved with the model, or the
             bundled PEGASUS vocabulary (with a warning when a model folder has none).
-        dtype: "fp32", "bf16" or a torch dtype; default bf16 on CUDA, fp32 on CPU (a model object: as it is).
+        dtype: "fp32", "bf16" or a torch dtype; default :func:`pegasus_x.hardware.auto_dtype`: bf16 on CUDA, fp32 on
+            a CPU (a model object: as it is).
+        quantize: ``"int8"``: int8 decoder and LM-head weights (:mod:`pegasus_x.quantize`; CPU only), or None.
         device: "cpu", "cuda", "cuda:1", ...; default CUDA when available (a model object: where it is).
         batch_size: texts generated together (sorted by length so padding stays small).
         max_input_tokens: read at most this many tokens per input (``</s>`` included); default and upper bound:
@@ -83,7 +87,7 @@ class Summarizer:
 
     Raises:
         CheckpointError: the model folder or hub id cannot be found or loaded.
-        ConfigError: a dtype other than fp32 / bf16.
+        ConfigError: a dtype other than fp32 / bf16, an unknown ``quantize``, or int8 off the CPU.
         InputError: a device that is unknown or not available here, a bad batch size or input limit.
         GenerationError: an unknown generation option.
     """
@@ -91,11 +95,11 @@ class Summarizer:
     def __init__(self, model: str | os.PathLike | nn.Module | None = None,
                  tokenizer: PegasusTokenizer | str | os.PathLike | None = None, *,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, max_input_tokens: int | None = None,
-                 newline_to_n: bool = False, **generate_options: Any) -> None:
+                 quantize: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_input_tokens: int | None = None, newline_to_n: bool = False, **generate_options: Any) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.model, folder = _load_model(model, dtype, device)
+        self.model, folder = _load_model(model, dtype, device, check_mode(quantize))
         self.device = self.model.device
         self.tokenizer = _load_tokenizer(tokenizer, folder, newline_to_n)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
@@ -417,17 +421,16 @@ def _bytes_hint(value: Any) -> str:
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if dtype is None:
-        # bf16 halves memory and is fast on recent GPUs; on CPU it is slow, so keep fp32 there.
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        return auto_dtype(device)[0]
     return check_dtype(dtype)
 
 
-def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.device | str | None
-                ) -> tuple[PegasusXForConditionalGeneration, Path | None]:
+def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.device | str | None,
+                quantize: str | None = None) -> tuple[PegasusXForConditionalGeneration, Path | None]:
     """(model in eval mode, the folder it came from or None for a model object).
 
     A model object is moved or converted only when ``device`` / ``dtype`` is given; a loaded one gets the defaults.
+    ``quantize``: quantize the model (a model object in place, unless it already is).
     """
     if isinstance(model, nn.Module):
         if not isinstance(model, PegasusXForConditionalGeneration):
@@ -436,6 +439,8 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
             model = model.to(device=resolve_device(device))
         if dtype is not None:
             model = model.to(dtype=_resolve_dtype(dtype, model.device))
+        if quantize is not None and not quantized(model):
+            quantize_model(model, quantize)
         return model.eval(), None
     if model is None:
         model = demo_model_path()
@@ -443,8 +448,11 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
         raise InputError(f"model must be a folder, a hub id or a model object, got {type(model).__name__}")
     device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)  # checked before a possibly long download
+    if quantize is not None and device.type != "cpu":
+        raise ConfigError(f"quantize={quantize!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
     folder = resolve(model)
-    return PegasusXForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device), folder
+    return PegasusXForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device,
+                                                            quantize=quantize), folder
 
 
 def _load_tokenizer(tokenizer: Any, folder: Path | None, newline_to_n: bool) -> PegasusTokenizer:

@@ -1,4 +1,5 @@
-"""kernels.c's interface as ctypes sees it: ``px_layer``, the limits, the activation enum, the signatures.
+"""kernels.c's interface as ctypes sees it: ``px_layer`` (int8 scales included), the limits, the activation enum,
+the signatures.
 
 These are mirrored by hand, so kernels.c exports the same facts by name (``px_constants``) and :func:`check`
 compares the two at load: a drift between the files refuses the library (the torch path runs) instead of handing
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-VERSION = 2             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
+VERSION = 3             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
 MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
 MAX_DRAFT_ROWS = 72     # rows × new positions per px_decoder_rows call (lookahead's verification pass)
 MAX_HEAD_DIM = 256      # px_attention's and px_decoder's head_dim limit
@@ -23,6 +24,9 @@ ACTIVATIONS = {"relu": ENUM["relu"], "gelu": ENUM["gelu"], "gelu_new": ENUM["gel
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 POINTERS = ("ln1_w", "ln1_b", "q", "k", "v", "o", "ln2_w", "ln2_b", "cq", "co", "ln3_w", "ln3_b", "fc1_w", "fc1_b",
             "fc2_w", "fc2_b", "self_k", "self_v", "cross_k", "cross_v", "keep")
+# int8 weights: the fp32 row scales of each product, by the weight field they scale (NULL: that weight is not int8).
+SCALES = {"q": "q_s", "k": "k_s", "v": "v_s", "o": "o_s", "cq": "cq_s", "co": "co_s", "fc1_w": "fc1_s",
+          "fc2_w": "fc2_s"}
 
 
 class Layer(ctypes.Structure):
@@ -30,7 +34,8 @@ class Layer(ctypes.Structure):
 
     _fields_ = ([(name, _ptr) for name in POINTERS]
                 + [(name, _i64) for name in ("R", "B", "H", "hd", "ffn", "max_len", "S")]
-                + [("bf16", _int), ("activation", _int), ("eps", ctypes.c_float)])
+                + [("bf16", _int), ("activation", _int), ("eps", ctypes.c_float)]
+                + [(name, _ptr) for name in SCALES.values()] + [("cross_bf16", _int)])
 
 
 class _Constant(ctypes.Structure):
@@ -73,6 +78,7 @@ def check(lib: ctypes.CDLL) -> None:
         raise Mismatch("kernels.c and abi.py disagree on " + "; ".join(differ))
     lib.px_linear_work.argtypes, lib.px_linear_work.restype = [_i64, _i64, _int], _i64
     lib.px_linear.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
+    lib.px_linear_int8.argtypes = [_ptr, _ptr, _i64, _i64, _ptr, _int, _ptr, _int, _ptr, _int]
     lib.px_attention_work.argtypes, lib.px_attention_work.restype = [_i64, _i64, _i64, _int], _i64
     lib.px_attention.argtypes = [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                  _ptr, _i64, _ptr, _ptr, _int]

@@ -8,13 +8,17 @@
  * file's struct layout, limits and enum values, which it checks against its own at load.
  *
  * Portable C with GCC/Clang vector extensions: the compiler maps v8f to the target's SIMD registers
- * (-march=native: AVX2 on x86, NEON pairs on ARM). Accumulation is fp32; bf16 tensors are widened on load.
+ * (-march=native: AVX2 on x86, NEON pairs on ARM). Accumulation is fp32; bf16 tensors are widened on load, int8
+ * weights (one fp32 scale per output row) are widened to fp32 in registers and scaled once per output.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 typedef float v8f __attribute__((vector_size(32), aligned(4)));          /* unaligned loads are fine */
 typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
@@ -24,7 +28,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
 #define MAX_DRAFT_ROWS 72     /* px_decoder_rows: rows × positions per call (lookahead's verification pass) */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
-#define ABI_VERSION 2         /* raise with any change to a px_ function's arguments */
+#define ABI_VERSION 3         /* raise with any change to a px_ function's arguments */
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -239,6 +243,110 @@ int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *
     return 0;
 }
 
+/* --------------------------------------------------------------------------------------------- int8 linear
+ * y[r, o] = scale[o] · sum_i Q[o, i] x[r, i] + bias[o]: weight-only int8 (quantize.py: per output row, symmetric).
+ * A quarter of fp32's bytes per weight; each 8 int8 are sign-extended and converted to one fp32 vector in
+ * registers (with AVX2: vpmovsxbd + vcvtdq2ps, then an FMA per query row) and the scale is applied once per output.
+ * The sums are exact products of small integers and fp32 activations, so the only difference from the torch
+ * reference (dequantize, then F.linear) is the order of summation.
+ */
+#ifdef __AVX2__
+/* vpmovsxbd + vcvtdq2ps: GCC's __builtin_convertvector from 8 int8 widens one element at a time instead. */
+static inline v8f load_i8(const int8_t *p) {
+    __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    v8f out;
+    memcpy(&out, &f, sizeof out);
+    return out;
+}
+#else
+/* Portable: the compiler vectorises what it can for the target. */
+static inline v8f load_i8(const int8_t *p) {
+    v8f out;
+    for (int j = 0; j < 8; j++) out[j] = (float)p[j];
+    return out;
+}
+#endif
+
+/* Output rows o0 ≤ o < o1, 8 at a time where possible: the 8 rows' sums leave through one hsum8. */
+static inline void dot_block_i8(const int8_t *W, const float *scale, int64_t o0, int64_t o1, int64_t in,
+                                const float *x, int rows, float *y, int64_t out) {
+    const int U = rows == 1 ? 4 : 2;
+    int64_t inU = in - in % (8 * U);
+    for (int64_t ob = o0; ob < o1; ob += 8) {
+        int64_t on = o1 - ob < 8 ? o1 - ob : 8;
+        v8f sums[ROW_CHUNK][8];
+        for (int64_t j = 0; j < 8; j++) {
+            if (j >= on) {
+                for (int r = 0; r < rows; r++) sums[r][j] = (v8f){0};
+                continue;
+            }
+            const int8_t *w = W + (ob + j) * in;
+            v8f acc[ROW_CHUNK][4];
+            for (int r = 0; r < rows; r++)
+                for (int u = 0; u < U; u++) acc[r][u] = (v8f){0};
+            for (int64_t i = 0; i < inU; i += 8 * U) {
+                __builtin_prefetch(w + i + 1024);         /* int8 carries 4x fp32's arithmetic per byte */
+                for (int u = 0; u < U; u++) {
+                    v8f wv = load_i8(w + i + 8 * u);
+                    for (int r = 0; r < rows; r++) acc[r][u] += wv * load_f32(x + r * in + i + 8 * u);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                v8f a = acc[r][0];
+                for (int u = 1; u < U; u++) a += acc[r][u];
+                float tail = 0.0f;
+                for (int64_t i = inU; i < in; i++) tail += (float)w[i] * x[r * in + i];
+                a[0] += tail;
+                sums[r][j] = a;
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            v8f s = hsum8(sums[r]);
+            for (int64_t j = 0; j < on; j++) y[r * out + ob + j] = s[j] * scale[ob + j];
+        }
+    }
+}
+
+/* linear_part for int8 weights: thread t of n computes its share of y = scale · (Q x) (+ bias, fp32 or bf16). */
+static void linear_part_i8(const int8_t *W, const float *scale, int64_t out, int64_t in, const float *x, int rows,
+                           const void *bias, int bias_bf16, float *y, int t, int n) {
+    int64_t o0, o1;
+    share(out, t, n, &o0, &o1);
+    for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
+        int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
+        const float *xc = x + r0 * in;
+        float *yc = y + r0 * out;
+        switch (rn) {                         /* the row count as a constant: accumulators in registers */
+        case 1: dot_block_i8(W, scale, o0, o1, in, xc, 1, yc, out); break;
+        case 2: dot_block_i8(W, scale, o0, o1, in, xc, 2, yc, out); break;
+        case 3: dot_block_i8(W, scale, o0, o1, in, xc, 3, yc, out); break;
+        default: dot_block_i8(W, scale, o0, o1, in, xc, 4, yc, out); break;
+        }
+    }
+    if (bias)
+        for (int r = 0; r < rows; r++)
+            for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, bias_bf16, o);
+}
+
+/* A decoder layer's product: int8 weights when `scale` is given, else W in the layer's dtype (linear_part). */
+static void linear_any(const void *W, const float *scale, int bf16, int64_t out, int64_t in, const float *x,
+                       const float *xs, int rows, const void *bias, float *y, int t, int n) {
+    if (scale)
+        linear_part_i8((const int8_t *)W, scale, out, in, x, rows, bias, bf16, y, t, n);
+    else
+        linear_part(W, bf16, out, in, x, xs, rows, bias, y, t, n);
+}
+
+/* W: int8 (out, in) row-major; scale: fp32 (out); x: fp32 (rows, in); bias: fp32/bf16 (bias_bf16) or NULL;
+ * y: fp32 (rows, out). */
+int px_linear_int8(const int8_t *W, const float *scale, int64_t out, int64_t in, const float *x, int rows,
+                   const void *bias, int bias_bf16, float *y, int threads) {
+    if (rows < 1 || rows > MAX_ROWS) return 1;
+#pragma omp parallel num_threads(threads)
+    linear_part_i8(W, scale, out, in, x, rows, bias, bias_bf16, y, omp_get_thread_num(), omp_get_num_threads());
+    return 0;
+}
+
 /* --------------------------------------------------------------------------------------------- attention
  * out[b, h, g] = softmax_s(scale · q[b, h, g] · k[b, h, s] + mask) v[b, h, s]   for g < G query rows, s < S.
  * q and out: fp32, element (b, h, g, d) at b·sb + h·sh + g·sg + d (the same strides for both).
@@ -407,7 +515,8 @@ int px_attention(const float *q, const void *k, const void *v, int kv_bf16, int6
  *   x += Wo · selfattn(Wq·LN1(x), cache)     (writes this position's Wk·LN1(x), Wv·LN1(x) into the cache first)
  *   x += Wco · crossattn(Wcq·LN2(x), cross keys/values of the row's input)
  *   x += W2 · act(W1 · LN3(x) + b1) + b2
- * Weights, biases, LayerNorm parameters and caches share one dtype (fp32 or bf16); activations stay fp32.
+ * Weights, biases, LayerNorm parameters and caches share one dtype (fp32 or bf16), except int8 weights (a scale
+ * pointer set: see px_layer); activations stay fp32.
  * The R rows are B inputs × G rows each (beams): row r belongs to input r / G and reads that input's cross keys.
  */
 enum { ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_TANH };
@@ -422,6 +531,10 @@ typedef struct {
     int64_t R, B, H, hd, ffn, max_len, S;
     int bf16, activation;
     float eps;
+    /* int8 weights (quantize.py): each product's fp32 row scales, and its weight pointer above holds int8; NULL:
+     * that weight is in the layer's dtype. */
+    const float *q_s, *k_s, *v_s, *o_s, *cq_s, *co_s, *fc1_s, *fc2_s;
+    int cross_bf16;                   /* cross_k/cross_v are bf16 (quantize.py's kv_dtype), else in the layer's dtype */
 } px_layer;
 
 
@@ -475,14 +588,14 @@ static float activate(float x, int kind) {
 }
 
 /* y = Wo · attention(a) for the rows of a->q, inside a parallel region (thread t of n); ends in a barrier. */
-static void attend_project(const attn_args *a, float *scratch, const void *Wo, int bf16, float *xs, float *y, int t,
-                           int n) {
+static void attend_project(const attn_args *a, float *scratch, const void *Wo, const float *Wo_s, int bf16, float *xs,
+                           float *y, int t, int n) {
     int rows = (int)(a->B * a->G);
     int64_t D = a->H * a->D;
     attend_tasks(a, scratch);                               /* ends in a barrier */
 #pragma omp single
     if (bf16) split_even_odd(a->out, rows, D, xs);
-    linear_part(Wo, bf16, D, D, a->out, xs, rows, NULL, y, t, n);
+    linear_any(Wo, Wo_s, bf16, D, D, a->out, xs, rows, NULL, y, t, n);
 #pragma omp barrier
 }
 
@@ -505,14 +618,14 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
     attn_args self = {q, a, D, hd, D, L->self_k, L->self_v, H * L->max_len * hd, L->max_len * hd,
                       H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1, length + 1, hd};
     attn_args cross = {q, a, G * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
-                       L->S * hd, bf16, L->keep, L->S, L->B, H, G, L->S, hd};
+                       L->S * hd, L->cross_bf16, L->keep, L->S, L->B, H, G, L->S, hd};
 
     /* Self-attention over the cache, this position included. */
 #pragma omp single
     add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-    linear_part(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
-    linear_part(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
-    linear_part(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
+    linear_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n);
+    linear_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n);
 #pragma omp barrier
 #pragma omp single
     for (int64_t r = 0; r < R; r++)
@@ -529,20 +642,20 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
                 }
             }
         }
-    attend_project(&self, scratch, L->o, bf16, xs, h, t, n);
+    attend_project(&self, scratch, L->o, L->o_s, bf16, xs, h, t, n);
 
     /* Cross-attention: the G rows of input b share its keys and values. */
 #pragma omp single
     add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-    linear_part(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
 #pragma omp barrier
-    attend_project(&cross, scratch, L->co, bf16, xs, h, t, n);
+    attend_project(&cross, scratch, L->co, L->co_s, bf16, xs, h, t, n);
 
     /* Feed-forward. Each thread activates (and splits, into fs: xs is still being read) the part of the hidden
      * layer it computed, so only one barrier separates the two products. */
 #pragma omp single
     add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-    linear_part(L->fc1_w, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
+    linear_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
     {
         int64_t o0, o1;
         share(F, t, n, &o0, &o1);
@@ -551,7 +664,7 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
         if (bf16) split_range(f, rows, F, o0, o1, fs);
     }
 #pragma omp barrier
-    linear_part(L->fc2_w, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
+    linear_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
@@ -735,7 +848,8 @@ static const px_constant constants[] = {
     FIELD(ln1_w), FIELD(ln1_b), FIELD(q), FIELD(k), FIELD(v), FIELD(o), FIELD(ln2_w), FIELD(ln2_b), FIELD(cq),
     FIELD(co), FIELD(ln3_w), FIELD(ln3_b), FIELD(fc1_w), FIELD(fc1_b), FIELD(fc2_w), FIELD(fc2_b), FIELD(self_k),
     FIELD(self_v), FIELD(cross_k), FIELD(cross_v), FIELD(keep), FIELD(R), FIELD(B), FIELD(H), FIELD(hd), FIELD(ffn),
-    FIELD(max_len), FIELD(S), FIELD(bf16), FIELD(activation), FIELD(eps),
+    FIELD(max_len), FIELD(S), FIELD(bf16), FIELD(activation), FIELD(eps), FIELD(q_s), FIELD(k_s), FIELD(v_s),
+    FIELD(o_s), FIELD(cq_s), FIELD(co_s), FIELD(fc1_s), FIELD(fc2_s), FIELD(cross_bf16),
 };
 
 /* The table above; its length in *count. */

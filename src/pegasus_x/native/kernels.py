@@ -76,6 +76,36 @@ def many_rows_fit(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and (bias is None or bias.shape == (weight.shape[0],)))
 
 
+def linear_int8_fits(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`linear_int8` takes these tensors: CPU, int8 contiguous ``(out, in)`` weight, fp32 ``(out,)``
+    scales, fp32 or bf16 ``x`` (and bias), 1 to ``MAX_ROWS`` rows."""
+    out_features, in_features = qweight.shape
+    rows = x.numel() // in_features if in_features else 0
+    return (0 < rows <= MAX_ROWS and x.shape[-1] == in_features and on_cpu(x, qweight, scale, bias)
+            and x.dtype in _KERNEL_DTYPES and qweight.dtype == torch.int8 and qweight.is_contiguous()
+            and scale.dtype == torch.float32 and scale.shape == (out_features,) and scale.is_contiguous()
+            and (bias is None or (bias.shape == (out_features,) and bias.dtype in _KERNEL_DTYPES)))
+
+
+def linear_int8(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, qweight · scale[:, None], bias)`` for tensors :func:`linear_int8_fits` takes, ``x`` ``(..., in)``.
+
+    The int8 weights are widened in registers and each output scaled once; fp32 accumulation, the result rounded
+    once to ``x``'s dtype.
+    """
+    lib = loader.library()
+    out_features, in_features = qweight.shape
+    rows = x.numel() // in_features
+    xf = x.reshape(rows, in_features).to(torch.float32).contiguous()
+    bf = None if bias is None else bias.contiguous()
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    if lib.px_linear_int8(qweight.data_ptr(), scale.data_ptr(), out_features, in_features, xf.data_ptr(), rows,
+                          None if bf is None else bf.data_ptr(), int(bf is not None and bf.dtype == torch.bfloat16),
+                          y.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError("px_linear_int8 refused its arguments; linear_int8_fits should have caught this")
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     """softmax(q kᵀ / sqrt(d) + mask) v for few query rows: q ``(B, H, G, d)``, k/v ``(B, H, S, d)``.
 
@@ -108,14 +138,25 @@ def attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> bool
             and (keep is None or (keep.dtype == torch.bool and keep.shape == (B, 1, 1, k.shape[2]))))
 
 
-def _layer_tensors(layer) -> dict[str, Tensor]:
-    """A decoder layer's tensors by ``px_layer`` field."""
+def _weight(linear) -> tuple[Tensor, Tensor | None]:
+    """A product's weight and, for an int8 one (``quantize.Int8Linear``: ``qweight`` and ``scale``), its scales."""
+    qweight = getattr(linear, "qweight", None)
+    return (linear.weight, None) if qweight is None else (qweight, linear.scale)
+
+
+def _layer_tensors(layer) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A decoder layer's tensors by ``px_layer`` field, and the int8 weights' scales by their ``px_layer`` field."""
     sa, ca = layer.self_attn, layer.encoder_attn
     ln1, ln2, ln3 = layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm
-    return dict(ln1_w=ln1.weight, ln1_b=ln1.bias, q=sa.q_proj.weight, k=sa.k_proj.weight, v=sa.v_proj.weight,
-                o=sa.out_proj.weight, ln2_w=ln2.weight, ln2_b=ln2.bias, cq=ca.q_proj.weight, co=ca.out_proj.weight,
-                ln3_w=ln3.weight, ln3_b=ln3.bias, fc1_w=layer.fc1.weight, fc1_b=layer.fc1.bias,
-                fc2_w=layer.fc2.weight, fc2_b=layer.fc2.bias)
+    own = dict(ln1_w=ln1.weight, ln1_b=ln1.bias, ln2_w=ln2.weight, ln2_b=ln2.bias, ln3_w=ln3.weight,
+               ln3_b=ln3.bias, fc1_b=layer.fc1.bias, fc2_b=layer.fc2.bias)
+    scales = {}
+    for field, linear in dict(q=sa.q_proj, k=sa.k_proj, v=sa.v_proj, o=sa.out_proj, cq=ca.q_proj, co=ca.out_proj,
+                              fc1_w=layer.fc1, fc2_w=layer.fc2).items():
+        own[field], scale = _weight(linear)
+        if scale is not None:
+            scales[abi.SCALES[field]] = scale
+    return own, scales
 
 
 @dataclass
@@ -129,6 +170,9 @@ class DecoderPlan:
     ffn: int
     inputs: int
     keys: int
+    # px_decoder_rows reads weights and cross keys/values in the layers' own dtype: no int8 weights, no bf16
+    # cross keys/values under fp32 layers (px_decoder_step alone handles those).
+    rows_ok: bool
 
 
 def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
@@ -152,20 +196,30 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
             return None
         keep = keep.view(torch.uint8)
     specs, tensors = [], [] if keep is None else [keep]
+    rows_ok = True
     for i, layer in enumerate(decoder.layers):
         if layer.self_attn.q_proj.bias is not None or layer.encoder_attn.q_proj.bias is not None:
             return None
-        own = {**_layer_tensors(layer), "self_k": cache.self_k[i], "self_v": cache.self_v[i],
-               "cross_k": cache.cross_k[i], "cross_v": cache.cross_v[i]}
-        if any(t is None or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
-               for t in own.values()):
+        own, scales = _layer_tensors(layer)
+        own.update(self_k=cache.self_k[i], self_v=cache.self_v[i], cross_k=cache.cross_k[i], cross_v=cache.cross_v[i])
+        int8 = {field for field, name in abi.SCALES.items() if name in scales}
+        # The cross keys/values may be bf16 under fp32 layers (quantize.py's kv_dtype).
+        cross = cache.cross_k[i].dtype
+        wanted = {**dict.fromkeys(int8, torch.int8), "cross_k": cross, "cross_v": cross}
+        if cross not in _KERNEL_DTYPES or any(
+                t is None or t.dtype != wanted.get(name, dtype) or t.device.type != "cpu" or not t.is_contiguous()
+                for name, t in own.items()):
             return None
-        tensors += own.values()
-        specs.append(abi.Layer(**{name: t.data_ptr() for name, t in own.items()},
+        if any(s.dtype != torch.float32 or s.device.type != "cpu" or not s.is_contiguous() for s in scales.values()):
+            return None
+        tensors += [*own.values(), *scales.values()]
+        rows_ok = rows_ok and not scales and cross == dtype
+        specs.append(abi.Layer(**{name: t.data_ptr() for name, t in {**own, **scales}.items()},
                                keep=None if keep is None else keep.data_ptr(), R=rows, B=B, H=H, hd=hd,
                                ffn=cfg.decoder_ffn_dim, max_len=cache.max_len, S=S, bf16=int(dtype == torch.bfloat16),
-                               activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps))
-    return DecoderPlan((abi.Layer * len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
+                               activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps,
+                               cross_bf16=int(cross == torch.bfloat16)))
+    return DecoderPlan((abi.Layer * len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S, rows_ok)
 
 
 def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
@@ -186,7 +240,7 @@ def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
 
 def decoder_rows_fit(plan: DecoderPlan, x: Tensor) -> bool:
     """Whether :func:`decoder_rows` takes ``x`` ``(R, T, D)`` with this plan."""
-    return x.shape[0] == plan.rows and x.shape[0] * x.shape[1] <= MAX_DRAFT_ROWS
+    return plan.rows_ok and x.shape[0] == plan.rows and x.shape[0] * x.shape[1] <= MAX_DRAFT_ROWS
 
 
 def decoder_rows(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
