@@ -43,6 +43,27 @@ def reference_twin(tmp_path, seed: int = 0, **overrides):
     return ref, ours, folder
 
 
+def small_model(*, seed: int = 0, dtype: torch.dtype = torch.float32, activation: str = "relu"):
+    """A 3-decoder-layer model of width 64 (heads of 16): the shape the native decoder kernels are tested at."""
+    torch.manual_seed(seed)
+    cfg = PegasusXConfig(vocab_size=120, d_model=64, encoder_layers=1, decoder_layers=3, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_global_tokens=4,
+                         block_size=8, init_std=0.3, activation_function=activation)
+    return PegasusXForConditionalGeneration(cfg).eval().to(dtype)
+
+
+def run_steps(model, enc, keep, rows: int, tokens):
+    """Decode ``tokens`` (one (rows, 1) tensor a step) over encoder states ``enc``: the stacked logits and the cache."""
+    from pegasus_x.cache import new_cache
+    from pegasus_x.generate import make_step
+
+    cache = new_cache(model, enc, keep, rows, len(tokens) + 1)
+    step = make_step(model, cache)
+    with torch.no_grad():
+        logits = [step(t) for t in tokens]
+    return torch.stack(logits), cache
+
+
 def random_batch(lengths, vocab: int, seed: int = 0, dec_len: int = 6):
     """Right-padded ids/mask for the given lengths and decoder inputs starting with the start token 0."""
     g = torch.Generator().manual_seed(seed)

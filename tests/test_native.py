@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_batch, reference_twin
-from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, native
+from conftest import random_batch, reference_twin, run_steps, small_model
+from pegasus_x import native
 from pegasus_x.cache import new_cache
 from pegasus_x.generate import make_step
 from pegasus_x.native import abi, kernels
@@ -161,20 +161,6 @@ def test_attention_refuses_what_it_cannot_take():
 
 
 # ------------------------------------------------------------------------------------------------- decoder layers
-def small_model(activation="relu", dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = PegasusXConfig(vocab_size=120, d_model=64, encoder_layers=1, decoder_layers=3, encoder_attention_heads=4,
-                         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_global_tokens=4,
-                         block_size=8, init_std=0.3, activation_function=activation)
-    return PegasusXForConditionalGeneration(cfg).eval().to(dtype)
-
-
-def run_steps(model, enc, keep, rows, tokens):
-    cache = new_cache(model, enc, keep, rows, len(tokens) + 1)
-    step = make_step(model, cache)
-    with torch.no_grad():
-        logits = [step(t) for t in tokens]
-    return torch.stack(logits), cache
 
 
 SHAPES = {"1x1": (1, 1), "2x1": (2, 2), "1x4": (1, 4), "2x2": (2, 4), "2x4": (2, 8)}   # inputs x beams: (inputs, rows)
@@ -188,7 +174,7 @@ STEP_CASES = [pytest.param(activation, dtype, *SHAPES[shape], id=f"{shape}-{dtyp
 
 @pytest.mark.parametrize("activation, dtype, inputs, rows", STEP_CASES)
 def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, inputs, rows):
-    model = small_model(activation, dtype)
+    model = small_model(activation=activation, dtype=dtype)
     g = torch.Generator().manual_seed(rows)
     enc = torch.randn(inputs, 13, 64, generator=g).to(dtype)
     keep = torch.ones(inputs, 13, dtype=torch.bool)
@@ -219,7 +205,7 @@ def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, i
 def test_decoder_rows_equal_torch_layers(lib, monkeypatch, dtype, inputs, rows, T):
     """Lookahead's pass: T new positions per row in one native call, causal among them, equal to the torch layers
     (which also fill the cache the same way); a step after it sees the same cache."""
-    model = small_model("relu", dtype)
+    model = small_model(dtype=dtype)
     g = torch.Generator().manual_seed(T)
     enc = torch.randn(inputs, 13, 64, generator=g).to(dtype)
     keep = torch.ones(inputs, 13, dtype=torch.bool)
@@ -365,7 +351,7 @@ def test_kernels_write_only_their_buffers_under_any_default_dtype(lib, default_d
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decoder_step_writes_only_its_buffers_under_any_default_dtype(lib, default_dtype, guarded_empty, dtype):
-    model = small_model("gelu", dtype)
+    model = small_model(activation="gelu", dtype=dtype)
     g = torch.Generator().manual_seed(2)
     enc = torch.randn(2, 11, 64, generator=g, dtype=torch.float32).to(dtype)
     keep = torch.ones(2, 11, dtype=torch.bool)
@@ -396,7 +382,7 @@ def fast_path_calls(monkeypatch):
 
 @pytest.mark.parametrize("how", ["model", "environment"])
 def test_one_switch_selects_the_reference_everywhere(lib, monkeypatch, fast_path_calls, how):
-    model = small_model("gelu")
+    model = small_model(activation="gelu")
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, 120, (2, 15), generator=g)
     enc, keep = torch.randn(1, 13, 64, generator=g), torch.ones(1, 13, dtype=torch.bool)

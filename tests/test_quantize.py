@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration, native
-from pegasus_x.cache import new_cache
+from conftest import run_steps, small_model
+from pegasus_x import PegasusXForConditionalGeneration, native
 from pegasus_x.errors import CheckpointError, ConfigError
-from pegasus_x.generate import make_step
 from pegasus_x.native import abi, kernels
 from pegasus_x.quantize import Int8Linear, quantize_model, quantize_weight, quantized
 
@@ -30,20 +29,6 @@ def lib():
     return built
 
 
-def small_model(seed=0, dtype=torch.float32, activation="relu"):
-    torch.manual_seed(seed)
-    cfg = PegasusXConfig(vocab_size=120, d_model=64, encoder_layers=1, decoder_layers=3, encoder_attention_heads=4,
-                         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_global_tokens=4,
-                         block_size=8, init_std=0.3, activation_function=activation)
-    return PegasusXForConditionalGeneration(cfg).eval().to(dtype)
-
-
-def run_steps(model, enc, keep, rows, tokens):
-    cache = new_cache(model, enc, keep, rows, len(tokens) + 1)
-    step = make_step(model, cache)
-    with torch.no_grad():
-        logits = [step(t) for t in tokens]
-    return torch.stack(logits), cache
 
 
 # ------------------------------------------------------------------------------------------------- reference

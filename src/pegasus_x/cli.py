@@ -120,6 +120,16 @@ def _log_to_stderr() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype, --quantize and --device: how a command that runs a model (summarize, serve) loads it."""
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU; `pegasus-x info` says which "
+                        "and why)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU; "
+                   "faster decoding, see the README)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+
+
 def _positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
@@ -190,12 +200,7 @@ def _register_summarize(subparsers: Any) -> None:
                    "done; nothing is written on failure)")
     p.add_argument("--model", metavar="DIR|HUB_ID", help="checkpoint folder or hub id (default: the bundled demo "
                    "model)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU; `pegasus-x info` says which "
-                        "and why)")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU; "
-                   "faster decoding, see the README)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    add_model_arguments(p)
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help="inputs generated together (default: %(default)s)")
     p.add_argument("--max-input-tokens", type=_positive_int, metavar="N", help="read at most N tokens of each "

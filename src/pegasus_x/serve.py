@@ -82,7 +82,7 @@ class ServeOptions:
 # ---------------------------------------------------------------------------------------------------- command
 def register(subparsers: Any) -> None:
     """Add the ``serve`` subcommand."""
-    from .cli import QUANTIZE_MODES, _positive_int
+    from .cli import _positive_int, add_model_arguments
 
     d = ServeOptions()
     p = subparsers.add_parser(
@@ -96,12 +96,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=_port, default=d.port, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--api-key", metavar="KEY", help=f"key every request must send (default: ${API_KEY_ENV}, "
                    "which keeps it out of the process list)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU; `pegasus-x info` says which "
-                        "and why)")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU; "
-                   "faster decoding, see the README)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    add_model_arguments(p)
     p.add_argument("--max-input-tokens", type=_positive_int, metavar="N", help="read at most N tokens of each "
                    "text, reporting the rest as dropped (default: what the model takes)")
     p.add_argument("--max-input-bytes", type=_positive_int, default=d.max_input_bytes, metavar="N",
