@@ -150,3 +150,13 @@ def test_no_measured_figures_in_the_code():
              if path.suffix in (".py", ".c")
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if MEASURED.search(line)]
     assert found == []
+
+
+def test_readme_layout_matches_the_tree():
+    """Every module of the package has its row in the README's layout table, and every row names a real file."""
+    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Layout", 1)[1].split("\nbenchmarks/", 1)[0]
+    named = set(re.findall(r"\b(\w+\.(?:py|c))\b", table))
+    present = {p.name for p in SRC.rglob("*") if p.suffix in (".py", ".c") and "__pycache__" not in p.parts}
+    assert present - named - {"__init__.py"} == set(), "modules without a row in README's layout"
+    assert named - present == set(), "rows in README's layout naming files that do not exist"
