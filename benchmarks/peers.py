@@ -140,8 +140,9 @@ def child_ct2(spec: dict) -> dict:
     beams = MODES[spec["mode"]]
 
     def generate(n: int) -> None:
+        # max_input_length=0: CTranslate2 otherwise cuts every source at 1,024 tokens (its default).
         out = translator.translate_batch([source], beam_size=beams, max_decoding_length=n, min_decoding_length=n,
-                                         length_penalty=1.0)
+                                         length_penalty=1.0, max_input_length=0)
         assert len(out[0].hypotheses[0]) == n, len(out[0].hypotheses[0])
 
     return _timed(generate, spec["repeats"], spec["new_tokens"])
