@@ -231,26 +231,26 @@ def test_evaluate_takes_quantize(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ dtype auto
 def test_auto_dtype_follows_the_cpu_flags(monkeypatch):
-    from pegasus_x import hardware
+    from pegasus_x import devices
 
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    dtype, why = hardware.auto_dtype("cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    dtype, why = devices.auto_dtype("cpu")
     assert dtype == torch.float32 and "no AVX512-BF16 or AMX" in why
     for flag in ("avx512_bf16", "amx_bf16"):
         # bf16 hardware: still fp32 (bf16 logits are off by more than the automatic choice allows), and it says so
-        monkeypatch.setattr(hardware, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
-        dtype, why = hardware.auto_dtype("cpu")
+        monkeypatch.setattr(devices, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
+        dtype, why = devices.auto_dtype("cpu")
         assert dtype == torch.float32 and flag in why and "--dtype bf16" in why
 
 
 def test_info_says_which_dtype_auto_picks(tmp_path, capsys):
-    from pegasus_x import hardware
+    from pegasus_x import devices
     from pegasus_x.cli import main
 
     small_model().save_pretrained(tmp_path / "model")
     assert main(["info", str(tmp_path / "model")]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("dtype auto"))
-    assert hardware.auto_dtype("cpu")[1] in line and line.split()[2].startswith("fp32")
+    assert devices.auto_dtype("cpu")[1] in line and line.split()[2].startswith("fp32")
 
 
 # ------------------------------------------------------------------------------------- bf16 cross keys/values

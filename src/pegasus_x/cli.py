@@ -370,7 +370,7 @@ def run_info(opts: InfoOptions) -> int:
     """
     from .checkpoint import bytes_per_value, loaded_dtypes, read_shapes, resolve
     from .config import PegasusXConfig, estimate_memory, machine_memory
-    from .hardware import auto_dtype
+    from .devices import auto_dtype
 
     folder = resolve(opts.path)
     c = PegasusXConfig.from_pretrained(folder)

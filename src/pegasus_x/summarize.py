@@ -23,9 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import resolve
-from .devices import check_dtype, resolve_device
+from .devices import auto_dtype, check_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, GenerationError, InputError
-from .hardware import auto_dtype
 from .model import PegasusXForConditionalGeneration
 from .quantize import check_mode, quantize_model, quantized
 from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
@@ -74,7 +73,7 @@ class Summarizer:
             :class:`PegasusXForConditionalGeneration`, or None for the demo model bundled with the package.
         tokenizer: a :class:`PegasusTokenizer` or a tokenizer folder; default: the one saved with the model, or the
             bundled PEGASUS vocabulary (with a warning when a model folder has none).
-        dtype: "fp32", "bf16" or a torch dtype; default :func:`pegasus_x.hardware.auto_dtype`: bf16 on CUDA, fp32 on
+        dtype: "fp32", "bf16" or a torch dtype; default :func:`pegasus_x.devices.auto_dtype`: bf16 on CUDA, fp32 on
             a CPU (a model object: as it is).
         quantize: ``"int8"``: int8 decoder and LM-head weights (:mod:`pegasus_x.quantize`; CPU only), or None.
         device: "cpu", "cuda", "cuda:1", ...; default CUDA when available (a model object: where it is).
