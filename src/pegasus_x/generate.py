@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -533,19 +533,33 @@ def generate(model, input_ids: Tensor | None = None, attention_mask: Tensor | No
             del enc
         else:
             states, keep = encoder_inputs(encoder_outputs, attention_mask)
-        batch = states.shape[0]
-        rows = batch * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
-        cache = new_cache(model, states, keep, rows, opts.max_length - 1)
-        del states
-        source = input_ids.long() if input_ids is not None else keep.long()   # (device and batch size only)
-        procs = build_processors(opts, source)
-        step = make_step(model, cache)
-        if opts.num_beams > 1:
-            result = beam_search(step, cache, opts, procs, batch)       # no lookahead here: see lookahead.py
-        elif opts.lookahead:
-            drafts_from = sources(None if input_ids is None else source, keep, batch)
-            result = lookahead_search(step, cache, opts, procs, batch, drafts_from)
-        else:
-            result = greedy_or_sample(step, cache, opts, procs, batch)
-        result.decoder_passes = step.passes
+        cache = start_cache(model, states, keep, opts)
+        del states                                      # the cache holds what decoding needs of them
+        result = search(model, cache, keep, input_ids, opts)
     return result if opts.return_dict else result.sequences
+
+
+def start_cache(model, states: Tensor, keep: Tensor, opts: Options) -> DecoderCache:
+    """The decoder cache for encoder ``states`` ``(B, S, D)`` (mask ``keep``): one row per beam or returned sequence."""
+    rows = states.shape[0] * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
+    return new_cache(model, states, keep, rows, opts.max_length - 1)
+
+
+def search(model, cache: DecoderCache, keep: Tensor, input_ids: Tensor | None, opts: Options,
+           extra: Sequence[Processor] = ()) -> GenerateOutput:
+    """The decoding behind :func:`generate` from a :func:`start_cache` cache (``keep``: the encoder mask): the
+    processors of ``opts`` then ``extra`` (e.g. the server's cancellation rule), and beam search, lookahead or
+    greedy/sampling as ``opts`` says. Call it under ``torch.inference_mode()``."""
+    batch = keep.shape[0]
+    source = input_ids.long() if input_ids is not None else keep.long()   # (device and batch size only)
+    procs = [*build_processors(opts, source), *extra]
+    step = make_step(model, cache)
+    if opts.num_beams > 1:
+        result = beam_search(step, cache, opts, procs, batch)       # no lookahead here: see lookahead.py
+    elif opts.lookahead:
+        drafts_from = sources(None if input_ids is None else source, keep, batch)
+        result = lookahead_search(step, cache, opts, procs, batch, drafts_from)
+    else:
+        result = greedy_or_sample(step, cache, opts, procs, batch)
+    result.decoder_passes = step.passes
+    return result

@@ -238,9 +238,7 @@ class Batcher:
         Returns:
             ``(len(jobs), L)`` token ids, starting with the decoder start token.
         """
-        from .cache import new_cache
-        from .generate import beam_search, greedy_or_sample, make_step, resolve_options
-        from .processors import build_processors
+        from .generate import resolve_options, search, start_cache
 
         model, tokenizer = self.summarizer.model, self.summarizer.tokenizer
         options = dict(jobs[0].options)
@@ -250,12 +248,10 @@ class Batcher:
             opts = resolve_options(model, options, model.device)
         ids, mask = pad_rows([job.ids for job in jobs], tokenizer.pad_token_id, model.device)
         encoded = model.encode(ids, mask)
-        rows = len(jobs) * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
-        cache = new_cache(model, encoded.last_hidden_state, encoded.attention_mask, rows, opts.max_length - 1)
+        keep = encoded.attention_mask
+        cache = start_cache(model, encoded.last_hidden_state, keep, opts)
         del encoded
-        procs = [*build_processors(opts, ids), _cancel_processor(jobs, opts.eos)]
-        search = beam_search if opts.num_beams > 1 else greedy_or_sample
-        return search(make_step(model, cache), cache, opts, procs, len(jobs)).sequences
+        return search(model, cache, keep, ids, opts, [_cancel_processor(jobs, opts.eos)]).sequences
 
 
 def _cancel_processor(jobs: list[Job], eos: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
