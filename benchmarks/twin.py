@@ -1,7 +1,7 @@
 """A reference (transformers) PEGASUS-X and ours on identical random weights, for parity.py and gpu.py.
 
-The tiny shape (block 8, staggered, 3 encoder layers) is the tests' one; benchmarks keep their own copy so that
-they never import from tests/.
+The tiny shape (block 8, staggered, 3 encoder layers) is the tests' one too: tests/conftest.py imports it from here,
+since benchmarks never import from tests/.
 """
 
 from __future__ import annotations

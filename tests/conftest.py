@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,29 +19,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pegasus_x"
 
-TINY = dict(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_global_tokens=5, block_size=8,
-            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.2, activation_function="relu")
+# The tiny shape, the reference twin and random batches have one owner, benchmarks/twin.py (benchmarks never import
+# from tests/; tests may use the benchmarks' helpers).
+sys.path.insert(0, str(SRC.parents[1] / "benchmarks"))
+from twin import TINY, random_batch, reference_twin  # noqa: E402  (random_batch: re-exported to the tests)
 
 
 def tiny_kwargs(**overrides):
     """Config keyword arguments of a tiny model (block 8, staggered, 3 encoder layers) with overrides."""
     return {**TINY, **overrides}
 
-
-def reference_twin(tmp_path, seed: int = 0, **overrides):
-    """A random transformers PegasusXForConditionalGeneration and ours loaded from its save_pretrained folder."""
-    from transformers import PegasusXConfig as RefConfig
-    from transformers import PegasusXForConditionalGeneration as RefModel
-
-    from pegasus_x import PegasusXForConditionalGeneration
-
-    torch.manual_seed(seed)
-    ref = RefModel(RefConfig(**tiny_kwargs(**overrides))).eval()
-    folder = tmp_path / f"ref-{seed}"
-    ref.save_pretrained(folder)
-    ours = PegasusXForConditionalGeneration.from_pretrained(folder)
-    return ref, ours, folder
 
 
 def small_model(*, seed: int = 0, dtype: torch.dtype = torch.float32, activation: str = "relu"):
@@ -63,19 +51,6 @@ def run_steps(model, enc, keep, rows: int, tokens):
         logits = [step(t) for t in tokens]
     return torch.stack(logits), cache
 
-
-def random_batch(lengths, vocab: int, seed: int = 0, dec_len: int = 6):
-    """Right-padded ids/mask for the given lengths and decoder inputs starting with the start token 0."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(2, vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-        ids[i, n:] = 0
-    dec = torch.randint(2, vocab, (len(lengths), dec_len), generator=g)
-    dec[:, 0] = 0
-    return ids, mask, dec
 
 
 @pytest.fixture
