@@ -4,8 +4,11 @@ reference, the switch, save refusal, and the entry points (from_pretrained, Summ
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 import shutil
+import sys
+import weakref
 
 import pytest
 import torch
@@ -14,8 +17,8 @@ import torch.nn.functional as F
 from conftest import run_steps, small_model
 from pegasus_x import PegasusXForConditionalGeneration, native
 from pegasus_x.errors import CheckpointError, ConfigError
-from pegasus_x.native import abi, kernels
-from pegasus_x.quantize import Int8Linear, quantize_model, quantize_weight, quantized
+from pegasus_x.native import abi, hugepages, kernels
+from pegasus_x.quantize import Int8Linear, quantize_as_loaded, quantize_model, quantize_weight, quantized
 
 HAVE_CC = platform.system() == "Linux" and any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 
@@ -42,6 +45,17 @@ def test_quantize_weight_bounds_the_error_by_half_a_step_per_row():
     err = (q.float() * scale[:, None] - w).abs().amax(dim=1)
     assert bool((err <= scale / 2 * (1 + 1e-5)).all())
     assert bool((q[7] == 0).all())
+
+
+def test_quantize_weight_in_row_chunks_equals_whole(monkeypatch):
+    w = torch.randn(37, 24, generator=torch.Generator().manual_seed(1))
+    whole = quantize_weight(w)
+    monkeypatch.setattr("pegasus_x.quantize.CHUNK_ROWS", 5)                            # 8 chunks, the last short
+    arena = hugepages.Arena(hugepages.nbytes((37, 24), torch.int8) + hugepages.nbytes((37,), torch.float32))
+    q, scale = quantize_weight(w, arena)
+    assert torch.equal(q, whole[0]) and torch.equal(scale, whole[1])
+    with pytest.raises(ValueError, match="full"):                                      # it used the arena
+        arena.empty((1,), torch.int8)
 
 
 def test_quantize_model_replaces_decoder_linears_and_head_only():
@@ -181,6 +195,72 @@ def test_save_refused_and_from_pretrained_quantizes(tmp_path):
         PegasusXForConditionalGeneration.from_pretrained(tmp_path / "fp32", quantize="int4")
 
 
+def _untied(model):
+    """A model like ``model`` whose LM head has weights of its own."""
+    torch.manual_seed(9)
+    cfg = dataclasses.replace(model.config, tie_word_embeddings=False)
+    return PegasusXForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_quantizing_at_load_equals_quantizing_the_loaded_model(tmp_path, tied, dtype, fmt):
+    model = small_model(seed=8) if tied else _untied(small_model())
+    model.save_pretrained(tmp_path)
+    if fmt == "bin":                                              # read whole, then quantized
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("embed_tokens.weight")}
+        torch.save(state, tmp_path / "pytorch_model.bin")
+        (tmp_path / "model.safetensors").unlink()
+    got = PegasusXForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype, quantize="int8")
+    expected = quantize_model(PegasusXForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype))
+    got_state, expected_state = got.state_dict(), expected.state_dict()
+    assert list(got_state) == list(expected_state) and "lm_head.qweight" in got_state
+    for name, t in expected_state.items():
+        assert got_state[name].dtype == t.dtype and torch.equal(got_state[name], t), name
+    assert all(p.device.type == "cpu" for p in got.state_dict().values())         # nothing left on meta
+    assert (got.lm_head.bias is None) and (got.model.shared.weight.dtype == got.dtype)
+    ids = torch.randint(3, 120, (1, 11), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got.generate(ids, max_new_tokens=5), expected.generate(ids, max_new_tokens=5))
+
+
+def _held_bytes(model) -> int:
+    """Bytes of every distinct block of memory the model's tensors keep alive."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+    return sum(storages.values())
+
+
+@pytest.mark.skipif(not hugepages.supported() or sys.platform != "linux", reason="weights load into huge pages on Linux")
+def test_quantizing_at_load_keeps_no_fp32_copy_of_the_quantized_weights(tmp_path):
+    """The loaded int8 model holds its tensors' bytes and nothing more: one block for what stays in the model's
+    dtype, one for the int8 weights and scales (each a huge page of slack for alignment) — no fp32 decoder or
+    LM-head weight stays behind in the load's block."""
+    small_model(seed=8).save_pretrained(tmp_path)
+    exact = PegasusXForConditionalGeneration.from_pretrained(tmp_path)
+    int8 = PegasusXForConditionalGeneration.from_pretrained(tmp_path, quantize="int8")
+
+    def tensor_bytes(model):
+        return sum(hugepages.nbytes(tuple(t.shape), t.dtype) for t in (*model.parameters(), *model.buffers()))
+
+    assert _held_bytes(exact) == tensor_bytes(exact) + hugepages.PAGE                # one block, as loaded
+    assert _held_bytes(int8) == tensor_bytes(int8) + 2 * hugepages.PAGE
+    layers = {name: m for name, m in int8.named_modules() if isinstance(m, Int8Linear)}
+    replaced = sum(hugepages.nbytes(tuple(m.qweight.shape), torch.float32) for name, m in layers.items()
+                   if name != "lm_head")                       # the tied head's fp32 weight is the embedding, kept
+    added = sum(hugepages.nbytes(tuple(m.qweight.shape), torch.int8) + hugepages.nbytes(tuple(m.scale.shape),
+                                                                                      torch.float32)
+                for m in layers.values())
+    assert tensor_bytes(exact) - tensor_bytes(int8) == replaced - added > 0
+
+
+def test_quantize_model_lets_each_replaced_weight_go():
+    model = small_model()
+    fc1 = weakref.ref(model.get_decoder().layers[0].fc1.weight)
+    quantize_model(model, "int8")
+    assert fc1() is None
+
+
 def test_summarizer_and_cli_take_quantize(tmp_path, capsys, monkeypatch):
     from pegasus_x import Summarizer
     from pegasus_x.cli import main
@@ -189,8 +269,8 @@ def test_summarizer_and_cli_take_quantize(tmp_path, capsys, monkeypatch):
     if demo_model_path() is None:
         pytest.skip("this install has no bundled demo model")
     seen = []
-    real = quantize_model
-    monkeypatch.setattr("pegasus_x.quantize.quantize_model", lambda *a: seen.append(a[1]) or real(*a))
+    real = quantize_as_loaded
+    monkeypatch.setattr("pegasus_x.quantize.quantize_as_loaded", lambda *a: seen.append(a[1]) or real(*a))
     summarizer = Summarizer(None, device="cpu", quantize="int8", max_new_tokens=6)
     assert quantized(summarizer.model) and seen == ["int8"]
     text = "join lines of two files on a common field " * 20

@@ -2,7 +2,8 @@
 
 Load = read tensors (safetensors, sharded safetensors, or ``pytorch_model.bin`` through ``weights_only``),
 normalise key names (``model.`` prefix, tied-embedding aliases), check every name and shape against a model built
-on the ``meta`` device, then assign the tensors without a second copy.
+on the ``meta`` device, then assign the tensors without a second copy. With ``quantize``, the weights that become
+int8 are quantized one at a time as they are read, never all held in their stored dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 from .native import hugepages
 from .config import CONFIG_NAME, PegasusXConfig, check_fits_in_memory
 from .devices import check_device, check_dtype
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .files import atomic_write_bytes, json_text
 from .generation_config import GENERATION_CONFIG, GenerationConfig
 from .hub import download, is_hub_id
@@ -36,6 +37,8 @@ TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 TIED_KEYS = tuple(f"model.{alias}" for alias in TIED_ALIASES) + ("lm_head.weight",)
 # Where read_tensors may put a tensor: (file name, shape) → its final tensor, or None for a fresh one.
 Destination = Callable[[str, tuple[int, ...]], "Tensor | None"]
+# What read_tensors may hand each tensor to as soon as it is read: (file name, tensor) → whether it was taken.
+Taker = Callable[[str, Tensor], bool]
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -144,22 +147,24 @@ def read_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]] | None:
     return out
 
 
-def read_tensors(folder: Path, dtype: torch.dtype | None = None, into: Destination | None = None
-                 ) -> dict[str, Tensor]:
+def read_tensors(folder: Path, dtype: torch.dtype | None = None, into: Destination | None = None,
+                 take: Taker | None = None) -> dict[str, Tensor]:
     """Every tensor of the checkpoint in ``folder`` (CPU); floating-point ones cast to ``dtype`` when given.
 
     Safetensors files are read with plain reads, one tensor at a time, each cast before the next is read: a memory
     map would keep every page of the file resident beside the model, and casting after reading everything would
     hold the checkpoint twice (a bf16 load from fp32 files would peak above the fp32 model's size).
     ``into(name, shape)`` may give a safetensors tensor's final place (its dtype wins over ``dtype``); the file is
-    then read straight into it.
+    then read straight into it. ``take(name, tensor)`` is handed each tensor as soon as it is read (and cast); one
+    it takes (returns True) is left out of the result, so safetensors tensors can be used up one at a time. (A
+    ``pytorch_model.bin`` is read whole first.)
     """
     files = _safetensors_files(folder)
     if files:
         state: dict[str, Tensor] = {}
         for file in files:
             try:
-                state.update(_read_safetensors(file, dtype, into))
+                state.update(_read_safetensors(file, dtype, into, take))
             except CheckpointError:
                 raise
             except Exception as exc:
@@ -179,7 +184,7 @@ def read_tensors(folder: Path, dtype: torch.dtype | None = None, into: Destinati
         raise CheckpointError(f"{file} does not hold a flat state dict of tensors")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    return state
+    return {k: v for k, v in state.items() if take is None or not take(k, v)}
 
 
 def _finite(t: Tensor) -> bool:
@@ -190,7 +195,8 @@ def _finite(t: Tensor) -> bool:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _read_safetensors(file: Path, dtype: torch.dtype | None, into: Destination | None) -> dict[str, Tensor]:
+def _read_safetensors(file: Path, dtype: torch.dtype | None, into: Destination | None, take: Taker | None
+                      ) -> dict[str, Tensor]:
     """Tensors of one safetensors file (header already validated by :func:`read_shapes`)."""
     out: dict[str, Tensor] = {}
     with open(file, "rb") as f:
@@ -218,7 +224,10 @@ def _read_safetensors(file: Path, dtype: torch.dtype | None, into: Destination |
                 continue
             t = torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, dtype=stored)
             t = t.view(info["shape"])
-            out[name] = t.to(dtype) if dtype is not None else t
+            t = t.to(dtype) if dtype is not None else t
+            if take is None or not take(name, t):
+                out[name] = t
+            del t, buf                                      # a taken tensor's memory goes before the next read
     return out
 
 
@@ -252,11 +261,16 @@ def _expected(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None, strict: bool = False, **hub_kwargs: Any):
+                    device: torch.device | str | None = None, strict: bool = False, quantize: str | None = None,
+                    **hub_kwargs: Any):
     """See :meth:`PegasusXPreTrainedModel.from_pretrained`."""
+    from .quantize import check_mode, quantize_as_loaded
+
     # Every argument is checked before a possibly long download or read.
     dtype = check_dtype(dtype)
     device = check_device("cpu" if device is None else device)
+    if check_mode(quantize) is not None and device.type != "cpu":
+        raise ConfigError(f"quantize={quantize!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint folder or a hub id (a str or os.PathLike), got "
                          f"{type(path).__name__}; e.g. from_pretrained('google/pegasus-x-base')")
@@ -268,9 +282,23 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
         model = cls(config, init=False)
     expected = _expected(model)
     with_head = hasattr(model, "lm_head")
+    # Our name → quantizer of the weights that become int8: their layers are int8 from here on.
+    pending = quantize_as_loaded(model, quantize) if quantize is not None else {}
 
     tied = with_head and config.tie_word_embeddings
     on_cpu = device.type == "cpu"
+    bad: list[str] = []
+
+    def take(name: str, t: Tensor) -> bool:
+        """Quantize a weight that becomes int8 as soon as it is read (in the model's dtype, as a loaded model's)."""
+        ours = kept.get(name)
+        if ours not in pending:
+            return False
+        t = t.to(target_dtype)
+        if not _finite(t):
+            bad.append(ours)
+        pending.pop(ours)(t)
+        return True
 
     into = None
     if shapes is not None:                         # validate before materialising anything
@@ -280,20 +308,23 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
         target_dtype = _target_dtype(dtype, _SAFETENSORS_DTYPES[shapes[next(iter(kept))][1]])
         if on_cpu and hugepages.supported():
             # Decoding streams the weights every token: read them straight into 2 MB pages (hugepages.py).
-            arena = hugepages.Arena(sum(hugepages.nbytes(shapes[name][0], target_dtype) for name in kept))
+            # Weights quantized as read go to ordinary memory instead, freed once quantized.
+            placed = [name for name, ours in kept.items() if ours not in pending]
+            arena = hugepages.Arena(sum(hugepages.nbytes(shapes[name][0], target_dtype) for name in placed))
 
             def into(name: str, shape: tuple[int, ...]) -> Tensor | None:
-                return arena.empty(shape, target_dtype) if name in kept else None
-    state = read_tensors(folder, dtype, into)
+                return arena.empty(shape, target_dtype) if name in placed else None
+    state = read_tensors(folder, dtype, into, take if shapes is not None else None)
     if shapes is None:
         _check_names_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, with_head, folder)
         _check_dtypes({k: str(v.dtype) for k, v in state.items()}, folder)
         kept = _kept(list(state), expected, with_head, tied)
         target_dtype = _target_dtype(dtype, state[next(iter(kept))].dtype)
+        state = {name: t for name, t in state.items() if not take(name, t)}
 
-    loaded = {ours: state[name] for name, ours in kept.items()}
+    loaded = {ours: state[name] for name, ours in kept.items() if name in state}
     del state                                      # `loaded` holds the only references: casts below free as they go
-    bad = [name for name, t in loaded.items() if t.is_floating_point() and not _finite(t)]
+    bad += [name for name, t in loaded.items() if t.is_floating_point() and not _finite(t)]
     for name, t in loaded.items():
         loaded[name] = t.to(device=device, dtype=target_dtype)
     if bad:
@@ -302,7 +333,9 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
             raise CheckpointError(msg + "; the checkpoint is damaged — re-download or retrain it")
         warnings.warn(msg + "; outputs will be garbage", stacklevel=3)
     model.load_state_dict(loaded, strict=False, assign=True)
-    if with_head:
+    if "lm_head.weight" in pending:                # tied: the int8 head is quantized from the kept embedding
+        pending.pop("lm_head.weight")(model.get_input_embeddings().weight)
+    elif with_head:
         model.tie_weights()
     model.generation_config = GenerationConfig.from_pretrained(folder)
     model.eval()

@@ -386,7 +386,7 @@ class PegasusXPreTrainedModel(nn.Module):
             strict: turn the warning about NaN/inf weights into an error.
             torch_dtype: transformers' older name for ``dtype``.
             quantize: ``"int8"``: int8 weights for the decoder and the LM head (:mod:`pegasus_x.quantize`; CPU
-                only), quantized after loading.
+                only), each quantized as it is read.
             **hub_kwargs: for a hub id: ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
                 ``force_download``.
         Raises:
@@ -396,7 +396,7 @@ class PegasusXPreTrainedModel(nn.Module):
             InputError: a device that is unknown or not available here, or a path that is not a str / PathLike.
         """
         from .checkpoint import load_pretrained
-        from .quantize import check_mode, quantize_model
+        from .quantize import check_mode
 
         check_mode(quantize)
         unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
@@ -406,9 +406,8 @@ class PegasusXPreTrainedModel(nn.Module):
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype")
         dtype = dtype if dtype is not None else torch_dtype
-        model = load_pretrained(cls, path, dtype=None if dtype == "auto" else dtype, device=device, strict=strict,
-                                **hub_kwargs)
-        return model if quantize is None else quantize_model(model, quantize)
+        return load_pretrained(cls, path, dtype=None if dtype == "auto" else dtype, device=device, strict=strict,
+                               quantize=quantize, **hub_kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json``, ``model.safetensors`` (and ``generation_config.json``) atomically.

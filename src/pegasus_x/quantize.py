@@ -11,11 +11,18 @@ what this costs (logits against fp32, ROUGE of the demo model) and why per-row s
 in registers instead. The one switch of :mod:`pegasus_x.native` (``PEGASUS_X_NATIVE=0``, ``model.set_native(False)``)
 selects the reference here too; ``tests/test_quantize.py`` holds the two equal.
 
-A quantized model is not saved: :func:`check_savable` refuses with the reason. Quantizing at load is a fraction of
-the load itself (``benchmarks/int8_accuracy.py`` prints the time).
+Quantizing at load (``from_pretrained(..., quantize="int8")``, :func:`quantize_as_loaded`) takes each weight as
+it is read, so the fp32 decoder and LM-head weights are never all in memory: the process peaks below an fp32 load
+(``benchmarks/peers.py`` prints the peak RSS and load time of each). :func:`quantize_model` quantizes a model already
+in memory; each fp32 weight it replaces is freed unless something else holds it (a model loaded in fp32 keeps its
+weights in one block until every tensor in it is gone).
+
+A quantized model is not saved: :func:`check_savable` refuses with the reason.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +34,7 @@ from .native import hugepages, kernels
 
 MODES = ("int8",)
 QMAX = 127              # symmetric: -127..127, so -W quantizes to -Q
+CHUNK_ROWS = 2048       # rows quantized at a time: the fp32 temporaries stay a few MB even for the LM head
 
 
 def check_mode(quantize: str | None) -> str | None:
@@ -40,13 +48,25 @@ def check_mode(quantize: str | None) -> str | None:
     return quantize
 
 
-def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Q int8 (out, in), scale fp32 (out,))``, ``Q · scale[:, None] ≈ weight``; an all-zero row gets scale 1."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / QMAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+def quantize_weight(weight: Tensor, arena: hugepages.Arena | None = None) -> tuple[Tensor, Tensor]:
+    """``(Q int8 (out, in), scale fp32 (out,))``, ``Q · scale[:, None] ≈ weight``; an all-zero row gets scale 1.
+
+    Computed :data:`CHUNK_ROWS` rows at a time (the result does not depend on it), so the temporaries stay small
+    beside a large weight. ``arena``: where ``Q`` and the scales go (2 MB pages, which decode steps stream faster),
+    else ordinary memory.
+    """
+    rows, cols = weight.shape
+    if arena is not None:
+        q, scale = arena.empty((rows, cols), torch.int8), arena.empty((rows,), torch.float32)
+    else:
+        q, scale = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, dtype=torch.float32)
+    for start in range(0, rows, CHUNK_ROWS):
+        w = weight[start:start + CHUNK_ROWS].detach().float()
+        s = w.abs().amax(dim=1) / QMAX
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        scale[start:start + len(s)] = s
+        q[start:start + len(s)] = torch.round(w / s[:, None]).clamp_(-QMAX, QMAX)    # whole numbers: exact in int8
+    return q, scale
 
 
 class Int8Linear(nn.Module):
@@ -61,15 +81,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, arena: hugepages.Arena | None = None) -> Int8Linear:
-        """Quantize ``linear``'s weight (per output row); the bias is copied. ``arena``: where the int8 weight and
-        its scales go (2 MB pages, which decode steps stream faster), else ordinary memory."""
-        q, scale = quantize_weight(linear.weight)
-        if arena is not None:
-            q, scale = arena.empty(q.shape, q.dtype).copy_(q), arena.empty(scale.shape, scale.dtype).copy_(scale)
-        return cls(q, scale, linear.bias)
 
     def dequantize(self) -> Tensor:
         """The fp32 weight these int8 values and scales stand for, ``(out, in)``."""
@@ -87,23 +98,79 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every linear layer of the decoder, then of the LM head."""
-    decoder = model.get_decoder()
-    found = [(parent, name) for parent in decoder.modules() for name, child in parent.named_children()
-             if isinstance(child, nn.Linear)]
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear):
-        found.append((model, "lm_head"))
+def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Weight name (as in ``model.state_dict()``) → (parent, attribute) of every linear layer of the decoder, then of
+    the LM head."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = {}
+    for parent in model.get_decoder().modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found[".".join(filter(None, (names[id(parent)], attr, "weight")))] = (parent, attr)
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        found["lm_head.weight"] = (model, "lm_head")
     return found
+
+
+def _kv_dtype(kv_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if kv_dtype not in (None, torch.bfloat16, "bf16"):
+        raise ConfigError(f"kv_dtype={kv_dtype!r} is not supported; use 'bf16' or None (the model's dtype)")
+    return None if kv_dtype is None else torch.bfloat16
+
+
+def set_kv_dtype(model: nn.Module, kv_dtype: torch.dtype | str | None) -> None:
+    """Keep generation's cross-attention keys/values of ``model`` in ``kv_dtype``: ``torch.bfloat16`` / ``"bf16"``
+    (every decode step reads them: at long inputs they outweigh the int8 weights), or None (the model's dtype).
+
+    Raises:
+        ConfigError: any other ``kv_dtype``.
+    """
+    model.get_decoder().cross_kv_dtype = _kv_dtype(kv_dtype)
+
+
+def quantize_as_loaded(model: nn.Module, mode: str = "int8") -> dict[str, Callable[[Tensor], None]]:
+    """Replace every decoder linear and the LM head of ``model`` by an :class:`Int8Linear` still without weights.
+
+    For a model whose weights are about to be read (built on the ``meta`` device, as ``from_pretrained`` does), so
+    that each weight is quantized as soon as it is read and the fp32 ones are never all in memory. The biases stay
+    under their names, to be loaded as before. Returns, for each replaced weight's name (as it was in
+    ``model.state_dict()``, e.g. ``model.decoder.layers.0.fc1.weight``, ``lm_head.weight``), the function that
+    quantizes that weight into its layer; every one must be called once before the model runs. The int8 weights and
+    scales of all of them share one block of 2 MB pages.
+
+    Raises:
+        ConfigError: an unknown ``mode``, or a model already quantized.
+    """
+    if check_mode(mode) is None:
+        raise ConfigError("quantizing needs a mode: 'int8'")
+    if quantized(model):
+        raise ConfigError("this model is already quantized")
+    found = _targets(model)
+    arena = None
+    if hugepages.supported():
+        shapes = [tuple(getattr(parent, attr).weight.shape) for parent, attr in found.values()]
+        arena = hugepages.Arena(sum(hugepages.nbytes(s, torch.int8) + hugepages.nbytes(s[:1], torch.float32)
+                                    for s in shapes))
+    use_native = getattr(model, "use_native", True)
+    fills = {}
+    for name, (parent, attr) in found.items():
+        linear = getattr(parent, attr)
+        layer = Int8Linear(torch.empty(linear.weight.shape, dtype=torch.int8, device="meta"),
+                           torch.empty(linear.out_features, device="meta"), linear.bias)
+        layer.use_native = use_native
+        setattr(parent, attr, layer)
+
+        def fill(weight: Tensor, layer: Int8Linear = layer) -> None:
+            layer.qweight, layer.scale = quantize_weight(weight, arena)
+        fills[name] = fill
+    return fills
 
 
 def quantize_model(model: nn.Module, mode: str = "int8", kv_dtype: torch.dtype | str | None = None) -> nn.Module:
     """Replace every decoder linear and the LM head of ``model`` by an :class:`Int8Linear`, in place.
 
-    The LM head gets its own int8 copy of the (tied) embedding; the embedding itself stays for the lookups.
-    ``kv_dtype``: ``torch.bfloat16`` / ``"bf16"`` keeps the cross-attention keys/values of generation in bf16 (every
-    decode step reads them: at long inputs they outweigh the int8 weights); None: the model's dtype.
+    The LM head gets its own int8 copy of the (tied) embedding; the embedding itself stays for the lookups. Each
+    fp32 weight replaced is let go as soon as it is quantized. ``kv_dtype``: see :func:`set_kv_dtype`.
     Returns ``model``, in eval mode.
 
     Raises:
@@ -111,28 +178,16 @@ def quantize_model(model: nn.Module, mode: str = "int8", kv_dtype: torch.dtype |
             int8 kernels and this module's reference are for CPU decoding).
     """
     check_mode(mode)
-    if kv_dtype not in (None, torch.bfloat16, "bf16"):
-        raise ConfigError(f"kv_dtype={kv_dtype!r} is not supported; use 'bf16' or None (the model's dtype)")
-    if mode is None:
-        raise ConfigError("quantize_model needs a mode: 'int8'")
-    if quantized(model):
-        raise ConfigError("this model is already quantized")
+    _kv_dtype(kv_dtype)
     if model.device.type != "cpu":
         raise ConfigError(f"int8 quantization runs on the CPU; this model is on {model.device}: load it with "
                           "device='cpu'")
-    use_native = getattr(model, "use_native", True)
-    linears = _decoder_linears(model)
-    arena = None
-    if hugepages.supported():
-        shapes = [getattr(parent, name).weight.shape for parent, name in linears]
-        arena = hugepages.Arena(sum(hugepages.nbytes(tuple(s), torch.int8) + hugepages.nbytes((s[0],), torch.float32)
-                                    for s in shapes))
+    weights = {name: getattr(parent, attr).weight for name, (parent, attr) in _targets(model).items()}
+    fills = quantize_as_loaded(model, mode)
     with torch.no_grad():
-        for parent, name in linears:
-            layer = Int8Linear.from_linear(getattr(parent, name), arena)
-            layer.use_native = use_native
-            setattr(parent, name, layer)
-    model.get_decoder().cross_kv_dtype = None if kv_dtype is None else torch.bfloat16
+        for name in list(weights):
+            fills.pop(name)(weights.pop(name))
+    set_kv_dtype(model, kv_dtype)
     return model.eval()
 
 
