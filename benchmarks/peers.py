@@ -10,12 +10,14 @@ decoder at pegasus-x-base size (12 layers x 768, 12 heads, FFN 3,072, vocabulary
 the same random input of the given length. The encoder is left out of the measure, so both get one encoder layer
 (its output only has to have the input's length): ms per decode step = (time to generate N tokens - time to
 generate 1 token) / (N - 1), every token forced (min length = max length). Also reported: first-token latency (the
-1-token run: encoder + prefill + one step) and peak RSS of the process. Our model is saved once under ``.bench/``
-and loaded with ``from_pretrained`` as users load it (weights in 2 MB pages; int8: quantized at load).
+1-token run: encoder + prefill + one step), the load time (ours: ``from_pretrained``, for int8 with quantizing at
+load; CTranslate2: its ``Translator``), the RSS once loaded and the peak RSS of the process. Our model is saved once
+under ``.bench/`` and loaded with ``from_pretrained`` as users load it (weights in 2 MB pages; int8: quantized at
+load).
 
 Configurations: CTranslate2 ``float32`` and ``int8`` (its weight and activation int8), ours ``fp32``, ``bf16`` and
 ``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations), and ``int8-bf16kv`` (the same
-with the cross-attention keys/values kept in bf16: ``quantize_model(..., kv_dtype="bf16")``). Each configuration
+with the cross-attention keys/values kept in bf16: ``quantize.set_kv_dtype(model, "bf16")``). Each configuration
 runs in a fresh process, which warms up, then times the 1-token and N-token runs ``--repeats`` times alternately
 (medians kept); configurations are interleaved, so a shared machine's drift hits them alike. The table names the CPU
 and its ISA (AVX2 / AVX512 / AVX512-BF16 / AMX / VNNI); the raw results go to ``benchmarks/results/peers-<cpu>.json``.
@@ -70,6 +72,15 @@ def cpu_info() -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- children
+def rss_mb() -> float:
+    """The process's resident memory now (VmRSS), MB; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
+
+
 def _timed(generate, repeats: int, new_tokens: int) -> dict:
     """Medians of the 1-token and N-token runs (alternating), and the per-step time they give: by the wall clock,
     and by the process's CPU time (``*_cpu``: what a run would take with its cores to itself; only meaningful for
@@ -109,14 +120,17 @@ def child_ours(spec: dict) -> dict:
     import torch
 
     from pegasus_x import PegasusXForConditionalGeneration
-    from pegasus_x.quantize import quantize_model
+    from pegasus_x.quantize import set_kv_dtype
 
     torch.set_num_threads(spec["threads"])
     kind = spec["config"].split("-", 1)[1]
+    wall, cpu = time.perf_counter(), time.process_time()
     model = PegasusXForConditionalGeneration.from_pretrained(
-        spec["ours_model"], dtype="bf16" if kind == "bf16" else "fp32", quantize="int8" if kind == "int8" else None)
+        spec["ours_model"], dtype="bf16" if kind == "bf16" else "fp32",
+        quantize="int8" if kind.startswith("int8") else None)
+    loaded = dict(load_s=time.perf_counter() - wall, load_cpu_s=time.process_time() - cpu, loaded_rss_mb=rss_mb())
     if kind == "int8-bf16kv":
-        quantize_model(model, "int8", kv_dtype="bf16")
+        set_kv_dtype(model, "bf16")
     ids = torch.tensor([spec["ids"]])
     beams = MODES[spec["mode"]]
 
@@ -125,7 +139,7 @@ def child_ours(spec: dict) -> dict:
             out = model.generate(ids, num_beams=beams, max_new_tokens=n, min_new_tokens=n, length_penalty=1.0)
         assert out.shape[1] == n + 1, out.shape
 
-    return _timed(generate, spec["repeats"], spec["new_tokens"])
+    return loaded | _timed(generate, spec["repeats"], spec["new_tokens"])
 
 
 def child_ct2(spec: dict) -> dict:
@@ -133,8 +147,10 @@ def child_ct2(spec: dict) -> dict:
     import ctranslate2
 
     kind = spec["config"].split("-", 1)[1]
+    wall, cpu = time.perf_counter(), time.process_time()
     translator = ctranslate2.Translator(str(spec["ct2_model"]), device="cpu", compute_type=kind,
                                         intra_threads=spec["threads"], inter_threads=1)
+    loaded = dict(load_s=time.perf_counter() - wall, load_cpu_s=time.process_time() - cpu, loaded_rss_mb=rss_mb())
     vocab = json.loads((Path(spec["ct2_model"]) / "shared_vocabulary.json").read_text())
     source = [vocab[i] for i in spec["ids"][:-1]] + ["</s>"]
     beams = MODES[spec["mode"]]
@@ -145,7 +161,7 @@ def child_ct2(spec: dict) -> dict:
                                          length_penalty=1.0, max_input_length=0)
         assert len(out[0].hypotheses[0]) == n, len(out[0].hypotheses[0])
 
-    return _timed(generate, spec["repeats"], spec["new_tokens"])
+    return loaded | _timed(generate, spec["repeats"], spec["new_tokens"])
 
 
 def convert_ct2(folder: Path, max_length: int) -> None:
@@ -260,7 +276,8 @@ def main() -> None:
                     results.append(out)
                     print(f"{length:>6} {mode:<7} {config:<12} {out['ms_per_step']:8.2f} ms/step "
                           f"({out['ms_per_step_cpu']:.2f} CPU)  first token {out['first_token_ms']:6.0f} ms  "
-                          f"peak RSS {out['peak_rss_mb']:6.0f} MB", flush=True)
+                          f"load {out['load_s']:5.2f} s  RSS loaded {out['loaded_rss_mb']:6.0f} MB, "
+                          f"peak {out['peak_rss_mb']:6.0f} MB", flush=True)
     table = summarize(results, args)
     print(f"\nCPU: {name}; ISA: {' '.join(isa)}\n" + table)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
@@ -277,7 +294,7 @@ def summarize(results: list[dict], args) -> str:
     suffix = "_cpu" if args.clock == "cpu" else ""
 
     def med(length, mode, config, key="ms_per_step"):
-        key += suffix if key != "peak_rss_mb" else ""
+        key = {"ms_per_step": key + suffix, "first_token_ms": key + suffix, "load_s": f"load{suffix}_s"}.get(key, key)
         vals = [r[key] for r in results if (r["length"], r["mode"], r["config"]) == (length, mode, config)]
         return statistics.median(vals) if vals else None
 
@@ -296,11 +313,18 @@ def summarize(results: list[dict], args) -> str:
                          + f" | {ratio('ours-int8', 'ct2-int8')} | {ratio('ours-int8', 'ours-fp32')} | "
                          f"{ratio('ours-int8-bf16kv', 'ct2-int8')} | {ratio('ours-int8-bf16kv', 'ours-fp32')} | "
                          f"{ratio('ours-fp32', 'ct2-float32')} |")
-    lines.append("")
-    lines.append("first-token ms / peak RSS MB: " + "; ".join(
-        f"{length} {mode} {c} {med(length, mode, c, 'first_token_ms'):.0f}/{med(length, mode, c, 'peak_rss_mb'):.0f}"
-        for length in args.lengths for mode in args.modes for c in args.configs
-        if med(length, mode, c) is not None))
+    lines += ["", f"load (ours: from_pretrained, int8 quantizing at load; CT2: Translator) and first token "
+              f"({args.clock} clock), RSS once loaded and peak RSS (medians over rounds):", "",
+              "| tokens | mode | configuration | load s | first token ms | RSS loaded MB | peak RSS MB |",
+              "|---:|---|---|---:|---:|---:|---:|"]
+    for length in args.lengths:
+        for mode in args.modes:
+            for c in args.configs:
+                if med(length, mode, c) is not None:
+                    lines.append(f"| {length:,} | {mode} | {c} | {med(length, mode, c, 'load_s'):.2f} | "
+                                 f"{med(length, mode, c, 'first_token_ms'):.0f} | "
+                                 f"{med(length, mode, c, 'loaded_rss_mb'):.0f} | "
+                                 f"{med(length, mode, c, 'peak_rss_mb'):.0f} |")
     return "\n".join(lines)
 
 

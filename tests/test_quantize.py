@@ -231,7 +231,8 @@ def _held_bytes(model) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.skipif(not hugepages.supported() or sys.platform != "linux", reason="weights load into huge pages on Linux")
+@pytest.mark.skipif(not hugepages.supported() or sys.platform != "linux",
+                    reason="weights load into huge pages on Linux only")
 def test_quantizing_at_load_keeps_no_fp32_copy_of_the_quantized_weights(tmp_path):
     """The loaded int8 model holds its tensors' bytes and nothing more: one block for what stays in the model's
     dtype, one for the int8 weights and scales (each a huge page of slack for alignment) — no fp32 decoder or
@@ -321,6 +322,7 @@ def test_auto_dtype_follows_the_cpu_flags(monkeypatch):
         monkeypatch.setattr(devices, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
         dtype, why = devices.auto_dtype("cpu")
         assert dtype == torch.float32 and flag in why and "--dtype bf16" in why
+        assert "benchmarks/int8_accuracy.py" in why                     # the script that measures it, no figure
 
 
 def test_info_says_which_dtype_auto_picks(tmp_path, capsys):
