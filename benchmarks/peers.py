@@ -11,7 +11,8 @@ the same random input of the given length. The encoder is left out of the measur
 (its output only has to have the input's length): ms per decode step = (time to generate N tokens - time to
 generate 1 token) / (N - 1), every token forced (min length = max length). Also reported: first-token latency (the
 1-token run: encoder + prefill + one step), the load time (ours: ``from_pretrained``, for int8 with quantizing at
-load; CTranslate2: its ``Translator``), the RSS once loaded and the peak RSS of the process. Our model is saved once
+load; CTranslate2: its ``Translator``), the RSS once loaded, the peak RSS up to then (the load's) and the peak RSS of
+the whole process. Our model is saved once
 under ``.bench/`` and loaded with ``from_pretrained`` as users load it (weights in 2 MB pages; int8: quantized at
 load).
 
@@ -72,6 +73,11 @@ def cpu_info() -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- children
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_mb() -> float:
     """The process's resident memory now (VmRSS), MB; 0 where /proc is missing."""
     try:
@@ -128,7 +134,8 @@ def child_ours(spec: dict) -> dict:
     model = PegasusXForConditionalGeneration.from_pretrained(
         spec["ours_model"], dtype="bf16" if kind == "bf16" else "fp32",
         quantize="int8" if kind.startswith("int8") else None)
-    loaded = dict(load_s=time.perf_counter() - wall, load_cpu_s=time.process_time() - cpu, loaded_rss_mb=rss_mb())
+    loaded = dict(load_s=time.perf_counter() - wall, load_cpu_s=time.process_time() - cpu, loaded_rss_mb=rss_mb(),
+                  load_peak_rss_mb=peak_rss_mb())
     if kind == "int8-bf16kv":
         set_kv_dtype(model, "bf16")
     ids = torch.tensor([spec["ids"]])
@@ -150,7 +157,8 @@ def child_ct2(spec: dict) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     translator = ctranslate2.Translator(str(spec["ct2_model"]), device="cpu", compute_type=kind,
                                         intra_threads=spec["threads"], inter_threads=1)
-    loaded = dict(load_s=time.perf_counter() - wall, load_cpu_s=time.process_time() - cpu, loaded_rss_mb=rss_mb())
+    loaded = dict(load_s=time.perf_counter() - wall, load_cpu_s=time.process_time() - cpu, loaded_rss_mb=rss_mb(),
+                  load_peak_rss_mb=peak_rss_mb())
     vocab = json.loads((Path(spec["ct2_model"]) / "shared_vocabulary.json").read_text())
     source = [vocab[i] for i in spec["ids"][:-1]] + ["</s>"]
     beams = MODES[spec["mode"]]
@@ -224,7 +232,7 @@ def main() -> None:
     if args.child:
         spec = json.loads(args.child)
         result = (child_ct2 if spec["config"].startswith("ct2") else child_ours)(spec)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
     if args.save_ours:
@@ -276,8 +284,9 @@ def main() -> None:
                     results.append(out)
                     print(f"{length:>6} {mode:<7} {config:<12} {out['ms_per_step']:8.2f} ms/step "
                           f"({out['ms_per_step_cpu']:.2f} CPU)  first token {out['first_token_ms']:6.0f} ms  "
-                          f"load {out['load_s']:5.2f} s  RSS loaded {out['loaded_rss_mb']:6.0f} MB, "
-                          f"peak {out['peak_rss_mb']:6.0f} MB", flush=True)
+                          f"load {out['load_s']:5.2f} s  RSS loaded {out['loaded_rss_mb']:6.0f} MB, peak "
+                          f"loading {out['load_peak_rss_mb']:6.0f} MB, overall {out['peak_rss_mb']:6.0f} MB",
+                          flush=True)
     table = summarize(results, args)
     print(f"\nCPU: {name}; ISA: {' '.join(isa)}\n" + table)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
@@ -314,9 +323,10 @@ def summarize(results: list[dict], args) -> str:
                          f"{ratio('ours-int8-bf16kv', 'ct2-int8')} | {ratio('ours-int8-bf16kv', 'ours-fp32')} | "
                          f"{ratio('ours-fp32', 'ct2-float32')} |")
     lines += ["", f"load (ours: from_pretrained, int8 quantizing at load; CT2: Translator) and first token "
-              f"({args.clock} clock), RSS once loaded and peak RSS (medians over rounds):", "",
-              "| tokens | mode | configuration | load s | first token ms | RSS loaded MB | peak RSS MB |",
-              "|---:|---|---|---:|---:|---:|---:|"]
+              f"({args.clock} clock), RSS once loaded, peak RSS while loading and overall (medians over rounds):", "",
+              "| tokens | mode | configuration | load s | first token ms | RSS loaded MB | peak RSS loading MB "
+              "| peak RSS MB |",
+              "|---:|---|---|---:|---:|---:|---:|---:|"]
     for length in args.lengths:
         for mode in args.modes:
             for c in args.configs:
@@ -324,6 +334,7 @@ def summarize(results: list[dict], args) -> str:
                     lines.append(f"| {length:,} | {mode} | {c} | {med(length, mode, c, 'load_s'):.2f} | "
                                  f"{med(length, mode, c, 'first_token_ms'):.0f} | "
                                  f"{med(length, mode, c, 'loaded_rss_mb'):.0f} | "
+                                 f"{med(length, mode, c, 'load_peak_rss_mb'):.0f} | "
                                  f"{med(length, mode, c, 'peak_rss_mb'):.0f} |")
     return "\n".join(lines)
 
