@@ -231,6 +231,11 @@ def _read_safetensors(file: Path, dtype: torch.dtype | None, into: Destination |
     return out
 
 
+def _into_arena(arena: hugepages.Arena, names: set[str], dtype: torch.dtype) -> Destination:
+    """Where :func:`read_tensors` puts each tensor: the ones in ``names`` in ``arena`` (as ``dtype``), others fresh."""
+    return lambda name, shape: arena.empty(shape, dtype) if name in names else None
+
+
 def normalise_keys(names: list[str], with_head: bool) -> dict[str, str]:
     """Map file key → our key: add/strip the ``model.`` prefix; aliases of the tied embedding map to ``shared``."""
     prefix = "model." if with_head else ""
@@ -309,11 +314,9 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
         if on_cpu and hugepages.supported():
             # Decoding streams the weights every token: read them straight into 2 MB pages (hugepages.py).
             # Weights quantized as read go to ordinary memory instead, freed once quantized.
-            placed = [name for name, ours in kept.items() if ours not in pending]
+            placed = {name for name, ours in kept.items() if ours not in pending}
             arena = hugepages.Arena(sum(hugepages.nbytes(shapes[name][0], target_dtype) for name in placed))
-
-            def into(name: str, shape: tuple[int, ...]) -> Tensor | None:
-                return arena.empty(shape, target_dtype) if name in placed else None
+            into = _into_arena(arena, placed, target_dtype)
     state = read_tensors(folder, dtype, into, take if shapes is not None else None)
     if shapes is None:
         _check_names_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, with_head, folder)
