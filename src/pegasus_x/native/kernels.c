@@ -28,7 +28,8 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
 #define MAX_DRAFT_ROWS 72     /* px_decoder_rows: rows × positions per call (lookahead's verification pass) */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
-#define ABI_VERSION 3         /* raise with any change to a px_ function's arguments */
+#define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
+#define ABI_VERSION 4         /* raise with any change to a px_ function's arguments */
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -831,6 +832,157 @@ int px_decoder_rows(const px_layer *layers, int count, int64_t length, int64_t T
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ beam search
+ * The vocabulary-wide work of a beam-search step, between the LM head and the next step: log-softmax of every
+ * row's logits, then the best k of each input's K·V candidate scores. Both read a few rows of V floats that are
+ * still in cache, so a vector pass over them costs little next to the step; torch's CPU reductions and topk on
+ * these shapes cost a sizeable share of a step (benchmarks/generate.py, beam 4). Logits that are not all finite,
+ * and NaN among candidate scores, are refused (return 1): kernels.py then runs torch, whose rules for them stay
+ * the reference. */
+
+/* Lanes of v that are NaN or ±inf (the exponent bits all set): all ones there. */
+static inline v8i nonfinite(v8f v) { return ((v8i)v & 0x7f800000) == 0x7f800000; }
+
+/* Whether any lane of a comparison's result is set. */
+static inline int any_lane(v8i m) {
+#ifdef __AVX2__
+    __m256 f;
+    memcpy(&f, &m, sizeof f);
+    return _mm256_movemask_ps(f) != 0;
+#else
+    int any = 0;
+    for (int j = 0; j < 8; j++) any |= m[j];
+    return any != 0;
+#endif
+}
+
+/* y = x - log(sum(exp(x))) for one row, computed as torch does: m = max(x), (x - m) - log(sum(exp(x - m))).
+ * Returns 1 (y not written) if a value is not finite. */
+static int log_softmax_row(const float *x, float *y, int64_t V) {
+    int64_t V8 = V - V % 8;
+    v8f mv = (v8f){0} - INFINITY;
+    v8i bad = (v8i){0};
+    for (int64_t i = 0; i < V8; i += 8) {
+        v8f v = load_f32(x + i);
+        bad |= nonfinite(v);
+        mv = vmax(mv, v);
+    }
+    float m = -INFINITY;
+    for (int j = 0; j < 8; j++) m = mv[j] > m ? mv[j] : m;
+    int tail_bad = 0;
+    for (int64_t i = V8; i < V; i++) {
+        tail_bad |= !isfinite(x[i]);
+        m = x[i] > m ? x[i] : m;
+    }
+    if (tail_bad || any_lane(bad)) return 1;
+    v8f sv = (v8f){0};
+    for (int64_t i = 0; i < V8; i += 8) sv += vexp(load_f32(x + i) - m);
+    float sum = hsum(sv);
+    for (int64_t i = V8; i < V; i++) sum += expf(x[i] - m);
+    float log_sum = logf(sum);
+    for (int64_t i = 0; i < V; i++) y[i] = (x[i] - m) - log_sum;
+    return 0;
+}
+
+/* x, y: fp32 (rows, V). Returns 1 (y undefined) if a value of x is not finite. */
+int px_log_softmax(const float *x, float *y, int64_t rows, int64_t V, int threads) {
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) reduction(| : bad) schedule(static)
+    for (int64_t r = 0; r < rows; r++) bad |= log_softmax_row(x + r * V, y + r * V, V);
+    return bad;
+}
+
+/* Insert (v, i) into the k best so far, sorted best first; an equal value already there stays ahead of it (callers
+ * offer equal values in increasing index order, so ties come out lowest index first). */
+static inline void offer(float *val, int64_t *idx, int k, float v, int64_t i) {
+    int p = k - 1;
+    while (p > 0 && val[p - 1] < v) {
+        val[p] = val[p - 1];
+        idx[p] = idx[p - 1];
+        p--;
+    }
+    val[p] = v;
+    idx[p] = i;
+}
+
+/* The k best of x[i0 .. i1) (k <= i1 - i0) into val/idx, best first. Returns 1 if a value is NaN (±inf are
+ * ordered as usual: the logits processors set -inf). */
+static int topk_range(const float *x, int64_t i0, int64_t i1, int k, float *val, int64_t *idx) {
+    for (int j = 0; j < k; j++) {
+        if (isnan(x[i0 + j])) return 1;
+        val[j] = -INFINITY;
+        offer(val, idx, j + 1, x[i0 + j], i0 + j);
+    }
+    int64_t i = i0 + k;
+    v8i bad = (v8i){0};
+    for (; i + 8 <= i1; i += 8) {             /* most vectors hold nothing above the k-th best: one compare each */
+        v8f v = load_f32(x + i);
+        bad |= v != v;
+        if (any_lane(v > val[k - 1]))
+            for (int j = 0; j < 8; j++)
+                if (v[j] > val[k - 1]) offer(val, idx, k, v[j], i + j);
+    }
+    int tail_bad = 0;
+    for (; i < i1; i++) {
+        tail_bad |= isnan(x[i]);
+        if (x[i] > val[k - 1]) offer(val, idx, k, x[i], i);
+    }
+    return tail_bad || any_lane(bad);
+}
+
+/* Scratch floats px_topk needs: a k-best list per row and thread, k int64 indices (2k floats) then k values. */
+int64_t px_topk_work(int64_t rows, int k, int threads) { return rows * threads * k * 4; }
+
+/* The k largest of each row of x (rows, n), best first, ties lowest index first, into values (rows, k) and
+ * indices (rows, k). Each row is split among the threads (one input's candidates are one long row), their lists
+ * merged in index order. Returns 1 (outputs undefined) if k is out of range or a value is NaN. */
+int px_topk(const float *x, int64_t rows, int64_t n, int k, float *values, int64_t *indices, float *work,
+            int threads) {
+    if (k < 1 || k > MAX_TOPK || k > n || rows < 1) return 1;
+    int bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t per = (n + nt - 1) / nt, i0 = t * per, i1 = i0 + per < n ? i0 + per : n;
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t *idx = (int64_t *)(work + (r * nt + t) * k * 4);
+            float *val = (float *)(idx + k);
+            if (i1 - i0 >= k)
+                bad |= topk_range(x + r * n, i0, i1, k, val, idx);
+            else                              /* too short a share: its elements join at the merge */
+                for (int j = 0; j < k; j++) {
+                    val[j] = NAN;
+                    idx[j] = -1;
+                }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *best = values + r * k;
+            int64_t *at = indices + r * k, filled = 0;
+            for (int p = 0; p < nt; p++) {    /* the threads' lists in index order, then any short share's elements */
+                const int64_t *idx = (const int64_t *)(work + (r * nt + p) * k * 4);
+                const float *val = (const float *)(idx + k);
+                int64_t s0 = p * per, s1 = s0 + per < n ? s0 + per : n;
+                if (idx[0] >= 0) {
+                    for (int j = 0; j < k; j++)
+                        if (filled < k) offer(best, at, (int)++filled, val[j], idx[j]);
+                        else if (val[j] > best[k - 1]) offer(best, at, k, val[j], idx[j]);
+                        else break;                   /* the rest of this list is no better */
+                } else {
+                    for (int64_t i = s0; i < s1; i++) {
+                        float v = x[r * n + i];
+                        if (isnan(v)) bad = 1;
+                        else if (filled < k) offer(best, at, (int)++filled, v, i);
+                        else if (v > best[k - 1]) offer(best, at, k, v, i);
+                    }
+                }
+            }
+        }
+    }
+    return bad;
+}
+
 /* ------------------------------------------------------------------------------------------------ ABI
  * What kernels.py mirrors by hand, exported by name so it can check its copy at load: the ABI version, the limits,
  * the activation enum and px_layer's size and every field's offset and size. */
@@ -842,7 +994,7 @@ typedef struct {
 #define FIELD(f) {"px_layer." #f, offsetof(px_layer, f)}, {"px_layer." #f ".size", sizeof(((px_layer *)0)->f)}
 
 static const px_constant constants[] = {
-    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM},
+    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM}, {"max_topk", MAX_TOPK},
     {"act.relu", ACT_RELU}, {"act.gelu", ACT_GELU}, {"act.gelu_tanh", ACT_GELU_TANH}, {"act.silu", ACT_SILU},
     {"act.tanh", ACT_TANH}, {"px_layer", sizeof(px_layer)},
     FIELD(ln1_w), FIELD(ln1_b), FIELD(q), FIELD(k), FIELD(v), FIELD(o), FIELD(ln2_w), FIELD(ln2_b), FIELD(cq),
