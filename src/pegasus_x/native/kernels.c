@@ -80,6 +80,49 @@ static inline v8f vexp(v8f x) {
     return (v8f)((v8i)(p * scale) & ~tiny);
 }
 
+/* The largest of x[0 .. n) (-inf for n = 0). Four running maxima: one would wait on each comparison in turn.
+ * With `finite`, also whether every value is finite (x·0 is 0 for finite x, NaN for NaN and ±inf). */
+static inline float max_of(const float *x, int64_t n, int *finite) {
+    v8f m[4], z = (v8f){0};
+    for (int u = 0; u < 4; u++) m[u] = (v8f){0} - INFINITY;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; u++) {
+            v8f v = load_f32(x + i + 8 * u);
+            m[u] = vmax(m[u], v);
+            if (finite) z += v * 0.0f;
+        }
+    v8f mv = vmax(vmax(m[0], m[1]), vmax(m[2], m[3]));
+    float best = -INFINITY, zs = hsum(z);
+    for (int j = 0; j < 8; j++) best = mv[j] > best ? mv[j] : best;
+    for (; i < n; i++) {
+        best = x[i] > best ? x[i] : best;
+        zs += x[i] * 0.0f;
+    }
+    if (finite) *finite = zs == 0.0f;
+    return best;
+}
+
+/* sum of exp(x[i] - m) over i < n (m: at least every x[i]), each term also written to out[i] unless out is NULL
+ * (out may be x). Four independent exponentials per step: one at a time, each waits on its predecessor's chain. */
+static inline float exp_sum(const float *x, int64_t n, float m, float *out) {
+    v8f t[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; u++) {
+            v8f e = vexp(load_f32(x + i + 8 * u) - m);
+            if (out) memcpy(out + i + 8 * u, &e, sizeof e);
+            t[u] += e;
+        }
+    float total = hsum((t[0] + t[1]) + (t[2] + t[3]));
+    for (; i < n; i++) {
+        float e = expf(x[i] - m);
+        if (out) out[i] = e;
+        total += e;
+    }
+    return total;
+}
+
 static inline v8f load_bf16(const uint16_t *p) {          /* bf16 is the top half of an fp32 */
     v8u w = __builtin_convertvector(*(const v8h *)p, v8u) << 16;
     v8f f;
@@ -443,23 +486,12 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
     }
     /* Softmax per query row, in place (the scores of one head stay in L2: S floats per query row). */
     for (int64_t g = 0; g < G; g++) {
-        float *row = scores + g * S, mx = -INFINITY, total;
-        v8f m = (v8f){0} - INFINITY, t = {0};
-        for (int64_t s = 0; s < S8; s += 8) m = vmax(m, load_f32(row + s));
-        for (int64_t j = 0; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
-        for (int64_t s = S8; s < S; s++) mx = row[s] > mx ? row[s] : mx;
+        float *row = scores + g * S, mx = max_of(row, S, NULL);
         if (mx == -INFINITY) {                    /* nothing to attend: the row's weights are all 0 */
             memset(row, 0, S * sizeof(float));
             continue;
         }
-        for (int64_t s = 0; s < S8; s += 8) {
-            v8f e = vexp(load_f32(row + s) - mx);
-            memcpy(row + s, &e, sizeof e);
-            t += e;
-        }
-        total = hsum(t);
-        for (int64_t s = S8; s < S; s++) { row[s] = expf(row[s] - mx); total += row[s]; }
-        float inv = 1.0f / total;
+        float inv = 1.0f / exp_sum(row, S, mx, row);
         for (int64_t s = 0; s < S; s++) row[s] *= inv;
     }
     /* Weighted sum of the values: one pass over them for up to 4 query rows. */
@@ -840,9 +872,6 @@ int px_decoder_rows(const px_layer *layers, int count, int64_t length, int64_t T
  * and NaN among candidate scores, are refused (return 1): kernels.py then runs torch, whose rules for them stay
  * the reference. */
 
-/* Lanes of v that are NaN or ±inf (the exponent bits all set): all ones there. */
-static inline v8i nonfinite(v8f v) { return ((v8i)v & 0x7f800000) == 0x7f800000; }
-
 /* Whether any lane of a comparison's result is set. */
 static inline int any_lane(v8i m) {
 #ifdef __AVX2__
@@ -859,27 +888,10 @@ static inline int any_lane(v8i m) {
 /* y = x - log(sum(exp(x))) for one row, computed as torch does: m = max(x), (x - m) - log(sum(exp(x - m))).
  * Returns 1 (y not written) if a value is not finite. */
 static int log_softmax_row(const float *x, float *y, int64_t V) {
-    int64_t V8 = V - V % 8;
-    v8f mv = (v8f){0} - INFINITY;
-    v8i bad = (v8i){0};
-    for (int64_t i = 0; i < V8; i += 8) {
-        v8f v = load_f32(x + i);
-        bad |= nonfinite(v);
-        mv = vmax(mv, v);
-    }
-    float m = -INFINITY;
-    for (int j = 0; j < 8; j++) m = mv[j] > m ? mv[j] : m;
-    int tail_bad = 0;
-    for (int64_t i = V8; i < V; i++) {
-        tail_bad |= !isfinite(x[i]);
-        m = x[i] > m ? x[i] : m;
-    }
-    if (tail_bad || any_lane(bad)) return 1;
-    v8f sv = (v8f){0};
-    for (int64_t i = 0; i < V8; i += 8) sv += vexp(load_f32(x + i) - m);
-    float sum = hsum(sv);
-    for (int64_t i = V8; i < V; i++) sum += expf(x[i] - m);
-    float log_sum = logf(sum);
+    int finite;
+    float m = max_of(x, V, &finite);
+    if (!finite) return 1;
+    float log_sum = logf(exp_sum(x, V, m, NULL));
     for (int64_t i = 0; i < V; i++) y[i] = (x[i] - m) - log_sum;
     return 0;
 }
