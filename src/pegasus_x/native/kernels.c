@@ -28,6 +28,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
 #define MAX_DRAFT_ROWS 72     /* px_decoder_rows: rows × positions per call (lookahead's verification pass) */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
+#define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
 #define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
 #define ABI_VERSION 4         /* raise with any change to a px_ function's arguments */
 
@@ -311,17 +312,60 @@ static inline v8f load_i8(const int8_t *p) {
 }
 #endif
 
-/* Output rows o0 ≤ o < o1, 8 at a time where possible: the 8 rows' sums leave through one hsum8. */
+/* Weight rows w0 and w1 against `rows` query rows at once, their sums (before the horizontal add) into s0 and s1:
+ * each activation vector is loaded once for both weight rows. */
+static inline void dot_pair_i8(const int8_t *w0, const int8_t *w1, int64_t in, const float *x, int rows,
+                               v8f s0[ROW_CHUNK], v8f s1[ROW_CHUNK]) {
+    int64_t in8 = in - in % 8;
+    v8f a0[ROW_CHUNK], a1[ROW_CHUNK];
+    for (int r = 0; r < rows; r++) a0[r] = a1[r] = (v8f){0};
+    for (int64_t i = 0; i < in8; i += 8) {
+        __builtin_prefetch(w0 + i + 1024);
+        __builtin_prefetch(w1 + i + 1024);
+        v8f u0 = load_i8(w0 + i), u1 = load_i8(w1 + i);
+        for (int r = 0; r < rows; r++) {
+            v8f xv = load_f32(x + r * in + i);
+            a0[r] += u0 * xv;
+            a1[r] += u1 * xv;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float t0 = 0.0f, t1 = 0.0f;
+        for (int64_t i = in8; i < in; i++) {
+            t0 += (float)w0[i] * x[r * in + i];
+            t1 += (float)w1[i] * x[r * in + i];
+        }
+        a0[r][0] += t0;
+        a1[r][0] += t1;
+        s0[r] = a0[r];
+        s1[r] = a1[r];
+    }
+}
+
+/* Output rows o0 ≤ o < o1, 8 at a time where possible: the 8 rows' sums leave through one hsum8. When the query
+ * rows outgrow L1 (the feed-forward's second product at four rows), weight rows go in pairs so each activation
+ * load serves two of them (benchmarks/peers.py, beam 4). */
 static inline void dot_block_i8(const int8_t *W, const float *scale, int64_t o0, int64_t o1, int64_t in,
                                 const float *x, int rows, float *y, int64_t out) {
     const int U = rows == 1 ? 4 : 2;
     int64_t inU = in - in % (8 * U);
+    int pairs = rows * in * (int64_t)sizeof(float) > L1_BYTES;
     for (int64_t ob = o0; ob < o1; ob += 8) {
         int64_t on = o1 - ob < 8 ? o1 - ob : 8;
         v8f sums[ROW_CHUNK][8];
         for (int64_t j = 0; j < 8; j++) {
             if (j >= on) {
                 for (int r = 0; r < rows; r++) sums[r][j] = (v8f){0};
+                continue;
+            }
+            if (pairs && j + 1 < on) {
+                v8f s0[ROW_CHUNK], s1[ROW_CHUNK];
+                dot_pair_i8(W + (ob + j) * in, W + (ob + j + 1) * in, in, x, rows, s0, s1);
+                for (int r = 0; r < rows; r++) {
+                    sums[r][j] = s0[r];
+                    sums[r][j + 1] = s1[r];
+                }
+                j++;
                 continue;
             }
             const int8_t *w = W + (ob + j) * in;
