@@ -251,17 +251,25 @@ def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generat
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-def make_step(model, cache: DecoderCache) -> Callable[..., Tensor]:
+class Step:
     """``step(tokens (R, T)) -> fp32 logits (R, V)`` of the last position (``step(tokens, every=True)``: of every
-    position, ``(R, T, V)``); advances the cache by T and counts its calls in ``step.passes``."""
-    decoder, head = model.get_decoder(), model.lm_head
+    position, ``(R, T, V)``); advances the cache by T and counts its calls in ``passes``.
 
-    def step(tokens: Tensor, every: bool = False) -> Tensor:
-        step.passes += 1
-        h = decoder(tokens, None, None, cache=cache)
-        return head(h if every else h[:, -1]).float()
-    step.passes = 0
-    return step
+    An object rather than a closure that counts in an attribute of itself: a function naming itself is a reference
+    cycle, which would keep each call's cache (the cross-attention keys/values) until the cycle collector ran."""
+
+    def __init__(self, model, cache: DecoderCache):
+        self.decoder, self.head, self.cache, self.passes = model.get_decoder(), model.lm_head, cache, 0
+
+    def __call__(self, tokens: Tensor, every: bool = False) -> Tensor:
+        self.passes += 1
+        h = self.decoder(tokens, None, None, cache=self.cache)
+        return self.head(h if every else h[:, -1]).float()
+
+
+def make_step(model, cache: DecoderCache) -> Step:
+    """The :class:`Step` of ``model`` over ``cache``."""
+    return Step(model, cache)
 
 
 def _sync_every(device: torch.device) -> int:

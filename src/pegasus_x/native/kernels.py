@@ -13,6 +13,7 @@ may have set to bf16) and a size the library itself computes (``px_*_work``) or 
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,13 @@ class DecoderPlan:
     rows_ok: bool
 
 
+@functools.lru_cache(maxsize=None)
+def _layers(count: int) -> type:
+    """The ctypes array type of ``count`` layers, made once: each new one is a class, whose reference cycles would
+    wait for the cycle collector after every generate() call."""
+    return abi.Layer * count
+
+
 def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
     """The plan for :func:`decoder_step` on ``x`` ``(R, 1, D)`` with this cache, or None where it cannot run.
 
@@ -219,7 +227,7 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
                                ffn=cfg.decoder_ffn_dim, max_len=cache.max_len, S=S, bf16=int(dtype == torch.bfloat16),
                                activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps,
                                cross_bf16=int(cross == torch.bfloat16)))
-    return DecoderPlan((abi.Layer * len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S, rows_ok)
+    return DecoderPlan(_layers(len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S, rows_ok)
 
 
 def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
