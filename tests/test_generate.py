@@ -7,12 +7,13 @@ EOS embedding row so hypotheses end at different lengths (exercising padding, fi
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
 import torch
 
-from conftest import random_batch, reference_twin
+from conftest import random_batch, reference_twin, small_model
 import pegasus_x.cache as cache_module
 import pegasus_x.generate as generate_module
 from pegasus_x import GenerationError, native
@@ -459,3 +460,22 @@ def test_finished_inputs_are_checked_every_step_on_the_cpu_and_every_sync_every_
     assert generate_module._sync_every(torch.device("cpu")) == 1
     assert generate_module._sync_every(torch.device("meta")) == generate_module.SYNC_EVERY > 1
 
+
+
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "reference"])
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(prompt_lookup_num_tokens=4),
+                                     dict(do_sample=True, seed=1)], ids=["greedy", "beam", "lookahead", "sample"])
+def test_generate_leaves_nothing_for_the_cycle_collector(options, native_on):
+    # A reference cycle through the decoding state would keep each call's cache (the cross-attention keys/values of
+    # every input) in memory until the cycle collector happened to run.
+    model = small_model()
+    model.set_native(native_on)
+    ids = torch.randint(3, 100, (2, 30), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, max_new_tokens=5, **options)                # first call: whatever is built once
+    gc.collect()
+    gc.disable()
+    try:
+        model.generate(ids, max_new_tokens=5, **options)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -308,6 +308,62 @@ def test_generation_through_native_layers_matches_reference(lib, tmp_path, monke
     assert torch.equal(got, expected), f"\n{got}\n{expected}"
 
 
+# ---------------------------------------------------------------------------------------- beam-search kernels
+@pytest.mark.parametrize("rows, V", [(1, 1), (1, 7), (3, 8), (4, 96103), (9, 1001)])
+def test_log_softmax_equals_torch(lib, rows, V):
+    g = torch.Generator().manual_seed(rows * V)
+    x = torch.randn(rows, V, generator=g) * 8 - 30          # far from 0: the maximum must be subtracted
+    got = kernels.log_softmax(x)
+    torch.testing.assert_close(got, F.log_softmax(x, dim=-1), rtol=1e-6, atol=4e-6)
+    assert torch.allclose(got.exp().sum(-1).double(), torch.ones(rows, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
+def test_log_softmax_leaves_non_finite_logits_to_torch(lib, special):
+    x = torch.randn(3, 40)
+    x[1, 17] = special
+    assert torch.equal(kernels.log_softmax(x).isnan(), F.log_softmax(x, dim=-1).isnan())
+    torch.testing.assert_close(kernels.log_softmax(x), F.log_softmax(x, dim=-1), equal_nan=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows, n, k", [(1, 384412, 8), (2, 96103, 16), (3, 37, 5), (1, 5, 5), (2, 9, 4),
+                                        (1, 2, 1), (4, 1000, 1)])
+def test_topk_equals_a_stable_sort(lib, rows, n, k, threads):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randint(-20, 20, (rows, n), generator=g).float() / 4   # many ties
+    x[:, ::7] = float("-inf")                                       # as the logits processors set them
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, indices = kernels.topk(x, k)
+    finally:
+        torch.set_num_threads(before)
+    order = torch.sort(x, dim=-1, descending=True, stable=True)     # ties: the lowest index first
+    assert torch.equal(indices, order.indices[:, :k]) and torch.equal(values, order.values[:, :k])
+    assert indices.dtype == torch.long and values.dtype == torch.float32
+
+
+def test_topk_equals_torch_on_distinct_scores_and_leaves_nan_to_torch(lib):
+    x = torch.randn(2, 5000, generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(a, b) for a, b in zip(kernels.topk(x, 8), torch.topk(x, 8)))
+    x[1, 4321] = float("nan")
+    got, expected = kernels.topk(x, 8), torch.topk(x, 8)
+    assert torch.equal(got[1], expected[1]) and int(got[1][1, 0]) == 4321    # torch ranks NaN first
+
+
+def test_beam_search_kernels_refuse_what_they_cannot_take():
+    x = torch.randn(2, 30)
+    for value in (x.double(), x.t().contiguous().t(), x.to("meta")):     # dtype, layout, device: torch runs
+        kind = value.device.type
+        if kind != "meta":
+            torch.testing.assert_close(kernels.log_softmax(value), torch.log_softmax(value, dim=-1))
+        assert kernels.topk(value, 3)[1].device.type == kind
+    assert torch.equal(kernels.topk(x, 30)[1], torch.sort(x, descending=True, stable=True).indices)
+    with pytest.raises(RuntimeError):                                # k past n: torch's own error
+        kernels.topk(x, 31)
+
+
 # ------------------------------------------------------------------------------- buffers under any default dtype
 @pytest.fixture
 def guarded_empty(monkeypatch):
@@ -343,7 +399,11 @@ def test_kernels_write_only_their_buffers_under_any_default_dtype(lib, default_d
     q = torch.randn(2, 3, 4, 16, generator=g, dtype=torch.float32).to(dtype)
     k, v = (torch.randn(2, 3, 9, 16, generator=g, dtype=torch.float32).to(dtype) for _ in range(2))
     got_linear, got_attention = kernels.linear(x, w, None), kernels.attention(q, k, v, None)
+    logits = torch.randn(3, 1001, generator=g, dtype=torch.float32)
+    got_log_softmax, (_, got_top) = kernels.log_softmax(logits), kernels.topk(logits, 9)
     assert guarded_empty(), "a kernel wrote past the end of a buffer"
+    torch.testing.assert_close(got_log_softmax, F.log_softmax(logits, dim=-1))
+    assert torch.equal(got_top, torch.topk(logits, 9).indices)
     torch.testing.assert_close(got_linear.float(), F.linear(x.float(), w.float()), **tolerance(dtype))
     torch.testing.assert_close(got_attention.float(), F.scaled_dot_product_attention(q.float(), k.float(), v.float()),
                                **tolerance(dtype))
@@ -372,9 +432,11 @@ def test_decoder_step_writes_only_its_buffers_under_any_default_dtype(lib, defau
 # ------------------------------------------------------------------------------------------------- the one switch
 @pytest.fixture
 def fast_path_calls(monkeypatch):
-    """Counts every fast path taken: the decoder kernel, the attention and linear kernels, the slab route."""
+    """Counts every fast path taken: the decoder kernel, the attention and linear kernels, the slab route, the
+    beam-search kernels."""
     calls = []
-    for owner, name in ((native, "decoder_step"), (native, "attention"), (kernels, "linear"), (torch, "bmm")):
+    for owner, name in ((native, "decoder_step"), (native, "attention"), (kernels, "linear"), (torch, "bmm"),
+                        (native, "log_softmax"), (native, "topk")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     return calls
@@ -389,7 +451,7 @@ def test_one_switch_selects_the_reference_everywhere(lib, monkeypatch, fast_path
     tokens = [torch.randint(3, 120, (2, 1), generator=g) for _ in range(4)]
     fast_tokens = model.generate(ids, num_beams=2, max_new_tokens=6)
     fast_logits, _ = run_steps(model, enc, keep, 2, tokens)
-    assert "decoder_step" in fast_path_calls
+    assert {"decoder_step", "log_softmax", "topk"} <= set(fast_path_calls)
     with torch.no_grad():
         model.lm_head(torch.randn(1, 64))                             # a few-row linear outside the fused kernel
     assert "linear" in fast_path_calls

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .cache import FIRST_CHUNK, DecoderCache, new_cache, next_capacity
 from .errors import GenerationError, InputError
 from .generation_config import (DEFAULT_MAX_NEW_TOKENS, DEFAULTS, RUNTIME_OPTIONS, GenerationConfig,
@@ -250,17 +251,25 @@ def _generator(generator: Any, seed: Any, device: torch.device) -> torch.Generat
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-def make_step(model, cache: DecoderCache) -> Callable[..., Tensor]:
+class Step:
     """``step(tokens (R, T)) -> fp32 logits (R, V)`` of the last position (``step(tokens, every=True)``: of every
-    position, ``(R, T, V)``); advances the cache by T and counts its calls in ``step.passes``."""
-    decoder, head = model.get_decoder(), model.lm_head
+    position, ``(R, T, V)``); advances the cache by T and counts its calls in ``passes``.
 
-    def step(tokens: Tensor, every: bool = False) -> Tensor:
-        step.passes += 1
-        h = decoder(tokens, None, None, cache=cache)
-        return head(h if every else h[:, -1]).float()
-    step.passes = 0
-    return step
+    An object rather than a closure that counts in an attribute of itself: a function naming itself is a reference
+    cycle, which would keep each call's cache (the cross-attention keys/values) until the cycle collector ran."""
+
+    def __init__(self, model, cache: DecoderCache):
+        self.decoder, self.head, self.cache, self.passes = model.get_decoder(), model.lm_head, cache, 0
+
+    def __call__(self, tokens: Tensor, every: bool = False) -> Tensor:
+        self.passes += 1
+        h = self.decoder(tokens, None, None, cache=self.cache)
+        return self.head(h if every else h[:, -1]).float()
+
+
+def make_step(model, cache: DecoderCache) -> Step:
+    """The :class:`Step` of ``model`` over ``cache``."""
+    return Step(model, cache)
 
 
 def _sync_every(device: torch.device) -> int:
@@ -270,11 +279,13 @@ def _sync_every(device: torch.device) -> int:
 
 
 def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Options,
-                     procs: list[Processor], batch: int) -> GenerateOutput:
+                     procs: list[Processor], batch: int, fast: bool) -> GenerateOutput:
     """Greedy search (argmax) or multinomial sampling; rows of inputs that are all finished leave the batch.
 
     ``num_return_sequences`` rows per input (1 for greedy). Finished rows emit pad, like the reference.
+    ``fast``: the argmax by the native top-1 (first index among equals, as ``argmax``); see :func:`beam_search`.
     """
+    argmax = (lambda x: native.topk(x, 1)[1].squeeze(1)) if fast else (lambda x: x.argmax(-1))
     group, L, dev = opts.num_return_sequences, opts.max_length, cache.cross_k[0].device
     eos = torch.tensor(opts.eos, dtype=torch.long, device=dev)
     out = torch.full((batch * group, min(L, FIRST_CHUNK)), opts.pad, dtype=torch.long, device=dev)
@@ -291,7 +302,7 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
         if opts.do_sample:
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=opts.generator).squeeze(1)
         else:
-            nxt = scores.argmax(-1)
+            nxt = argmax(scores)
         nxt = nxt.masked_fill(done, opts.pad)
         if cur == seqs.shape[1]:
             seqs = _widen(seqs, next_capacity(cur + 1, cur, L), opts.pad)
@@ -381,7 +392,7 @@ class BeamState:
 
 
 def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Options, procs: list[Processor],
-                batch: int) -> GenerateOutput:
+                batch: int, fast: bool) -> GenerateOutput:
     """Beam search (or beam sampling with ``do_sample``) with the reference's alive/finished bookkeeping.
 
     Each step keeps ``C = max(2, 1+n_eos)·K`` candidates per input; those ending in EOS (or at max_length) among the
@@ -389,7 +400,12 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
     unfinished candidates stay alive. An input is done when no alive beam can beat its worst finished hypothesis
     (``early_stopping`` False: judged at the current length; "never": at max_length when the penalty favours length)
     or, with ``early_stopping=True``, as soon as K hypotheses are finished. Done inputs leave the batch.
+
+    ``fast``: the log-softmax and the candidates' top-k over the vocabulary by the native kernels (the model's
+    switch, :func:`pegasus_x.native.available`); else by torch, the reference they are tested against.
     """
+    log_softmax = native.log_softmax if fast else lambda x: F.log_softmax(x, dim=-1)
+    topk = native.topk if fast else torch.topk
     K, L, dev = opts.num_beams, opts.max_length, cache.cross_k[0].device
     C = max(2, 1 + len(opts.eos)) * K
     eos = torch.tensor(opts.eos, dtype=torch.long, device=dev)
@@ -410,7 +426,7 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
         if cur == st.run_seqs.shape[2]:
             st.widen(next_capacity(cur + 1, cur, L), opts.pad)
         W = st.run_seqs.shape[2]
-        logp = F.log_softmax(step(st.run_seqs[:, :, cur - 1].reshape(-1, 1)), dim=-1)
+        logp = log_softmax(step(st.run_seqs[:, :, cur - 1].reshape(-1, 1)))
         logp = process(procs, logp, st.run_seqs.view(b * K, W)[:, :cur], inputs.repeat_interleave(K))
         V = logp.shape[1]
         total = (logp.view(b, K, V) + st.run_scores[:, :, None]).view(b, K * V)
@@ -418,7 +434,7 @@ def beam_search(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts: Opt
             cand = torch.multinomial(total.softmax(-1), C, generator=opts.generator)
             cand_scores = total.gather(1, cand)
         else:
-            cand_scores, cand = torch.topk(total, C)
+            cand_scores, cand = topk(total, C)
         parent, token = cand // V, cand % V
         cand_seqs = st.run_seqs.gather(1, parent[:, :, None].expand(b, C, W))
         cand_seqs[:, :, cur] = token
@@ -554,12 +570,13 @@ def search(model, cache: DecoderCache, keep: Tensor, input_ids: Tensor | None, o
     source = input_ids.long() if input_ids is not None else keep.long()   # (device and batch size only)
     procs = [*build_processors(opts, source), *extra]
     step = make_step(model, cache)
+    fast = native.available(model)
     if opts.num_beams > 1:
-        result = beam_search(step, cache, opts, procs, batch)       # no lookahead here: see lookahead.py
+        result = beam_search(step, cache, opts, procs, batch, fast)       # no lookahead here: see lookahead.py
     elif opts.lookahead:
         drafts_from = sources(None if input_ids is None else source, keep, batch)
         result = lookahead_search(step, cache, opts, procs, batch, drafts_from)
     else:
-        result = greedy_or_sample(step, cache, opts, procs, batch)
+        result = greedy_or_sample(step, cache, opts, procs, batch, fast)
     result.decoder_passes = step.passes
     return result

@@ -136,7 +136,8 @@ def lookahead_search(step: Callable[..., Tensor], cache: DecoderCache, opts, pro
     ``opts.lookahead`` draft tokens per decoder pass (see the module docstring).
 
     Args:
-        step: ``make_step``'s closure; ``step(tokens, every=True)`` gives every position's logits.
+        step: ``make_step``'s :class:`~pegasus_x.generate.Step`; ``step(tokens, every=True)`` gives every
+            position's logits.
         cache: the decoder cache (rolled back past rejected draft tokens).
         opts: resolved :class:`~pegasus_x.generate.Options` with ``num_beams == 1``.
         procs: the logits processors.

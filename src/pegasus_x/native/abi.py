@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ctypes
 
-VERSION = 3             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
+VERSION = 4             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
 MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
 MAX_DRAFT_ROWS = 72     # rows × new positions per px_decoder_rows call (lookahead's verification pass)
 MAX_HEAD_DIM = 256      # px_attention's and px_decoder's head_dim limit
+MAX_TOPK = 256          # px_topk's k per row
 HEAD_DIM_MULTIPLE = 8   # px_attention and px_decoder take whole 8-float vectors of each head
 # kernels.c's activation enum (ACT_RELU, ...) and the config names that select each.
 ENUM = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4}
@@ -49,6 +50,7 @@ class Mismatch(Exception):
 def expected() -> dict[str, int]:
     """What ``px_constants`` must report, by name."""
     facts = {"abi": VERSION, "max_rows": MAX_ROWS, "max_draft_rows": MAX_DRAFT_ROWS, "max_head_dim": MAX_HEAD_DIM,
+             "max_topk": MAX_TOPK,
              "px_layer": ctypes.sizeof(Layer)}
     facts.update({f"act.{name}": value for name, value in ENUM.items()})
     for name, _ in Layer._fields_:
@@ -88,3 +90,6 @@ def check(lib: ctypes.CDLL) -> None:
     lib.px_decoder_rows_work.argtypes = [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _int]
     lib.px_decoder_rows_work.restype = _i64
     lib.px_decoder_rows.argtypes = [ctypes.POINTER(Layer), _int, _i64, _i64, _ptr, _ptr, _int]
+    lib.px_log_softmax.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+    lib.px_topk_work.argtypes, lib.px_topk_work.restype = [_i64, _int, _int], _i64
+    lib.px_topk.argtypes = [_ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _int]

@@ -28,7 +28,9 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
 #define MAX_DRAFT_ROWS 72     /* px_decoder_rows: rows × positions per call (lookahead's verification pass) */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
-#define ABI_VERSION 3         /* raise with any change to a px_ function's arguments */
+#define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
+#define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
+#define ABI_VERSION 4         /* raise with any change to a px_ function's arguments */
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -77,6 +79,49 @@ static inline v8f vexp(v8f x) {
     v8f p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
     v8f scale = (v8f)((k + 127) << 23);
     return (v8f)((v8i)(p * scale) & ~tiny);
+}
+
+/* The largest of x[0 .. n) (-inf for n = 0). Four running maxima: one would wait on each comparison in turn.
+ * With `finite`, also whether every value is finite (x·0 is 0 for finite x, NaN for NaN and ±inf). */
+static inline float max_of(const float *x, int64_t n, int *finite) {
+    v8f m[4], z = (v8f){0};
+    for (int u = 0; u < 4; u++) m[u] = (v8f){0} - INFINITY;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; u++) {
+            v8f v = load_f32(x + i + 8 * u);
+            m[u] = vmax(m[u], v);
+            if (finite) z += v * 0.0f;
+        }
+    v8f mv = vmax(vmax(m[0], m[1]), vmax(m[2], m[3]));
+    float best = -INFINITY, zs = hsum(z);
+    for (int j = 0; j < 8; j++) best = mv[j] > best ? mv[j] : best;
+    for (; i < n; i++) {
+        best = x[i] > best ? x[i] : best;
+        zs += x[i] * 0.0f;
+    }
+    if (finite) *finite = zs == 0.0f;
+    return best;
+}
+
+/* sum of exp(x[i] - m) over i < n (m: at least every x[i]), each term also written to out[i] unless out is NULL
+ * (out may be x). Four independent exponentials per step: one at a time, each waits on its predecessor's chain. */
+static inline float exp_sum(const float *x, int64_t n, float m, float *out) {
+    v8f t[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; u++) {
+            v8f e = vexp(load_f32(x + i + 8 * u) - m);
+            if (out) memcpy(out + i + 8 * u, &e, sizeof e);
+            t[u] += e;
+        }
+    float total = hsum((t[0] + t[1]) + (t[2] + t[3]));
+    for (; i < n; i++) {
+        float e = expf(x[i] - m);
+        if (out) out[i] = e;
+        total += e;
+    }
+    return total;
 }
 
 static inline v8f load_bf16(const uint16_t *p) {          /* bf16 is the top half of an fp32 */
@@ -267,17 +312,60 @@ static inline v8f load_i8(const int8_t *p) {
 }
 #endif
 
-/* Output rows o0 ≤ o < o1, 8 at a time where possible: the 8 rows' sums leave through one hsum8. */
+/* Weight rows w0 and w1 against `rows` query rows at once, their sums (before the horizontal add) into s0 and s1:
+ * each activation vector is loaded once for both weight rows. */
+static inline void dot_pair_i8(const int8_t *w0, const int8_t *w1, int64_t in, const float *x, int rows,
+                               v8f s0[ROW_CHUNK], v8f s1[ROW_CHUNK]) {
+    int64_t in8 = in - in % 8;
+    v8f a0[ROW_CHUNK], a1[ROW_CHUNK];
+    for (int r = 0; r < rows; r++) a0[r] = a1[r] = (v8f){0};
+    for (int64_t i = 0; i < in8; i += 8) {
+        __builtin_prefetch(w0 + i + 1024);
+        __builtin_prefetch(w1 + i + 1024);
+        v8f u0 = load_i8(w0 + i), u1 = load_i8(w1 + i);
+        for (int r = 0; r < rows; r++) {
+            v8f xv = load_f32(x + r * in + i);
+            a0[r] += u0 * xv;
+            a1[r] += u1 * xv;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float t0 = 0.0f, t1 = 0.0f;
+        for (int64_t i = in8; i < in; i++) {
+            t0 += (float)w0[i] * x[r * in + i];
+            t1 += (float)w1[i] * x[r * in + i];
+        }
+        a0[r][0] += t0;
+        a1[r][0] += t1;
+        s0[r] = a0[r];
+        s1[r] = a1[r];
+    }
+}
+
+/* Output rows o0 ≤ o < o1, 8 at a time where possible: the 8 rows' sums leave through one hsum8. When the query
+ * rows outgrow L1 (the feed-forward's second product at four rows), weight rows go in pairs so each activation
+ * load serves two of them (benchmarks/peers.py, beam 4). */
 static inline void dot_block_i8(const int8_t *W, const float *scale, int64_t o0, int64_t o1, int64_t in,
                                 const float *x, int rows, float *y, int64_t out) {
     const int U = rows == 1 ? 4 : 2;
     int64_t inU = in - in % (8 * U);
+    int pairs = rows * in * (int64_t)sizeof(float) > L1_BYTES;
     for (int64_t ob = o0; ob < o1; ob += 8) {
         int64_t on = o1 - ob < 8 ? o1 - ob : 8;
         v8f sums[ROW_CHUNK][8];
         for (int64_t j = 0; j < 8; j++) {
             if (j >= on) {
                 for (int r = 0; r < rows; r++) sums[r][j] = (v8f){0};
+                continue;
+            }
+            if (pairs && j + 1 < on) {
+                v8f s0[ROW_CHUNK], s1[ROW_CHUNK];
+                dot_pair_i8(W + (ob + j) * in, W + (ob + j + 1) * in, in, x, rows, s0, s1);
+                for (int r = 0; r < rows; r++) {
+                    sums[r][j] = s0[r];
+                    sums[r][j + 1] = s1[r];
+                }
+                j++;
                 continue;
             }
             const int8_t *w = W + (ob + j) * in;
@@ -442,23 +530,12 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
     }
     /* Softmax per query row, in place (the scores of one head stay in L2: S floats per query row). */
     for (int64_t g = 0; g < G; g++) {
-        float *row = scores + g * S, mx = -INFINITY, total;
-        v8f m = (v8f){0} - INFINITY, t = {0};
-        for (int64_t s = 0; s < S8; s += 8) m = vmax(m, load_f32(row + s));
-        for (int64_t j = 0; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
-        for (int64_t s = S8; s < S; s++) mx = row[s] > mx ? row[s] : mx;
+        float *row = scores + g * S, mx = max_of(row, S, NULL);
         if (mx == -INFINITY) {                    /* nothing to attend: the row's weights are all 0 */
             memset(row, 0, S * sizeof(float));
             continue;
         }
-        for (int64_t s = 0; s < S8; s += 8) {
-            v8f e = vexp(load_f32(row + s) - mx);
-            memcpy(row + s, &e, sizeof e);
-            t += e;
-        }
-        total = hsum(t);
-        for (int64_t s = S8; s < S; s++) { row[s] = expf(row[s] - mx); total += row[s]; }
-        float inv = 1.0f / total;
+        float inv = 1.0f / exp_sum(row, S, mx, row);
         for (int64_t s = 0; s < S; s++) row[s] *= inv;
     }
     /* Weighted sum of the values: one pass over them for up to 4 query rows. */
@@ -831,6 +908,137 @@ int px_decoder_rows(const px_layer *layers, int count, int64_t length, int64_t T
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ beam search
+ * The vocabulary-wide work of a beam-search step, between the LM head and the next step: log-softmax of every
+ * row's logits, then the best k of each input's K·V candidate scores. Both read a few rows of V floats that are
+ * still in cache, so a vector pass over them costs little next to the step; torch's CPU reductions and topk on
+ * these shapes cost a sizeable share of a step (benchmarks/generate.py, beam 4). Logits that are not all finite,
+ * and NaN among candidate scores, are refused (return 1): kernels.py then runs torch, whose rules for them stay
+ * the reference. */
+
+/* Whether any lane of a comparison's result is set. */
+static inline int any_lane(v8i m) {
+#ifdef __AVX2__
+    __m256 f;
+    memcpy(&f, &m, sizeof f);
+    return _mm256_movemask_ps(f) != 0;
+#else
+    int any = 0;
+    for (int j = 0; j < 8; j++) any |= m[j];
+    return any != 0;
+#endif
+}
+
+/* y = x - log(sum(exp(x))) for one row, computed as torch does: m = max(x), (x - m) - log(sum(exp(x - m))).
+ * Returns 1 (y not written) if a value is not finite. */
+static int log_softmax_row(const float *x, float *y, int64_t V) {
+    int finite;
+    float m = max_of(x, V, &finite);
+    if (!finite) return 1;
+    float log_sum = logf(exp_sum(x, V, m, NULL));
+    for (int64_t i = 0; i < V; i++) y[i] = (x[i] - m) - log_sum;
+    return 0;
+}
+
+/* x, y: fp32 (rows, V). Returns 1 (y undefined) if a value of x is not finite. */
+int px_log_softmax(const float *x, float *y, int64_t rows, int64_t V, int threads) {
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) reduction(| : bad) schedule(static)
+    for (int64_t r = 0; r < rows; r++) bad |= log_softmax_row(x + r * V, y + r * V, V);
+    return bad;
+}
+
+/* Insert (v, i) into the k best so far, sorted best first; an equal value already there stays ahead of it (callers
+ * offer equal values in increasing index order, so ties come out lowest index first). */
+static inline void offer(float *val, int64_t *idx, int k, float v, int64_t i) {
+    int p = k - 1;
+    while (p > 0 && val[p - 1] < v) {
+        val[p] = val[p - 1];
+        idx[p] = idx[p - 1];
+        p--;
+    }
+    val[p] = v;
+    idx[p] = i;
+}
+
+/* The k best of x[i0 .. i1) (k <= i1 - i0) into val/idx, best first. Returns 1 if a value is NaN (±inf are
+ * ordered as usual: the logits processors set -inf). */
+static int topk_range(const float *x, int64_t i0, int64_t i1, int k, float *val, int64_t *idx) {
+    for (int j = 0; j < k; j++) {
+        if (isnan(x[i0 + j])) return 1;
+        val[j] = -INFINITY;
+        offer(val, idx, j + 1, x[i0 + j], i0 + j);
+    }
+    int64_t i = i0 + k;
+    v8i bad = (v8i){0};
+    for (; i + 8 <= i1; i += 8) {             /* most vectors hold nothing above the k-th best: one compare each */
+        v8f v = load_f32(x + i);
+        bad |= v != v;
+        if (any_lane(v > val[k - 1]))
+            for (int j = 0; j < 8; j++)
+                if (v[j] > val[k - 1]) offer(val, idx, k, v[j], i + j);
+    }
+    int tail_bad = 0;
+    for (; i < i1; i++) {
+        tail_bad |= isnan(x[i]);
+        if (x[i] > val[k - 1]) offer(val, idx, k, x[i], i);
+    }
+    return tail_bad || any_lane(bad);
+}
+
+/* Scratch floats px_topk needs: a k-best list per row and thread, k int64 indices (2k floats) then k values. */
+int64_t px_topk_work(int64_t rows, int k, int threads) { return rows * threads * k * 4; }
+
+/* The k largest of each row of x (rows, n), best first, ties lowest index first, into values (rows, k) and
+ * indices (rows, k). Each row is split among the threads (one input's candidates are one long row), their lists
+ * merged in index order. Returns 1 (outputs undefined) if k is out of range or a value is NaN. */
+int px_topk(const float *x, int64_t rows, int64_t n, int k, float *values, int64_t *indices, float *work,
+            int threads) {
+    if (k < 1 || k > MAX_TOPK || k > n || rows < 1) return 1;
+    int bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t per = (n + nt - 1) / nt, i0 = t * per, i1 = i0 + per < n ? i0 + per : n;
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t *idx = (int64_t *)(work + (r * nt + t) * k * 4);
+            float *val = (float *)(idx + k);
+            if (i1 - i0 >= k)
+                bad |= topk_range(x + r * n, i0, i1, k, val, idx);
+            else                              /* too short a share: its elements join at the merge */
+                for (int j = 0; j < k; j++) {
+                    val[j] = NAN;
+                    idx[j] = -1;
+                }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *best = values + r * k;
+            int64_t *at = indices + r * k, filled = 0;
+            for (int p = 0; p < nt; p++) {    /* the threads' lists in index order, then any short share's elements */
+                const int64_t *idx = (const int64_t *)(work + (r * nt + p) * k * 4);
+                const float *val = (const float *)(idx + k);
+                int64_t s0 = p * per, s1 = s0 + per < n ? s0 + per : n;
+                if (idx[0] >= 0) {
+                    for (int j = 0; j < k; j++)
+                        if (filled < k) offer(best, at, (int)++filled, val[j], idx[j]);
+                        else if (val[j] > best[k - 1]) offer(best, at, k, val[j], idx[j]);
+                        else break;                   /* the rest of this list is no better */
+                } else {
+                    for (int64_t i = s0; i < s1; i++) {
+                        float v = x[r * n + i];
+                        if (isnan(v)) bad = 1;
+                        else if (filled < k) offer(best, at, (int)++filled, v, i);
+                        else if (v > best[k - 1]) offer(best, at, k, v, i);
+                    }
+                }
+            }
+        }
+    }
+    return bad;
+}
+
 /* ------------------------------------------------------------------------------------------------ ABI
  * What kernels.py mirrors by hand, exported by name so it can check its copy at load: the ABI version, the limits,
  * the activation enum and px_layer's size and every field's offset and size. */
@@ -842,7 +1050,7 @@ typedef struct {
 #define FIELD(f) {"px_layer." #f, offsetof(px_layer, f)}, {"px_layer." #f ".size", sizeof(((px_layer *)0)->f)}
 
 static const px_constant constants[] = {
-    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM},
+    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM}, {"max_topk", MAX_TOPK},
     {"act.relu", ACT_RELU}, {"act.gelu", ACT_GELU}, {"act.gelu_tanh", ACT_GELU_TANH}, {"act.silu", ACT_SILU},
     {"act.tanh", ACT_TANH}, {"px_layer", sizeof(px_layer)},
     FIELD(ln1_w), FIELD(ln1_b), FIELD(q), FIELD(k), FIELD(v), FIELD(o), FIELD(ln2_w), FIELD(ln2_b), FIELD(cq),

@@ -13,13 +13,14 @@ may have set to bf16) and a size the library itself computes (``px_*_work``) or 
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import abi, loader
-from .abi import HEAD_DIM_MULTIPLE, MAX_DRAFT_ROWS, MAX_HEAD_DIM, MAX_ROWS
+from .abi import HEAD_DIM_MULTIPLE, MAX_DRAFT_ROWS, MAX_HEAD_DIM, MAX_ROWS, MAX_TOPK
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -175,6 +176,13 @@ class DecoderPlan:
     rows_ok: bool
 
 
+@functools.lru_cache(maxsize=None)
+def _layers(count: int) -> type:
+    """The ctypes array type of ``count`` layers, made once: each new one is a class, whose reference cycles would
+    wait for the cycle collector after every generate() call."""
+    return abi.Layer * count
+
+
 def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
     """The plan for :func:`decoder_step` on ``x`` ``(R, 1, D)`` with this cache, or None where it cannot run.
 
@@ -219,7 +227,7 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
                                ffn=cfg.decoder_ffn_dim, max_len=cache.max_len, S=S, bf16=int(dtype == torch.bfloat16),
                                activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps,
                                cross_bf16=int(cross == torch.bfloat16)))
-    return DecoderPlan((abi.Layer * len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S, rows_ok)
+    return DecoderPlan(_layers(len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S, rows_ok)
 
 
 def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
@@ -260,3 +268,36 @@ def decoder_rows(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
                            threads):
         raise RuntimeError("px_decoder_rows refused its arguments; decoder_rows_fit should have caught this")
     return state.to(x.dtype).view(x.shape)
+
+
+def _rows_fit(x: Tensor) -> bool:
+    """Whether the beam-search kernels take ``x``: a contiguous fp32 CPU matrix."""
+    return x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+
+
+def log_softmax(x: Tensor) -> Tensor:
+    """``F.log_softmax(x, dim=-1)`` of logits ``x`` ``(rows, V)``: by ``px_log_softmax`` for the fp32 CPU matrices it
+    takes, else (another dtype or device, a value that is not finite, no library) by torch."""
+    lib = loader.library()
+    if lib is not None and _rows_fit(x) and x.numel():
+        y = torch.empty_like(x)
+        if not lib.px_log_softmax(x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()):
+            return y
+    return torch.log_softmax(x, dim=-1)
+
+
+def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(x, k)`` (values and indices of the ``k`` largest of each row, best first) of ``x`` ``(rows, n)``:
+    by ``px_topk`` for the fp32 CPU matrices and ``k`` it takes (ties: the lowest index first), else (NaN too) by
+    torch."""
+    lib = loader.library()
+    rows, n = x.shape if x.dim() == 2 else (0, 0)
+    if lib is not None and _rows_fit(x) and rows and 0 < k <= min(n, MAX_TOPK):
+        values = torch.empty(rows, k, dtype=torch.float32)
+        indices = torch.empty(rows, k, dtype=torch.long)
+        threads = torch.get_num_threads()
+        work = _floats(lib.px_topk_work(rows, k, threads))
+        if not lib.px_topk(x.data_ptr(), rows, n, k, values.data_ptr(), indices.data_ptr(), work.data_ptr(),
+                           threads):
+            return values, indices
+    return torch.topk(x, k)
