@@ -17,8 +17,8 @@ def summarizer():
     return Summarizer(None, max_input_tokens=64)
 
 
-def job(length: int, **options) -> Job:
-    return Job(list(range(2, length + 1)) + [1], options, False, lambda *_: None, length, 0)
+def job(length: int, rows: int = 1, **options) -> Job:
+    return Job(list(range(2, length + 1)) + [1], options, False, lambda *_: None, length, 0, rows)
 
 
 def batcher(summarizer, **limits) -> Batcher:
@@ -39,6 +39,43 @@ def test_batches_group_options_and_nearby_lengths(summarizer):
     assert b._take_batch() == [jobs[3]]                # 100 + 20 tokens, padded: 2 x 100 > 150
     assert b._take_batch() == [jobs[5]]
     assert b.queue_length == 0
+
+
+def test_batches_stay_within_the_row_limit(summarizer):
+    b = batcher(summarizer, max_batch_size=8, max_batch_rows=8)
+    beams = [job(10, rows=4, num_beams=4) for _ in range(3)]
+    wide = [job(10, rows=12, num_beams=12) for _ in range(2)]
+    for j in beams + wide:
+        b.submit(j)
+    assert b._batch_full()                             # two 4-beam requests fill 8 rows: no waiting for more
+    assert b._take_batch() == beams[:2] and b._take_batch() == beams[2:]
+    assert b._take_batch() == [wide[0]] and b._take_batch() == [wide[1]]    # past the limit alone: alone
+    b = batcher(summarizer, max_batch_size=3, max_batch_rows=None)
+    for j in beams:
+        b.submit(j)
+    assert b._take_batch() == beams                    # no row limit: the request limit
+
+
+def test_prepare_counts_each_requests_rows(summarizer):
+    b = batcher(summarizer)
+    assert b.prepare("a text", {"num_beams": 3}, False, lambda *_: None).rows == 3
+    assert b.prepare("a text", {"num_beams": 1}, False, lambda *_: None).rows == 1
+    default = summarizer.model.generation_config.num_beams or 1
+    assert b.prepare("a text", summarizer.generation_options(), False, lambda *_: None).rows == default
+
+
+def test_default_row_limit_is_the_fused_steps_on_a_cpu(summarizer):
+    from pegasus_x import native
+    from pegasus_x.native.abi import MAX_ROWS
+    from pegasus_x.serve_batch import default_max_rows
+
+    model = summarizer.model
+    assert default_max_rows(model) == (MAX_ROWS if native.available(model) else None)
+    model.set_native(False)
+    try:
+        assert default_max_rows(model) is None
+    finally:
+        model.set_native(True)
 
 
 def test_sampling_runs_alone(summarizer):

@@ -555,10 +555,14 @@ def generate(model, input_ids: Tensor | None = None, attention_mask: Tensor | No
     return result if opts.return_dict else result.sequences
 
 
+def rows_per_input(opts: Options) -> int:
+    """Decoder rows each input takes: one per beam, or per returned sequence."""
+    return opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences
+
+
 def start_cache(model, states: Tensor, keep: Tensor, opts: Options) -> DecoderCache:
-    """The decoder cache for encoder ``states`` ``(B, S, D)`` (mask ``keep``): one row per beam or returned sequence."""
-    rows = states.shape[0] * (opts.num_beams if opts.num_beams > 1 else opts.num_return_sequences)
-    return new_cache(model, states, keep, rows, opts.max_length - 1)
+    """The decoder cache for encoder ``states`` ``(B, S, D)`` (mask ``keep``): :func:`rows_per_input` rows each."""
+    return new_cache(model, states, keep, states.shape[0] * rows_per_input(opts), opts.max_length - 1)
 
 
 def search(model, cache: DecoderCache, keep: Tensor, input_ids: Tensor | None, opts: Options,

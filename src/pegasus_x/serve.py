@@ -65,6 +65,7 @@ class ServeOptions:
     max_input_tokens: int | None = None
     max_input_bytes: int = MAX_INPUT_BYTES
     max_batch_size: int = 16
+    max_batch_rows: int | None = None      # None: serve_batch.default_max_rows
     max_batch_tokens: int = 65536
     max_wait_ms: float = 10.0
     max_queue: int = 256
@@ -75,7 +76,8 @@ class ServeOptions:
                    dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
                    device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                    max_input_tokens=args.max_input_tokens, max_input_bytes=args.max_input_bytes,
-                   max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                   max_batch_size=args.max_batch_size, max_batch_rows=args.max_batch_rows,
+                   max_batch_tokens=args.max_batch_tokens,
                    max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
 
 
@@ -103,6 +105,9 @@ def register(subparsers: Any) -> None:
                    help="longest text or file accepted, in bytes (default: %(default)s, 8 MiB); larger: 413")
     p.add_argument("--max-batch-size", type=_positive_int, default=d.max_batch_size, metavar="N",
                    help="requests generated together at most (default: %(default)s; 1 turns batching off)")
+    p.add_argument("--max-batch-rows", type=_positive_int, metavar="N",
+                   help="decoder rows (requests x beams) per batch at most; a request with more runs alone "
+                        "(default: on a CPU with the native kernels, the rows their fused step takes; else no limit)")
     p.add_argument("--max-batch-tokens", type=_positive_int, default=d.max_batch_tokens, metavar="N",
                    help="padded input tokens per batch at most (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, metavar="MS",
@@ -212,12 +217,13 @@ def create_app(summarizer: Any, opts: ServeOptions | None = None) -> Any:
     from starlette.routing import Route
 
     from . import serve_requests
-    from .serve_batch import DONE, TOKEN, Batcher
+    from .serve_batch import DONE, TOKEN, Batcher, default_max_rows
     from .serve_metrics import CONTENT_TYPE, Metrics
 
     opts = opts or ServeOptions()
     metrics = Metrics()
-    batcher = Batcher(summarizer, metrics, max_batch_size=opts.max_batch_size,
+    rows = opts.max_batch_rows if opts.max_batch_rows is not None else default_max_rows(summarizer.model)
+    batcher = Batcher(summarizer, metrics, max_batch_size=opts.max_batch_size, max_batch_rows=rows,
                       max_batch_tokens=opts.max_batch_tokens, max_wait=opts.max_wait_ms / 1000,
                       max_queue=opts.max_queue)
     page = resources.files(__package__).joinpath("assets", "page", "index.html").read_bytes()

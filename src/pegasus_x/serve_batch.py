@@ -2,8 +2,8 @@
 
 One worker thread owns the model. It takes the oldest waiting request, waits up to ``max_wait`` seconds for company
 (no wait when requests are already queued behind a running batch), then adds the waiting requests with the same
-generation options that are closest in length, while the batch stays within ``max_batch_size`` requests and
-``max_batch_tokens`` padded input tokens. Batched results equal those of each request run alone: rows of a batch
+generation options that are closest in length, while the batch stays within ``max_batch_size`` requests,
+``max_batch_rows`` decoder rows (requests × beams) and ``max_batch_tokens`` padded input tokens. Batched results equal those of each request run alone: rows of a batch
 never mix (greedy, beam search and its beams are per input; padding is masked), and a sampling request, whose random
 stream would depend on its neighbours, always runs alone.
 
@@ -52,6 +52,7 @@ class Job:
     notify: Notify
     input_tokens: int
     dropped_tokens: int
+    rows: int = 1       # decoder rows it takes: its beams, or its returned sequences
     submitted: float = field(default_factory=time.perf_counter)
     streamed: str = ""  # the text sent so far as token events
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -67,6 +68,16 @@ class Job:
         return bool(self.options.get("do_sample"))
 
 
+def default_max_rows(model: Any) -> int | None:
+    """The batch's row limit when none is given: on a CPU with the native kernels, the rows their fused decode step
+    takes (past them a step runs torch's layers, and a batch of B rows costs more than B single-row steps,
+    ``benchmarks/serve.py``); elsewhere none."""
+    from . import native
+    from .native.abi import MAX_ROWS
+
+    return MAX_ROWS if model.device.type == "cpu" and native.available(model) else None
+
+
 class _AllCancelled(Exception):
     """Every request of the running batch is gone: stop generating it."""
 
@@ -78,6 +89,7 @@ class Batcher:
         summarizer: the :class:`~pegasus_x.summarize.Summarizer` whose model, tokenizer and input limit are used.
         metrics: where batches, tokens and cancellations are counted.
         max_batch_size: requests generated together at most.
+        max_batch_rows: decoder rows (requests × beams) per batch at most, or None; a request with more runs alone.
         max_batch_tokens: padded input tokens (requests × longest input) per batch at most; a longer request runs
             alone.
         max_wait: seconds the oldest request may wait for others to join its batch.
@@ -85,10 +97,11 @@ class Batcher:
     """
 
     def __init__(self, summarizer: Any, metrics: Metrics, *, max_batch_size: int, max_batch_tokens: int,
-                 max_wait: float, max_queue: int) -> None:
+                 max_wait: float, max_queue: int, max_batch_rows: int | None = None) -> None:
         self.summarizer = summarizer
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait
         self.max_queue = max_queue
@@ -115,9 +128,13 @@ class Batcher:
     def prepare(self, text: str, options: dict[str, Any], stream: bool, notify: Notify) -> Job:
         """Tokenize a request's text (cut to the model's input limit) into a job; slow for long texts, so call it
         off the event loop."""
+        from .generate import resolve_options, rows_per_input
+
+        model = self.summarizer.model
         row = self.summarizer.tokenizer([text])["input_ids"][0]
         kept, dropped = self.summarizer._truncate(row)
-        return Job(kept, options, stream, notify, len(row), dropped)
+        rows = rows_per_input(resolve_options(model, dict(options), model.device))
+        return Job(kept, options, stream, notify, len(row), dropped, rows)
 
     def submit(self, job: Job) -> None:
         """Queue a job.
@@ -179,20 +196,25 @@ class Batcher:
                 with self._cond:
                     self._running = []
 
+    def _most_jobs(self, first: Job) -> int:
+        """Jobs like ``first`` a batch may hold (at least 1)."""
+        rows_limit = self.max_batch_size if self.max_batch_rows is None else self.max_batch_rows // first.rows
+        return max(1, min(self.max_batch_size, rows_limit))
+
     def _batch_full(self) -> bool:
         first = self._queue[0]
-        return first.solo or sum(job.key == first.key for job in self._queue) >= self.max_batch_size
+        return first.solo or sum(job.key == first.key for job in self._queue) >= self._most_jobs(first)
 
     def _take_batch(self) -> list[Job]:
         """The oldest job and the same-option jobs nearest to it in length, within the batch limits."""
         first = self._queue[0]
-        batch, width = [first], len(first.ids)
+        batch, width, most = [first], len(first.ids), self._most_jobs(first)
         if not first.solo:
             peers = [job for job in self._queue[1:] if job.key == first.key]
             peers.sort(key=lambda job: abs(len(job.ids) - len(first.ids)))  # stable: older first among equals
             for job in peers:
                 wider = max(width, len(job.ids))
-                if len(batch) < self.max_batch_size and wider * (len(batch) + 1) <= self.max_batch_tokens:
+                if len(batch) < most and wider * (len(batch) + 1) <= self.max_batch_tokens:
                     batch.append(job)
                     width = wider
         for job in batch:
