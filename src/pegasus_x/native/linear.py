@@ -39,10 +39,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Mod
     """
     if torch.is_grad_enabled() or not loader.enabled(module):
         return F.linear(x, weight, bias)
-    if kernels.linear_fits(x, weight, bias) and loader.library() is not None:
+    fits = kernels.linear_fits(x, weight, bias) or kernels.many_rows_fit(x, weight, bias)
+    if fits and loader.library() is not None:
         return kernels.linear(x, weight, bias)
-    if kernels.many_rows_fit(x, weight, bias) and loader.library() is not None:
-        return kernels.linear(x, weight, bias, many=True)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     parts = torch.get_num_threads()
