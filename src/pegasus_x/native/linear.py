@@ -13,7 +13,8 @@ compiler: the slab route) and with ``PEGASUS_X_NATIVE=0`` (``F.linear`` everywhe
 logs the results.
 
 In a decode step the native route runs whole decoder layers at once (``kernels.decoder_step``); this module's
-route serves the LM head and any layer the fused kernel does not take. Beyond a few rows the product is
+route serves the LM head and any layer the fused kernel does not take. The native kernels take up to
+``MAX_DRAFT_ROWS`` rows (lookahead's passes), streaming the weight once for all of them; beyond that the product is
 compute-bound and ``F.linear`` is the right kernel again. With the fast paths switched off (``loader.enabled``)
 every product is ``F.linear``.
 """
