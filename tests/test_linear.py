@@ -126,13 +126,13 @@ def native_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 4, 8, 9])
+@pytest.mark.parametrize("rows", [1, 4, 8, 9, kernels.MAX_DRAFT_ROWS, kernels.MAX_DRAFT_ROWS + 1])
 def test_native_route_taken_for_few_rows(native_calls, bmm_calls, dtype, rows):
     w, x = torch.randn(300, 64, dtype=dtype), torch.randn(rows, 64, dtype=dtype)
     with torch.no_grad():
         got = lin.linear(x, w)
-    # bf16 past MAX_ROWS: px_linear_rows (torch's bf16 products are slow on CPUs without bf16 arithmetic).
-    assert native_calls == ([dtype] if rows <= kernels.MAX_ROWS or dtype == torch.bfloat16 else [])
+    # Past MAX_ROWS and up to MAX_DRAFT_ROWS: px_linear_rows (lookahead's passes); beyond, torch's GEMM.
+    assert native_calls == ([dtype] if rows <= kernels.MAX_DRAFT_ROWS else [])
     assert not bmm_calls
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, F.linear(x, w), rtol=tol, atol=tol)

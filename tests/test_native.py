@@ -90,28 +90,31 @@ def test_linear_equals_f_linear(lib, dtype, rows, shape, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [9, 17, 72])
 @pytest.mark.parametrize("shape", [(384, 256), (1001, 72)])
-def test_many_rows_bf16_linear_equals_f_linear(lib, rows, shape):
-    """bf16 products of MAX_ROWS < rows <= MAX_DRAFT_ROWS (lookahead's LM head) take px_linear_rows through
-    Linear; fp32 ones and larger ones stay with torch."""
+def test_many_rows_linear_equals_f_linear(lib, monkeypatch, dtype, rows, shape):
+    """Products of MAX_ROWS < rows <= MAX_DRAFT_ROWS (lookahead's LM head) take px_linear_rows through Linear;
+    larger ones stay with torch."""
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(*shape, generator=g).to(torch.bfloat16)
-    b = torch.randn(shape[0], generator=g).to(torch.bfloat16)
-    x = (torch.randn(rows, shape[1], generator=g) / shape[1] ** 0.5).to(torch.bfloat16)
-    assert kernels.many_rows_fit(x, w, b) and not kernels.many_rows_fit(x.float(), w.float(), b.float())
-    assert not kernels.many_rows_fit(x.repeat(9, 1)[:73], w, b)
+    w = torch.randn(*shape, generator=g).to(dtype)
+    b = torch.randn(shape[0], generator=g).to(dtype)
+    x = (torch.randn(rows, shape[1], generator=g) / shape[1] ** 0.5).to(dtype)
+    assert kernels.many_rows_fit(x, w, b) and not kernels.many_rows_fit(x.repeat(9, 1)[:73], w, b)
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(1) or real(*a))
     for bias in (None, b):
         with torch.no_grad():
-            got = native.Linear(shape[1], shape[0], bias=bias is not None).to(torch.bfloat16)
+            got = native.Linear(shape[1], shape[0], bias=bias is not None).to(dtype)
             got.weight.copy_(w)
             if bias is not None:
                 got.bias.copy_(bias)
             y = got(x)
         expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
-        assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
-        torch.testing.assert_close(y.float(), expected, **tolerance(torch.bfloat16))
-        torch.testing.assert_close(kernels.linear(x, w, bias, many=True), y, rtol=0, atol=0)
+        assert y.dtype == dtype and y.shape == (rows, shape[0])
+        torch.testing.assert_close(y.float(), expected, **tolerance(dtype))
+    assert len(calls) == 2                                        # both products took the kernel
 
 
 # ------------------------------------------------------------------------------------------------------- attention

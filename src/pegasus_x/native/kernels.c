@@ -487,6 +487,72 @@ static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const fl
     }
 }
 
+/* Vectors v0 … v0+nv-1 of row `off` of a key/value tensor, in load_row's order (nv even with `pairs`). */
+static inline void load_part(const void *base, int bf16, int pairs, int64_t off, int64_t v0, const int nv, v8f *dst) {
+    if (!bf16) {
+        for (int d = 0; d < nv; d++) dst[d] = load_f32((const float *)base + off + 8 * (v0 + d));
+    } else if (pairs) {
+        for (int d = 0; d < nv / 2; d++) {
+            v8i pair = *(const v8i_u *)((const uint16_t *)base + off + 8 * v0 + 16 * d);
+            v8i lo = pair << 16, hi = pair & (int32_t)0xffff0000;
+            memcpy(&dst[2 * d], &lo, sizeof lo);
+            memcpy(&dst[2 * d + 1], &hi, sizeof hi);
+        }
+    } else {
+        for (int d = 0; d < nv; d++) dst[d] = load_bf16((const uint16_t *)base + off + 8 * (v0 + d));
+    }
+}
+
+/* acc[g, vectors v0 … v0+VALUE_VECS-1] += sum over s0 ≤ s < s1 of p[g·S + s] · v[s] for gn (a constant) query rows:
+ * the sums of gn rows × VALUE_VECS vectors stay in registers while the tile of value rows is read from L1. */
+#define VALUE_VECS 4
+#define VALUE_ROWS 2
+static inline void value_part(const attn_args *a, int64_t off, const float *p, int64_t S, int64_t s0, int64_t s1,
+                              int64_t v0, const int gn, int pairs, float *acc, const int64_t D,
+                              const char *next, int64_t *fetched, int64_t lines) {
+    v8f c[VALUE_ROWS][VALUE_VECS];
+    for (int g = 0; g < gn; g++)
+        for (int d = 0; d < VALUE_VECS; d++) c[g][d] = load_f32(acc + g * D + 8 * (v0 + d));
+    for (int64_t s = s0; s < s1; s++) {
+        if (*fetched < lines) __builtin_prefetch(next + 64 * (*fetched)++);   /* the next tile, spread over passes */
+        v8f w[VALUE_ROWS], vr[VALUE_VECS];
+        for (int g = 0; g < gn; g++) w[g] = (v8f){0} + p[g * S + s];
+        load_part(a->v, a->kv_bf16, pairs, off + s * D, v0, VALUE_VECS, vr);
+        for (int d = 0; d < VALUE_VECS; d++)
+            for (int g = 0; g < gn; g++) c[g][d] += vr[d] * w[g];
+    }
+    for (int g = 0; g < gn; g++)
+        for (int d = 0; d < VALUE_VECS; d++) memcpy(acc + g * D + 8 * (v0 + d), &c[g][d], sizeof c[g][d]);
+}
+
+/* The value pass of attend_one for G > 4 query rows: tiles of VALUE_TILE value rows, each read from memory once and
+ * then from L1 by every chunk of query rows and every VALUE_VECS vectors of the head, while the next tile is
+ * fetched. Each output element is still summed over s in order (the same sums as value_rows). acc: G·D floats. */
+#define VALUE_TILE 64
+static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t G, int64_t S,
+                        const int64_t D, int pairs, float *acc) {
+    int64_t off = b * a->v_sb + h * a->v_sh, size = a->kv_bf16 ? 2 : 4, nch = (G + VALUE_ROWS - 1) / VALUE_ROWS;
+    memset(acc, 0, G * D * sizeof(float));
+    for (int64_t s0 = 0; s0 < S; s0 += VALUE_TILE) {
+        int64_t s1 = s0 + VALUE_TILE < S ? s0 + VALUE_TILE : S, fetched = 0;
+        int64_t lines = s1 < S ? ((S - s1 < VALUE_TILE ? S - s1 : VALUE_TILE) * D * size + 63) / 64 : 0;
+        const char *next = (const char *)a->v + (off + s1 * D) * size;
+        for (int64_t c = 0, g0 = 0; c < nch; c++) {
+            int64_t gn = G / nch + (c < G % nch);
+            for (int64_t v0 = 0; v0 < D / 8; v0 += VALUE_VECS) {
+                const float *pg = p + g0 * S;
+                float *ag = acc + g0 * D;
+                if (gn == 1)                      /* the row count as a constant */
+                    value_part(a, off, pg, S, s0, s1, v0, 1, pairs, ag, D, next, &fetched, lines);
+                else
+                    value_part(a, off, pg, S, s0, s1, v0, VALUE_ROWS, pairs, ag, D, next, &fetched, lines);
+            }
+            g0 += gn;
+        }
+    }
+}
+
+#define KEY_AHEAD 32
 static inline void attend_one(const attn_args *a, int64_t bh, float *scores, const int64_t D) {
     int64_t b = bh / a->H, h = bh % a->H, G = a->G, S = a->S, sg = a->sg;
     const float *qb = a->q + b * a->sb + h * a->sh;
@@ -500,13 +566,20 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         qb = qs;
         sg = D;
     }
-    /* Scores: one pass over the keys (per MAX_ROWS query rows); each key row, once widened, meets the query rows
-     * straight away: their partial sums, not the widened row, wait for the 8-key horizontal sum. */
-    int64_t S8 = S - S % 8;
+    /* Scores: one pass over the keys (per chunk of at most MAX_ROWS query rows, balanced: 9 rows as 5 + 4); each key
+     * row, once widened, meets the query rows straight away: their partial sums, not the widened row, wait for the
+     * 8-key horizontal sum. */
+    int64_t S8 = S - S % 8, nch = (G + MAX_ROWS - 1) / MAX_ROWS;
+    const char *kbase = (const char *)a->k + (b * a->k_sb + h * a->k_sh) * (a->kv_bf16 ? 2 : 4);
+    int64_t row_bytes = D * (a->kv_bf16 ? 2 : 4), key_bytes = S * row_bytes;
     for (int64_t s0 = 0; s0 < S; s0 += 8) {
         int64_t n = s0 < S8 ? 8 : S - s0;
-        for (int64_t g0 = 0; g0 < G; g0 += MAX_ROWS) {
-            int64_t gn = G - g0 < MAX_ROWS ? G - g0 : MAX_ROWS;
+        /* The keys KEY_AHEAD rows on: one row at a time outruns the hardware prefetcher. */
+        for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 8) * row_bytes && at < key_bytes;
+             at += 64)
+            __builtin_prefetch(kbase + at);
+        for (int64_t c = 0, g0 = 0; c < nch; c++) {
+            int64_t gn = G / nch + (c < G % nch);
             const float *qg = qb + g0 * sg;
             v8f acc[MAX_ROWS][8];
             for (int64_t j = 0; j < 8; j++) {
@@ -526,6 +599,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
                 for (int64_t j = 0; j < n; j++)
                     scores[(g0 + g) * S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : sc[j];
             }
+            g0 += gn;
         }
     }
     /* Softmax per query row, in place (the scores of one head stay in L2: S floats per query row). */
@@ -538,7 +612,19 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         float inv = 1.0f / exp_sum(row, S, mx, row);
         for (int64_t s = 0; s < S; s++) row[s] *= inv;
     }
-    /* Weighted sum of the values: one pass over them for up to 4 query rows. */
+    /* Weighted sum of the values: one pass over them for up to 4 query rows; value_tiles for more. */
+    if (G > 4 && D % (8 * VALUE_VECS) == 0) {
+        float *acc = scores + G * S;                  /* the query's copy is no longer needed */
+        value_tiles(a, b, h, scores, G, S, D, pairs, acc);
+        for (int64_t g = 0; g < G; g++) {
+            float *o = a->out + b * a->sb + h * a->sh + g * a->sg, *sum = acc + g * D;
+            if (pairs)
+                for (int64_t d = 0; d < D; d++) o[d] = sum[(d & ~15) + (d & 1) * 8 + (d & 15) / 2];
+            else
+                memcpy(o, sum, D * sizeof(float));
+        }
+        return;
+    }
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
         int64_t gn = G - g0 < 4 ? G - g0 : 4;
         v8f acc[4][MAX_HEAD_DIM / 8];
@@ -769,32 +855,119 @@ int px_decoder(const px_layer *layers, int count, int64_t length, float *x, floa
  * Lookahead decoding's verification pass (pegasus_x/lookahead.py): like layer_step, but each of the layer's L->R
  * cache rows feeds T consecutive new positions length … length+T-1 (the current token and a draft) as T query rows,
  * x is (R·T, D) with row r·T + i = cache row r, position length+i. Every weight is streamed from memory once per
- * pass for all R·T rows (linear_rows) and every cross-attention key once (the value pass runs per 4 query rows);
+ * pass for all R·T rows (linear_rows), every cross-attention key and value once (attend_one: value_tiles);
  * self-attention is causal inside the draft: query i of row r sees that row's keys 0 … length+i, one attention call
  * per draft position (the self-attention cache is small next to the weights and the cross keys/values). */
 
-/* linear_part for any number of rows: a block of LINEAR_BLOCK weight rows meets every chunk of ROW_CHUNK query rows
- * while it is in the core's caches, so the weight streams from memory once (linear_part streams it once per chunk). */
-#define LINEAR_BLOCK 8
+/* linear_part for any number of rows, as register tiles: TILE_W weight rows × up to TILE_Q query rows of dot
+ * products at once, so each weight vector loaded feeds several multiply-adds (the one-row kernels above are bound by
+ * loads with several rows, not by memory). A tile of weight rows meets every chunk of query rows while it is in L1,
+ * and the next tile is fetched in software meanwhile, spread over the chunks, so memory streams while the later
+ * chunks compute. Chunks are balanced (9 rows: 3 + 3 + 3, not 4 + 4 + 1). */
+#define TILE_W 4
+#define TILE_Q 3
+
+/* Prefetch the rows r ≡ c (mod nch) of the next tile at element offset i (next NULL: the share's last tile). */
+#define PREFETCH_NEXT(next, in, i, c, nch)                                                                      \
+    if (next)                                                                                                   \
+        for (int r_ = (c); r_ < TILE_W; r_ += (nch)) __builtin_prefetch((next) + r_ * (in) + (i));
+
+static inline void tile_f32(const float *w, const float *next, int64_t in, const float *x, const int qn, float *y,
+                            int64_t out, int c, int nch) {
+    v8f acc[TILE_W][TILE_Q];
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < qn; r++) acc[j][r] = (v8f){0};
+    int64_t n = in - in % 16;
+    for (int64_t i = 0; i < n; i += 16) {
+        PREFETCH_NEXT(next, in, i, c, nch)
+        for (int u = 0; u < 2; u++)
+            for (int j = 0; j < TILE_W; j++) {
+                v8f wv = load_f32(w + j * in + i + 8 * u);
+                for (int r = 0; r < qn; r++) acc[j][r] += wv * load_f32(x + r * in + i + 8 * u);
+            }
+    }
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < qn; r++) {
+            float sum = hsum(acc[j][r]);
+            for (int64_t i = n; i < in; i++) sum += w[j * in + i] * x[r * in + i];
+            y[r * out + j] = sum;
+        }
+}
+
+/* The bf16 tile: weights widened as in dot_block_bf16 (even and odd elements), xs the matching split of x. */
+static inline void tile_bf16(const uint16_t *w, const uint16_t *next, int64_t in, const float *x, const float *xs,
+                             const int qn, float *y, int64_t out, int c, int nch) {
+    v8f acc[TILE_W][TILE_Q];
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < qn; r++) acc[j][r] = (v8f){0};
+    int64_t n = in - in % 16, half = n / 2;
+    for (int64_t i = 0; i < n; i += 16) {
+        PREFETCH_NEXT(next, in, i, c, nch)
+        v8f xe[TILE_Q], xo[TILE_Q];
+        for (int r = 0; r < qn; r++) {
+            xe[r] = load_f32(xs + r * in + i / 2);
+            xo[r] = load_f32(xs + r * in + i / 2 + half);
+        }
+        for (int j = 0; j < TILE_W; j++) {
+            v8i pair = *(const v8i_u *)(w + j * in + i);
+            v8i lo = pair << 16, hi = pair & (int32_t)0xffff0000;
+            v8f we, wo;
+            memcpy(&we, &lo, sizeof we);
+            memcpy(&wo, &hi, sizeof wo);
+            for (int r = 0; r < qn; r++) acc[j][r] += we * xe[r];
+            for (int r = 0; r < qn; r++) acc[j][r] += wo * xo[r];
+        }
+    }
+    for (int j = 0; j < TILE_W; j++)
+        for (int r = 0; r < qn; r++) {
+            float sum = hsum(acc[j][r]);
+            for (int64_t i = n; i < in; i++) sum += bf16_to_f32(w[j * in + i]) * x[r * in + i];
+            y[r * out + j] = sum;
+        }
+}
+
 static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
                         int rows, const void *bias, float *y, int t, int n) {
-    if (rows <= ROW_CHUNK) {
+    if (rows == 1) {
         linear_part(W, is_bf16, out, in, x, xs, rows, bias, y, t, n);
         return;
     }
     int64_t o0, o1;
     share(out, t, n, &o0, &o1);
-    for (int64_t b0 = o0; b0 < o1; b0 += LINEAR_BLOCK) {
-        int64_t b1 = b0 + LINEAR_BLOCK < o1 ? b0 + LINEAR_BLOCK : o1;
-        for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
-            int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
+    int nch = (rows + TILE_Q - 1) / TILE_Q;
+    int64_t whole = o0 + (o1 - o0) / TILE_W * TILE_W;
+    for (int64_t o = o0; o < whole; o += TILE_W) {
+        int last = o + TILE_W >= whole;
+        for (int c = 0, r0 = 0; c < nch; c++) {
+            int qn = rows / nch + (c < rows % nch);
             const float *xc = x + r0 * in, *xsc = xs ? xs + r0 * in : NULL;
-            float *yc = y + r0 * out;
+            float *yc = y + r0 * out + o;
             if (is_bf16) {
-                DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, b0, b1, in, xc, xsc, rn, yc, out)
+                const uint16_t *w = (const uint16_t *)W + o * in, *next = last ? NULL : w + TILE_W * in;
+                switch (qn) {                  /* the row count as a constant: the sums live in registers */
+                case 1: tile_bf16(w, next, in, xc, xsc, 1, yc, out, c, nch); break;
+                case 2: tile_bf16(w, next, in, xc, xsc, 2, yc, out, c, nch); break;
+                default: tile_bf16(w, next, in, xc, xsc, 3, yc, out, c, nch); break;
+                }
             } else {
-                DISPATCH_ROWS(dot_block_f32, (const float *)W, b0, b1, in, xc, xsc, rn, yc, out)
+                const float *w = (const float *)W + o * in, *next = last ? NULL : w + TILE_W * in;
+                switch (qn) {
+                case 1: tile_f32(w, next, in, xc, 1, yc, out, c, nch); break;
+                case 2: tile_f32(w, next, in, xc, 2, yc, out, c, nch); break;
+                default: tile_f32(w, next, in, xc, 3, yc, out, c, nch); break;
+                }
             }
+            r0 += qn;
+        }
+    }
+    for (int r0 = 0; r0 < rows && whole < o1; r0 += ROW_CHUNK) {     /* the share's last rows, short of a tile */
+        int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
+        const float *xc = x + r0 * in, *xsc = xs ? xs + r0 * in : NULL;
+        float *yc = y + r0 * out;
+        if (is_bf16) {
+            DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, whole, o1, in, xc, xsc, rn, yc, out)
+        } else {
+            DISPATCH_ROWS(dot_block_f32, (const float *)W, whole, o1, in, xc, xsc, rn, yc, out)
         }
     }
     if (bias)

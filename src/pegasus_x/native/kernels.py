@@ -23,6 +23,7 @@ from . import abi, loader
 from .abi import HEAD_DIM_MULTIPLE, MAX_DRAFT_ROWS, MAX_HEAD_DIM, MAX_ROWS, MAX_TOPK
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+ONE_PASS_ROWS = 4       # px_linear's query rows per pass over the weight (kernels.c: ROW_CHUNK)
 
 
 def _floats(count: int) -> Tensor:
@@ -45,11 +46,12 @@ def linear_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and (bias is None or bias.shape == (weight.shape[0],)))
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, many: bool = False) -> Tensor:
-    """``F.linear`` for tensors :func:`linear_fits` takes, ``x`` ``(..., in)``; with ``many``, for the bf16
-    products of up to ``MAX_DRAFT_ROWS`` rows that :func:`many_rows_fit` takes (``px_linear_rows``).
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` for tensors :func:`linear_fits` or :func:`many_rows_fit` takes, ``x`` ``(..., in)``.
 
-    Accumulates in fp32; a bf16 result is rounded once at the end (as torch's bf16 linear does).
+    Up to ``ONE_PASS_ROWS`` rows run ``px_linear``; more run ``px_linear_rows``, which streams the weight once for
+    all of them (``px_linear`` streams it once per ``ONE_PASS_ROWS`` rows). Accumulates in fp32; a bf16 result is
+    rounded once at the end (as torch's bf16 linear does).
     """
     lib = loader.library()
     out_features, in_features = weight.shape
@@ -59,7 +61,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, many: bool = False) -
     bf = None if bias is None else bias.to(weight.dtype).contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     work = _floats(lib.px_linear_work(rows, in_features, int(bf16)))
-    if (lib.px_linear_rows if many else lib.px_linear)(
+    if (lib.px_linear_rows if rows > ONE_PASS_ROWS else lib.px_linear)(
             weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
             None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads()):
         raise RuntimeError("px_linear refused its arguments; linear_fits should have caught this")
@@ -67,13 +69,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, many: bool = False) -
 
 
 def many_rows_fit(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`linear` with ``many`` takes these tensors: what :func:`linear_fits` takes, in bf16, with
-    ``MAX_ROWS`` to ``MAX_DRAFT_ROWS`` rows (lookahead's passes; torch's bf16 products are slow on CPUs without
-    native bf16 arithmetic, and fp32 keeps torch's GEMM past ``MAX_ROWS``)."""
+    """Whether :func:`linear` takes these tensors past ``MAX_ROWS`` rows: what :func:`linear_fits` takes, with
+    ``MAX_ROWS`` to ``MAX_DRAFT_ROWS`` rows (lookahead's passes: one stream of the weight for all rows beats
+    torch's GEMM there, in fp32 too, see ``benchmarks/lookahead.py``)."""
     in_features = weight.shape[1]
     rows = x.numel() // in_features if in_features else 0
     return (MAX_ROWS < rows <= MAX_DRAFT_ROWS and x.shape[-1] == in_features and on_cpu(x, weight, bias)
-            and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and x.dtype == weight.dtype and x.dtype in _KERNEL_DTYPES and weight.is_contiguous()
             and (bias is None or bias.shape == (weight.shape[0],)))
 
 

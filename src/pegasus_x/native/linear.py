@@ -13,7 +13,8 @@ compiler: the slab route) and with ``PEGASUS_X_NATIVE=0`` (``F.linear`` everywhe
 logs the results.
 
 In a decode step the native route runs whole decoder layers at once (``kernels.decoder_step``); this module's
-route serves the LM head and any layer the fused kernel does not take. Beyond a few rows the product is
+route serves the LM head and any layer the fused kernel does not take. The native kernels take up to
+``MAX_DRAFT_ROWS`` rows (lookahead's passes), streaming the weight once for all of them; beyond that the product is
 compute-bound and ``F.linear`` is the right kernel again. With the fast paths switched off (``loader.enabled``)
 every product is ``F.linear``.
 """
@@ -39,10 +40,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Mod
     """
     if torch.is_grad_enabled() or not loader.enabled(module):
         return F.linear(x, weight, bias)
-    if kernels.linear_fits(x, weight, bias) and loader.library() is not None:
+    fits = kernels.linear_fits(x, weight, bias) or kernels.many_rows_fit(x, weight, bias)
+    if fits and loader.library() is not None:
         return kernels.linear(x, weight, bias)
-    if kernels.many_rows_fit(x, weight, bias) and loader.library() is not None:
-        return kernels.linear(x, weight, bias, many=True)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     parts = torch.get_num_threads()
