@@ -574,10 +574,13 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
     int64_t row_bytes = D * (a->kv_bf16 ? 2 : 4), key_bytes = S * row_bytes;
     for (int64_t s0 = 0; s0 < S; s0 += 8) {
         int64_t n = s0 < S8 ? 8 : S - s0;
-        /* The keys KEY_AHEAD rows on: one row at a time outruns the hardware prefetcher. */
-        for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 8) * row_bytes && at < key_bytes;
-             at += 64)
-            __builtin_prefetch(kbase + at);
+        /* With many query rows, the keys KEY_AHEAD rows on: then each key row carries enough arithmetic that the
+         * hardware prefetcher falls behind. With a few rows it keeps up, and the extra loads only slow the step
+         * (benchmarks/peers.py, greedy at 4,096 tokens). */
+        if (G > 4)
+            for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 8) * row_bytes && at < key_bytes;
+                 at += 64)
+                __builtin_prefetch(kbase + at);
         for (int64_t c = 0, g0 = 0; c < nch; c++) {
             int64_t gn = G / nch + (c < G % nch);
             const float *qg = qb + g0 * sg;
