@@ -332,24 +332,36 @@ def test_log_softmax_leaves_non_finite_logits_to_torch(lib, special):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows, n, k", [(1, 384412, 8), (2, 96103, 16), (3, 37, 5), (1, 5, 5), (2, 9, 4),
                                         (1, 2, 1), (4, 1000, 1)])
-def test_topk_equals_a_stable_sort(lib, rows, n, k, threads):
+def test_px_topk_equals_a_stable_sort_and_argmax_the_first_maximum(lib, rows, n, k, threads):
     g = torch.Generator().manual_seed(n + k)
     x = torch.randint(-20, 20, (rows, n), generator=g).float() / 4   # many ties
     x[:, ::7] = float("-inf")                                       # as the logits processors set them
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        values, indices = kernels.topk(x, k)
+        values, indices = kernels._native_topk(x, k)
+        first = kernels.argmax(x)
+        got = kernels.topk(x, k)
     finally:
         torch.set_num_threads(before)
     order = torch.sort(x, dim=-1, descending=True, stable=True)     # ties: the lowest index first
     assert torch.equal(indices, order.indices[:, :k]) and torch.equal(values, order.values[:, :k])
     assert indices.dtype == torch.long and values.dtype == torch.float32
+    assert torch.equal(first, x.argmax(-1))                         # argmax: the first maximum, documented
+    expected = torch.topk(x, k)                                     # ties: torch's own order (topk leaves them to it)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_topk_equals_torch_on_distinct_scores_and_leaves_nan_to_torch(lib):
+def test_topk_equals_torch_on_distinct_scores_and_leaves_ties_and_nan_to_torch(lib, monkeypatch):
     x = torch.randn(2, 5000, generator=torch.Generator().manual_seed(9))
-    assert all(torch.equal(a, b) for a, b in zip(kernels.topk(x, 8), torch.topk(x, 8)))
+    calls = []
+    real = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert all(torch.equal(a, b) for a, b in zip(kernels.topk(x, 8), real(x, 8)))
+    assert not calls                                                # distinct scores: the kernel
+    x[0, 7] = x[0, 8] = 10.0                                        # a tie among the best: torch
+    assert all(torch.equal(a, b) for a, b in zip(kernels.topk(x, 8), real(x, 8))) and calls
+    monkeypatch.undo()
     x[1, 4321] = float("nan")
     got, expected = kernels.topk(x, 8), torch.topk(x, 8)
     assert torch.equal(got[1], expected[1]) and int(got[1][1, 0]) == 4321    # torch ranks NaN first

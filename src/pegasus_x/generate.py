@@ -283,9 +283,9 @@ def greedy_or_sample(step: Callable[[Tensor], Tensor], cache: DecoderCache, opts
     """Greedy search (argmax) or multinomial sampling; rows of inputs that are all finished leave the batch.
 
     ``num_return_sequences`` rows per input (1 for greedy). Finished rows emit pad, like the reference.
-    ``fast``: the argmax by the native top-1 (first index among equals, as ``argmax``); see :func:`beam_search`.
+    ``fast``: the argmax by the native kernel (the first index among equals, as ``argmax``); see :func:`beam_search`.
     """
-    argmax = (lambda x: native.topk(x, 1)[1].squeeze(1)) if fast else (lambda x: x.argmax(-1))
+    argmax = native.argmax if fast else (lambda x: x.argmax(-1))
     group, L, dev = opts.num_return_sequences, opts.max_length, cache.cross_k[0].device
     eos = torch.tensor(opts.eos, dtype=torch.long, device=dev)
     out = torch.full((batch * group, min(L, FIRST_CHUNK)), opts.pad, dtype=torch.long, device=dev)

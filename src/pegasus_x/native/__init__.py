@@ -6,7 +6,7 @@ keys/values written into it, cross-attention, feed-forward; ``decoder_rows``: th
 per row, causal among them, for lookahead's verification pass), few-query attention (``attention``) and few-row
 products (``kernels.linear``), fp32 and bf16 with fp32 accumulation, and int8 weights with fp32 row scales
 (``kernels.linear_int8`` and the one-position step, for :mod:`pegasus_x.quantize`), widened to fp32 in registers,
-and a beam-search step's log-softmax and top-k over the vocabulary (``log_softmax``, ``topk``).
+and a beam-search step's log-softmax and top-k over the vocabulary (``log_softmax``, ``topk``; greedy's ``argmax``).
 :mod:`.linear`'s ``Linear`` sends few-row CPU products to those kernels, else (fp32, no compiler) to one
 ``torch.bmm`` over row slabs of the weight.
 :mod:`.hugepages` puts the weights and decoder caches in 2 MB pages (same numbers, faster streaming).
@@ -26,11 +26,11 @@ Results agree up to the order of floating-point summation.
 """
 
 from . import hugepages
-from .kernels import (DecoderPlan, attention, attention_fits, decoder_plan, decoder_rows, decoder_rows_fit,
-                      decoder_step, log_softmax, topk)
+from .kernels import (DecoderPlan, argmax, attention, attention_fits, decoder_plan, decoder_rows,
+                      decoder_rows_fit, decoder_step, log_softmax, topk)
 from .linear import Linear
 from .loader import available, enabled, library, set_enabled
 
-__all__ = ["DecoderPlan", "Linear", "attention", "attention_fits", "available", "decoder_plan", "decoder_rows",
-           "decoder_rows_fit", "decoder_step", "enabled", "hugepages", "library", "log_softmax", "set_enabled",
-           "topk"]
+__all__ = ["DecoderPlan", "Linear", "argmax", "attention", "attention_fits", "available", "decoder_plan",
+           "decoder_rows", "decoder_rows_fit", "decoder_step", "enabled", "hugepages", "library", "log_softmax",
+           "set_enabled", "topk"]

@@ -288,18 +288,37 @@ def log_softmax(x: Tensor) -> Tensor:
     return torch.log_softmax(x, dim=-1)
 
 
-def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``torch.topk(x, k)`` (values and indices of the ``k`` largest of each row, best first) of ``x`` ``(rows, n)``:
-    by ``px_topk`` for the fp32 CPU matrices and ``k`` it takes (ties: the lowest index first), else (NaN too) by
-    torch."""
+def _native_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """``px_topk``'s ``k`` largest of each row of ``x`` (best first, ties lowest index first), or None where it does
+    not run (not an fp32 CPU matrix, ``k`` out of its range, a NaN, no library)."""
     lib = loader.library()
     rows, n = x.shape if x.dim() == 2 else (0, 0)
-    if lib is not None and _rows_fit(x) and rows and 0 < k <= min(n, MAX_TOPK):
-        values = torch.empty(rows, k, dtype=torch.float32)
-        indices = torch.empty(rows, k, dtype=torch.long)
-        threads = torch.get_num_threads()
-        work = _floats(lib.px_topk_work(rows, k, threads))
-        if not lib.px_topk(x.data_ptr(), rows, n, k, values.data_ptr(), indices.data_ptr(), work.data_ptr(),
-                           threads):
-            return values, indices
+    if lib is None or not _rows_fit(x) or not rows or not 0 < k <= min(n, MAX_TOPK):
+        return None
+    values = torch.empty(rows, k, dtype=torch.float32)
+    indices = torch.empty(rows, k, dtype=torch.long)
+    threads = torch.get_num_threads()
+    work = _floats(lib.px_topk_work(rows, k, threads))
+    if lib.px_topk(x.data_ptr(), rows, n, k, values.data_ptr(), indices.data_ptr(), work.data_ptr(), threads):
+        return None
+    return values, indices
+
+
+def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(x, k)`` (values and indices of the ``k`` largest of each row, best first) of ``x`` ``(rows, n)``.
+
+    By ``px_topk`` where no two of a row's ``k + 1`` best are equal; torch's order among equal values is its own
+    (neither first-index nor stable), so with a tie there, as with NaN or what ``px_topk`` does not take, torch
+    runs. Ties are rare in fp32 logits and common in bf16 ones.
+    """
+    n = x.shape[-1] if x.dim() == 2 else 0
+    got = _native_topk(x, min(k + 1, n)) if 0 < k <= n else None
+    if got is not None and not bool((got[0][:, 1:] == got[0][:, :-1]).any()):
+        return got[0][:, :k], got[1][:, :k]
     return torch.topk(x, k)
+
+
+def argmax(x: Tensor) -> Tensor:
+    """``x.argmax(-1)`` of ``x`` ``(rows, n)``, the first index of each row's maximum, by ``px_topk`` where it runs."""
+    got = _native_topk(x, 1)
+    return got[1].squeeze(1) if got is not None else x.argmax(-1)
