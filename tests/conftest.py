@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +25,22 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pegasus_x"
 # from tests/; tests may use the benchmarks' helpers).
 sys.path.insert(0, str(SRC.parents[1] / "benchmarks"))
 from twin import TINY, random_batch, reference_twin  # noqa: E402  (random_batch: re-exported to the tests)
+
+
+# Where the native kernels must build: Linux with a C compiler (elsewhere they may, e.g. clang without OpenMP may not).
+HAVE_CC = platform.system() == "Linux" and any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture
+def lib():
+    """The native kernels' library; the test skips where they need not build."""
+    from pegasus_x import native
+
+    if not HAVE_CC:
+        pytest.skip("not Linux with a C compiler: the kernels need not build here; run on Linux with cc or gcc")
+    built = native.library()
+    assert built is not None, "a C compiler is here, yet the native kernels did not build"
+    return built
 
 
 def tiny_kwargs(**overrides):

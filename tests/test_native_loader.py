@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HAVE_CC
 from pegasus_x.native import abi, loader
 
-HAVE_CC = platform.system() == "Linux" and any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine: install cc or gcc to run it")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -253,12 +253,10 @@ static void share(int64_t out, int t, int n, int64_t *o0, int64_t *o1) {
     default: FN(W, o0, o1, in, x, xs, 4, y, out); break;                                                       \
     }
 
-/* Thread t of n computes its share of y = W x (+ bias, in W's dtype). xs: split_even_odd(x) when W is bf16. */
-static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
-                        int rows, const void *bias, float *y, int t, int n) {
-    int64_t o0, o1;
-    share(out, t, n, &o0, &o1);
-    for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {       /* one pass over this thread's weight rows per chunk */
+/* Outputs o0 ≤ o < o1 of y = W x (no bias) for every row, one pass over those weight rows per ROW_CHUNK rows. */
+static void linear_range(const void *W, int is_bf16, int64_t o0, int64_t o1, int64_t out, int64_t in,
+                         const float *x, const float *xs, int rows, float *y) {
+    for (int r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
         int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
         const float *xc = x + r0 * in, *xsc = xs ? xs + r0 * in : NULL;
         float *yc = y + r0 * out;
@@ -268,9 +266,22 @@ static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, con
             DISPATCH_ROWS(dot_block_f32, (const float *)W, o0, o1, in, xc, xsc, rn, yc, out)
         }
     }
+}
+
+/* y[r, o] += bias[o] (fp32 or bf16) for o0 ≤ o < o1; nothing without a bias. */
+static void add_bias(const void *bias, int bf16, int64_t o0, int64_t o1, int rows, float *y, int64_t out) {
     if (bias)
         for (int r = 0; r < rows; r++)
-            for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, is_bf16, o);
+            for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, bf16, o);
+}
+
+/* Thread t of n computes its share of y = W x (+ bias, in W's dtype). xs: split_even_odd(x) when W is bf16. */
+static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
+                        int rows, const void *bias, float *y, int t, int n) {
+    int64_t o0, o1;
+    share(out, t, n, &o0, &o1);
+    linear_range(W, is_bf16, o0, o1, out, in, x, xs, rows, y);
+    add_bias(bias, is_bf16, o0, o1, rows, y, out);
 }
 
 /* Scratch floats px_linear needs: the even/odd split of x for bf16 weights. */
@@ -411,9 +422,7 @@ static void linear_part_i8(const int8_t *W, const float *scale, int64_t out, int
         default: dot_block_i8(W, scale, o0, o1, in, xc, 4, yc, out); break;
         }
     }
-    if (bias)
-        for (int r = 0; r < rows; r++)
-            for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, bias_bf16, o);
+    add_bias(bias, bias_bf16, o0, o1, rows, y, out);
 }
 
 /* A decoder layer's product: int8 weights when `scale` is given, else W in the layer's dtype (linear_part). */
@@ -455,22 +464,37 @@ typedef struct {
     int64_t B, H, G, S, D;
 } attn_args;
 
-/* Row `off` of D elements of a key/value tensor as D/8 fp32 vectors. With `pairs` (bf16, D a multiple of 16) each
- * 16 elements come from one 32-byte load as the vector of the even elements then that of the odd ones (see
- * dot_block_bf16): the caller permutes the query the same way and un-permutes the output. */
-static inline void load_row(const void *base, int bf16, int pairs, int64_t off, const int64_t D, v8f *dst) {
+/* Vectors v0 … v0+nv-1 of row `off` of a key/value tensor as fp32 vectors. With `pairs` (bf16, D a multiple of 16;
+ * v0 and nv even) each 16 elements come from one 32-byte load as the vector of the even elements then that of the
+ * odd ones (see dot_block_bf16): the caller permutes the query the same way and un-permutes the output
+ * (store_head). */
+static inline void load_part(const void *base, int bf16, int pairs, int64_t off, int64_t v0, const int64_t nv,
+                             v8f *dst) {
     if (!bf16) {
-        for (int64_t d = 0; d < D / 8; d++) dst[d] = load_f32((const float *)base + off + 8 * d);
+        for (int64_t d = 0; d < nv; d++) dst[d] = load_f32((const float *)base + off + 8 * (v0 + d));
     } else if (pairs) {
-        for (int64_t d = 0; d < D / 16; d++) {
-            v8i pair = *(const v8i_u *)((const uint16_t *)base + off + 16 * d);
+        for (int64_t d = 0; d < nv / 2; d++) {
+            v8i pair = *(const v8i_u *)((const uint16_t *)base + off + 8 * v0 + 16 * d);
             v8i lo = pair << 16, hi = pair & (int32_t)0xffff0000;
             memcpy(&dst[2 * d], &lo, sizeof lo);
             memcpy(&dst[2 * d + 1], &hi, sizeof hi);
         }
     } else {
-        for (int64_t d = 0; d < D / 8; d++) dst[d] = load_bf16((const uint16_t *)base + off + 8 * d);
+        for (int64_t d = 0; d < nv; d++) dst[d] = load_bf16((const uint16_t *)base + off + 8 * (v0 + d));
     }
+}
+
+/* Row `off` of D elements as D/8 vectors (load_part over the whole row). */
+static inline void load_row(const void *base, int bf16, int pairs, int64_t off, const int64_t D, v8f *dst) {
+    load_part(base, bf16, pairs, off, 0, D / 8, dst);
+}
+
+/* One query row's D sums into its output row o, back from load_row's order when `pairs`. */
+static inline void store_head(float *o, const float *sum, int pairs, const int64_t D) {
+    if (pairs)
+        for (int64_t d = 0; d < D; d++) o[d] = sum[(d & ~15) + (d & 1) * 8 + (d & 15) / 2];
+    else
+        memcpy(o, sum, D * sizeof(float));
 }
 
 /* acc[g] += sum over s < S of p[g·S + s] · v[s] for gn query rows: each value row is read once for all of them.
@@ -487,24 +511,8 @@ static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const fl
     }
 }
 
-/* Vectors v0 … v0+nv-1 of row `off` of a key/value tensor, in load_row's order (nv even with `pairs`). */
-static inline void load_part(const void *base, int bf16, int pairs, int64_t off, int64_t v0, const int nv, v8f *dst) {
-    if (!bf16) {
-        for (int d = 0; d < nv; d++) dst[d] = load_f32((const float *)base + off + 8 * (v0 + d));
-    } else if (pairs) {
-        for (int d = 0; d < nv / 2; d++) {
-            v8i pair = *(const v8i_u *)((const uint16_t *)base + off + 8 * v0 + 16 * d);
-            v8i lo = pair << 16, hi = pair & (int32_t)0xffff0000;
-            memcpy(&dst[2 * d], &lo, sizeof lo);
-            memcpy(&dst[2 * d + 1], &hi, sizeof hi);
-        }
-    } else {
-        for (int d = 0; d < nv; d++) dst[d] = load_bf16((const uint16_t *)base + off + 8 * (v0 + d));
-    }
-}
-
-/* acc[g, vectors v0 … v0+VALUE_VECS-1] += sum over s0 ≤ s < s1 of p[g·S + s] · v[s] for gn (a constant) query rows:
- * the sums of gn rows × VALUE_VECS vectors stay in registers while the tile of value rows is read from L1. */
+/* acc[g, vectors v0 … v0+VALUE_VECS-1] += sum over s0 ≤ s < s1 of p[g·S + s] · v[s] for gn (a constant) query
+ * rows: the sums of gn rows × VALUE_VECS vectors stay in registers while the tile of value rows is read from L1. */
 #define VALUE_VECS 4
 #define VALUE_ROWS 2
 static inline void value_part(const attn_args *a, int64_t off, const float *p, int64_t S, int64_t s0, int64_t s1,
@@ -619,13 +627,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
     if (G > 4 && D % (8 * VALUE_VECS) == 0) {
         float *acc = scores + G * S;                  /* the query's copy is no longer needed */
         value_tiles(a, b, h, scores, G, S, D, pairs, acc);
-        for (int64_t g = 0; g < G; g++) {
-            float *o = a->out + b * a->sb + h * a->sh + g * a->sg, *sum = acc + g * D;
-            if (pairs)
-                for (int64_t d = 0; d < D; d++) o[d] = sum[(d & ~15) + (d & 1) * 8 + (d & 15) / 2];
-            else
-                memcpy(o, sum, D * sizeof(float));
-        }
+        for (int64_t g = 0; g < G; g++) store_head(a->out + b * a->sb + h * a->sh + g * a->sg, acc + g * D, pairs, D);
         return;
     }
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
@@ -639,13 +641,8 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         case 3: value_rows(a, b, h, p, S, acc, D, 3, pairs); break;
         default: value_rows(a, b, h, p, S, acc, D, 4, pairs); break;
         }
-        for (int64_t g = 0; g < gn; g++) {
-            float *o = a->out + b * a->sb + h * a->sh + (g0 + g) * a->sg, *sum = (float *)acc[g];
-            if (pairs)                        /* back from load_row's order */
-                for (int64_t d = 0; d < D; d++) o[d] = sum[(d & ~15) + (d & 1) * 8 + (d & 15) / 2];
-            else
-                memcpy(o, sum, D * sizeof(float));
-        }
+        for (int64_t g = 0; g < gn; g++)
+            store_head(a->out + b * a->sb + h * a->sh + (g0 + g) * a->sg, (const float *)acc[g], pairs, D);
     }
 }
 
@@ -963,19 +960,8 @@ static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, con
             r0 += qn;
         }
     }
-    for (int r0 = 0; r0 < rows && whole < o1; r0 += ROW_CHUNK) {     /* the share's last rows, short of a tile */
-        int rn = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
-        const float *xc = x + r0 * in, *xsc = xs ? xs + r0 * in : NULL;
-        float *yc = y + r0 * out;
-        if (is_bf16) {
-            DISPATCH_ROWS(dot_block_bf16, (const uint16_t *)W, whole, o1, in, xc, xsc, rn, yc, out)
-        } else {
-            DISPATCH_ROWS(dot_block_f32, (const float *)W, whole, o1, in, xc, xsc, rn, yc, out)
-        }
-    }
-    if (bias)
-        for (int r = 0; r < rows; r++)
-            for (int64_t o = o0; o < o1; o++) y[r * out + o] += param(bias, is_bf16, o);
+    linear_range(W, is_bf16, whole, o1, out, in, x, xs, rows, y);     /* the share's last rows, short of a tile */
+    add_bias(bias, is_bf16, o0, o1, rows, y, out);
 }
 
 /* px_linear for up to MAX_DRAFT_ROWS rows, each weight streamed once (lookahead's LM head over 1+K positions). */
@@ -1226,7 +1212,8 @@ typedef struct {
 #define FIELD(f) {"px_layer." #f, offsetof(px_layer, f)}, {"px_layer." #f ".size", sizeof(((px_layer *)0)->f)}
 
 static const px_constant constants[] = {
-    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM}, {"max_topk", MAX_TOPK},
+    {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM},
+    {"max_topk", MAX_TOPK},
     {"act.relu", ACT_RELU}, {"act.gelu", ACT_GELU}, {"act.gelu_tanh", ACT_GELU_TANH}, {"act.silu", ACT_SILU},
     {"act.tanh", ACT_TANH}, {"px_layer", sizeof(px_layer)},
     FIELD(ln1_w), FIELD(ln1_b), FIELD(q), FIELD(k), FIELD(v), FIELD(o), FIELD(ln2_w), FIELD(ln2_b), FIELD(cq),
