@@ -4,8 +4,11 @@
     python benchmarks/encoder.py --lengths 1024 4096 --dtypes fp32
     python benchmarks/encoder.py --lengths 32768 65536 --impls ours
     python benchmarks/encoder.py --train --lengths 4096 16384      # forward+backward, gradient checkpointing
+    python benchmarks/encoder.py --dtypes fp32 --lengths 80 40,90,140,190,240,290,340,400 3000,8000
 
-pegasus-x-base shape, random weights, batch 1. Every measurement runs in a fresh subprocess so that its peak RSS
+
+pegasus-x-base shape, random weights, batch 1; a length written ``A,B,...`` is a right-padded batch of those
+lengths (ours encodes it as generation does, ``skip_padding=True``: the real tokens only). Every measurement runs in a fresh subprocess so that its peak RSS
 is its own. Printed: wall time, achieved GFLOP/s and its share of this machine's measured GEMM rate, peak RSS,
 and the ratios ours/reference. `--check-bf16` also prints the relative error of our bf16 encoder output against
 our fp32 output on the same weights (and the reference's bf16 against its fp32).
@@ -27,13 +30,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def encoder_flops(cfg, T: int) -> float:
-    """Multiply-adds ×2 of one encoder pass: projections, FFN, block-local and global attention."""
+    """Multiply-adds ×2 of one encoder pass over T real tokens: projections, FFN, block-local and global
+    attention (padding excluded: the useful work, whatever an implementation spends on padding)."""
     K, G, D, F = cfg.block_size, cfg.num_global_tokens, cfg.d_model, cfg.encoder_ffn_dim
     P = -(-T // K) * K
-    per_layer = 2 * (P + G) * (4 * D * D + 2 * D * F)            # q,k,v,out + fc1,fc2 on both streams
+    per_layer = 2 * (T + G) * (4 * D * D + 2 * D * F)            # q,k,v,out + fc1,fc2 on both streams
     per_layer += 2 * 2 * P * (G + K) * D                         # token queries: scores + weighted values
     per_layer += 2 * 2 * G * (G + P) * D                         # global queries
     return per_layer * cfg.encoder_layers
+
+
+def batch_lengths(spec: str) -> list[int]:
+    """``"4096"`` → [4096]; ``"3000,8000"`` → a right-padded batch of those lengths."""
+    return [int(n) for n in spec.split(",")]
 
 
 def gemm_rate(dtype: torch.dtype) -> float:
@@ -67,24 +76,27 @@ def _build(impl: str, dtype: torch.dtype, train: bool):
     return cfg, model
 
 
-def worker(impl: str, dtype_name: str, T: int, train: bool, repeats: int) -> dict:
+def worker(impl: str, dtype_name: str, lengths: list[int], train: bool, repeats: int) -> dict:
     """One measurement in this process; returns seconds (best of ``repeats``) and peak RSS."""
     dtype = DTYPES[dtype_name]
     cfg, model = _build(impl, dtype, train)
-    ids = torch.randint(2, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1))
+    T = max(lengths)
+    ids = torch.randint(2, cfg.vocab_size, (len(lengths), T), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
 
     def run():
         if train:
-            labels = torch.randint(2, cfg.vocab_size, (1, 64))
-            model(input_ids=ids, labels=labels).loss.backward()
+            labels = torch.randint(2, cfg.vocab_size, (len(lengths), 64))
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
             model.zero_grad(set_to_none=True)
             return None
         with torch.no_grad():
             if impl == "ours":
-                return model.encode(ids).last_hidden_state
-            return model.get_encoder()(input_ids=ids).last_hidden_state
+                return model.encode(ids, mask, skip_padding=True).last_hidden_state
+            return model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    warm = ids[:, : min(T, 1024)]
+    warm = ids[:1, : min(T, 1024)]
     with torch.no_grad():
         (model.encode(warm) if impl == "ours" else model.get_encoder()(input_ids=warm))
     best = float("inf")
@@ -122,7 +134,8 @@ def _spawn(args: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--lengths", nargs="+", default=["1024", "4096", "16384"],
+                   help="tokens per input; A,B,... is a right-padded batch of inputs of those lengths")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--impls", nargs="+", default=["ours", "ref"], choices=["ours", "ref"])
     p.add_argument("--train", action="store_true", help="forward+backward (whole model, 64 labels) with checkpointing")
@@ -132,9 +145,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        impl, dt, T, train = args.worker
-        T = int(T)
-        print(json.dumps(worker(impl, dt, T, train == "1", repeats=3 if T <= 4096 and train == "0" else 1)))
+        impl, dt, spec, train = args.worker
+        lengths = batch_lengths(spec)
+        repeats = 3 if sum(lengths) <= 4096 and train == "0" else 1
+        print(json.dumps(worker(impl, dt, lengths, train == "1", repeats=repeats)))
         return
     if args.check_bf16:
         err = bf16_error(args.check_bf16)
@@ -147,18 +161,19 @@ def main() -> None:
     rates = {dt: gemm_rate(DTYPES[dt]) for dt in args.dtypes}
     print(f"machine GEMM rate ({args.threads} threads): " + ", ".join(f"{dt} {r:.0f} GFLOP/s" for dt, r in rates.items()))
     mode = "forward+backward (checkpointing)" if args.train else "encoder forward"
-    print(f"{mode}, pegasus-x-base shape, batch 1")
+    print(f"{mode}, pegasus-x-base shape, batch 1 (A,B,...: a right-padded batch; GFLOP/s of the real tokens' work)")
     print(f"{'tokens':>7} {'dtype':>5} {'impl':>5} {'seconds':>8} {'GFLOP/s':>8} {'%GEMM':>6} {'peak GB':>8}"
           f" {'time ours/ref':>13} {'RSS ours/ref':>12}")
     for T in args.lengths:
         for dt in args.dtypes:
-            res = {impl: _spawn(["--worker", impl, dt, str(T), "1" if args.train else "0",
+            res = {impl: _spawn(["--worker", impl, dt, T, "1" if args.train else "0",
                                  "--threads", str(args.threads)]) for impl in args.impls}
             for impl, r in res.items():
                 if "error" in r:
                     print(f"{T:>7} {dt:>5} {impl:>5} failed: {r['error']}")
                     continue
-                gf = encoder_flops(cfg, T) / r["seconds"] / 1e9 * (3 if args.train else 1)
+                flops = sum(encoder_flops(cfg, n) for n in batch_lengths(T))
+                gf = flops / r["seconds"] / 1e9 * (3 if args.train else 1)
                 ratio = ""
                 if impl == "ours" and "ref" in res and "error" not in res["ref"]:
                     ratio = (f"{r['seconds'] / res['ref']['seconds']:>13.2f}"

@@ -176,6 +176,56 @@ def test_chunked_ffn_at_inference_equals_one_pass(tmp_path, monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_skip_padding_computes_real_tokens_only_and_equals_the_reference_there(tmp_path, variant, monkeypatch):
+    from pegasus_x.model import PegasusXEncoderLayer
+
+    _, ours, _ = reference_twin(tmp_path, seed=11, **VARIANTS[variant])
+    packed_calls = []
+    original = PegasusXEncoderLayer.forward_packed
+    monkeypatch.setattr(PegasusXEncoderLayer, "forward_packed",
+                        lambda self, *a: packed_calls.append(self) or original(self, *a))
+    layers = ours.config.encoder_layers
+    # Shorter rows, a one-token row, a whole block, a block and one, no padding but a partial last block,
+    # nothing padded at all (no fast path needed).
+    for lengths, packs in (([29, 5, K, 1, 2 * K], True), ([K + 1], True), ([2 * K, 2 * K], False)):
+        ids, mask, _ = random_batch(lengths, ours.config.vocab_size, seed=len(lengths))
+        keep = mask.bool()[..., None]
+        packed_calls.clear()
+        with torch.inference_mode():
+            reference = ours.encode(ids, mask).last_hidden_state
+            fast = ours.encode(ids, mask, skip_padding=True)
+            ours.set_native(False)
+            slow = ours.encode(ids, mask, skip_padding=True).last_hidden_state
+            slow_reference = ours.encode(ids, mask).last_hidden_state
+            ours.set_native(True)
+        assert len(packed_calls) == (layers if packs else 0), lengths
+        assert fast.attention_mask.equal(mask.bool())
+        torch.testing.assert_close(fast.last_hidden_state, reference.masked_fill(~keep, 0), atol=1e-5, rtol=1e-5)
+        assert not fast.last_hidden_state.masked_fill(keep, 0).any() and not slow.masked_fill(keep, 0).any()
+        assert slow.equal(slow_reference.masked_fill(~keep, 0))  # the reference path, padding zeroed
+    # With autograd (training) the layers run whole: the packed path is for inference.
+    ids, mask, _ = random_batch([20, 3], ours.config.vocab_size, seed=1)
+    packed_calls.clear()
+    with torch.enable_grad():
+        ours.encode(ids, mask, skip_padding=True)
+    assert not packed_calls
+
+
+def test_generation_encodes_real_tokens_only(monkeypatch, tmp_path):
+    import pegasus_x.model as model_module
+
+    _, ours, _ = reference_twin(tmp_path, seed=12)
+    ids, mask, _ = random_batch([19, 4], ours.config.vocab_size, seed=3)
+    made, packing = [], model_module.Packing
+    monkeypatch.setattr(model_module, "Packing", lambda *a: made.append(a) or packing(*a))
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
+    assert len(made) == 1
+    for i, n in enumerate((19, 4)):
+        alone = ours.generate(ids[i:i + 1, :n], max_new_tokens=4, num_beams=2)
+        assert out[i, :alone.shape[1]].tolist() == alone[0].tolist()
+
+
 def _saved_activation_bytes(model, ids, labels) -> int:
     """Bytes of the distinct non-parameter storages autograd keeps for backward after one training forward.
 

@@ -73,15 +73,19 @@ class GlobalLocalAttention(nn.Module):
         Returns:
             ``(token_out (B, P, D), global_out (B, G, D))`` after the output projection.
         """
-        B, P, D = x.shape
-        G, H, hd, K = g.shape[1], self.num_heads, self.head_dim, self.block_size
-        N = P // K
         # One projection call per weight for both streams: the globals ride in front of the tokens, which also
         # lays out the global queries' keys [globals ‖ tokens] without a concatenation later.
         h = torch.cat([g, x], dim=1)                                          # (B, G+P, D)
-        q = self.q_proj(h).view(B, G + P, H, hd)
-        k = self.k_proj(h).view(B, G + P, H, hd)
-        v = self.v_proj(h).view(B, G + P, H, hd)
+        x_out, g_out = self.attend_projected(self.q_proj(h), self.k_proj(h), self.v_proj(h), g.shape[1], keep)
+        return self.out_proj(x_out), self.out_proj(g_out)
+
+    def attend_projected(self, q: Tensor, k: Tensor, v: Tensor, G: int, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention between the projections: q, k, v ``(B, G+P, D)`` with the G globals in front, keep
+        ``(B, P)`` → ``(token_out (B, P, D), global_out (B, G, D))`` before the output projection."""
+        B, L, D = q.shape
+        P, H, hd, K = L - G, self.num_heads, self.head_dim, self.block_size
+        N = P // K
+        q, k, v = q.view(B, L, H, hd), k.view(B, L, H, hd), v.view(B, L, H, hd)
         p_drop = self.dropout if self.training else 0.0
 
         # Global queries: every global and every token key.
@@ -102,8 +106,7 @@ class GlobalLocalAttention(nn.Module):
                        keep_blk.view(B * N, 1, 1, G + K), p_drop, self.backend)         # (B·N, H, K, hd)
 
         x_out = x_out.view(B, N, H, K, hd).permute(0, 1, 3, 2, 4).reshape(B, P, D)
-        g_out = g_out.transpose(1, 2).reshape(B, G, D)
-        return self.out_proj(x_out), self.out_proj(g_out)
+        return x_out, g_out.transpose(1, 2).reshape(B, G, D)
 
 
 class Attention(nn.Module):

@@ -544,7 +544,7 @@ def generate(model, input_ids: Tensor | None = None, attention_mask: Tensor | No
                               "encoder_outputs")
     with torch.inference_mode():
         if encoder_outputs is None:
-            enc = model.encode(input_ids, attention_mask)
+            enc = model.encode(input_ids, attention_mask, skip_padding=True)
             states, keep = enc.last_hidden_state, enc.attention_mask
             del enc
         else:

@@ -154,6 +154,58 @@ class PegasusXEncoderLayer(nn.Module):
         return x, g
 
 
+    def forward_packed(self, s: Tensor, packing: Packing) -> Tensor:
+        """The layer over the real tokens only (inference; see :class:`Packing`): ``s`` ``(B·G + N, D)`` holds the
+        B·G global states, then the N real tokens' states → updated ``s``."""
+        attn, BG = self.self_attn, packing.globals
+        h = torch.cat([self.global_self_attn_layer_norm(s[:BG]), self.self_attn_layer_norm(s[BG:])])
+        width, dst, src, keep = packing.layout(self.stagger)
+
+        def spread(rows: Tensor) -> Tensor:   # into the padded layout (B, G + width, D); padding zero
+            out = rows.new_zeros(packing.batch * (packing.num_globals + width), rows.shape[-1])
+            return out.index_copy_(0, dst, rows).view(packing.batch, -1, rows.shape[-1])
+
+        x_out, g_out = attn.attend_projected(spread(attn.q_proj(h)), spread(attn.k_proj(h)), spread(attn.v_proj(h)),
+                                             packing.num_globals, keep)
+        D = s.shape[-1]
+        s = s + attn.out_proj(torch.cat([g_out.reshape(BG, D), x_out.reshape(-1, D).index_select(0, src)]))
+        # One final LayerNorm and FFN serve both streams, as in forward().
+        return s + _ffn(self, self.final_layer_norm(s)[None])[0]
+
+
+class Packing:
+    """Where the real tokens of a padded encoder batch sit, for :meth:`PegasusXEncoderLayer.forward_packed`.
+
+    Padding (the batch's shorter inputs and the last block's remainder) is masked out of every softmax as a key,
+    and no real token or global reads its state, so the real tokens' states do not depend on it: the packed
+    layers run the projections, LayerNorms and FFN on the real tokens only (the bulk of the encoder's work), and
+    lay them out in blocks only for the attention itself.
+
+    Args:
+        keep: ``(B, P)`` bool, P a block multiple, False at padding.
+        num_globals: G.
+        block_size: K.
+    """
+
+    def __init__(self, keep: Tensor, num_globals: int, block_size: int) -> None:
+        B, P = keep.shape
+        self.batch, self.num_globals, self.globals = B, num_globals, B * num_globals
+        b, t = keep.nonzero(as_tuple=True)
+        self._layouts = {}
+        for stagger in (False, True):
+            off = block_size // 2 if stagger else 0
+            width = P + 2 * off
+            rows = torch.arange(B, device=keep.device)[:, None] * (num_globals + width)
+            globals_at = (rows + torch.arange(num_globals, device=keep.device)).reshape(-1)
+            dst = torch.cat([globals_at, b * (num_globals + width) + num_globals + off + t])
+            self._layouts[stagger] = (width, dst, b * width + off + t, F.pad(keep, (off, off), value=False))
+
+    def layout(self, stagger: bool) -> tuple[int, Tensor, Tensor, Tensor]:
+        """For a (non-)staggered layer: the token width W of its padded layout (B, G + W, D); where the rows of
+        ``s`` go in it (flat); where the real tokens' attention outputs are in ``(B·W, D)``; its keep ``(B, W)``."""
+        return self._layouts[stagger]
+
+
 class PegasusXDecoderLayer(nn.Module):
     """Pre-LN: causal self-attention, cross-attention to the encoder tokens, FFN."""
 
@@ -217,6 +269,11 @@ class PegasusXEncoder(nn.Module):
             ConfigError: float16 weights.
             InputError: malformed ids or mask, or ids on another device.
         """
+        return self.encode(input_ids, attention_mask)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               skip_padding: bool = False) -> EncoderOutput:
+        """:meth:`forward`, with ``skip_padding`` (see :meth:`states`)."""
         refuse_float16(self.embed_tokens.weight.dtype)
         input_ids = check_ids("input_ids", input_ids, self.config.vocab_size)
         device = self.embed_tokens.weight.device
@@ -225,10 +282,15 @@ class PegasusXEncoder(nn.Module):
                              "move them with .to(model.device)")
         keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else check_mask("attention_mask", attention_mask, input_ids))
-        return EncoderOutput(self.states(input_ids, keep), keep)
+        return EncoderOutput(self.states(input_ids, keep, skip_padding), keep)
 
-    def states(self, input_ids: Tensor, keep: Tensor) -> Tensor:
-        """Unchecked inputs: input_ids ``(B, T)``, keep ``(B, T)`` bool → token states ``(B, T, D)``."""
+    def states(self, input_ids: Tensor, keep: Tensor, skip_padding: bool = False) -> Tensor:
+        """Unchecked inputs: input_ids ``(B, T)``, keep ``(B, T)`` bool → token states ``(B, T, D)``.
+
+        ``skip_padding``: the states at padding are zero (not the reference's values, which nothing reads when the
+        mask is applied downstream), and without autograd the fast path (:class:`Packing`) computes the real
+        tokens only; the reference path computes all, then zeroes padding (``native.enabled`` chooses).
+        """
         cfg = self.config
         B, T = input_ids.shape
         if T > cfg.max_position_embeddings and not self._warned_length:
@@ -241,6 +303,9 @@ class PegasusXEncoder(nn.Module):
         x = F.dropout(x, cfg.dropout, self.training)
         K = cfg.block_size
         pad = -T % K                                       # pad once, on the right, to a block multiple
+        if (skip_padding and (pad or not bool(keep.all())) and not torch.is_grad_enabled() and not self.training
+                and native.enabled(self)):
+            return self._packed_states(x, keep)
         x = F.pad(x, (0, 0, 0, pad))
         keep = F.pad(keep, (0, pad), value=False)
         g = self.embed_global.weight[None].expand(B, -1, -1).to(x.dtype)
@@ -251,7 +316,18 @@ class PegasusXEncoder(nn.Module):
                 x, g = checkpoint(layer, x, g, keep, use_reentrant=False)
             else:
                 x, g = layer(x, g, keep)
-        return self.layer_norm(x[:, :T])
+        x = self.layer_norm(x[:, :T])
+        return x.masked_fill(~keep[:, :T, None], 0.0) if skip_padding else x
+
+    def _packed_states(self, x: Tensor, keep: Tensor) -> Tensor:
+        """:meth:`states` over the real tokens only: x ``(B, T, D)`` embedded, keep ``(B, T)``."""
+        B, T, D = x.shape
+        K, G = self.config.block_size, self.config.num_global_tokens
+        packing = Packing(F.pad(keep, (0, -T % K), value=False), G, K)
+        s = torch.cat([self.embed_global.weight.to(x.dtype).repeat(B, 1), x[keep]])    # (B·G + N, D)
+        for layer in self.layers:
+            s = layer.forward_packed(s, packing)
+        return x.new_zeros(B, T, D).index_put_((keep,), self.layer_norm(s[B * G:]))
 
 
 class PegasusXDecoder(nn.Module):
@@ -518,9 +594,14 @@ class PegasusXModel(PegasusXPreTrainedModel):
     def get_decoder(self) -> PegasusXDecoder:
         return self.decoder
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
-        """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``."""
-        return self.encoder(input_ids, attention_mask)
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               skip_padding: bool = False) -> EncoderOutput:
+        """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``.
+
+        ``skip_padding``: zero states at padding instead of the reference's, computed faster (for generation,
+        where the mask hides them; see :meth:`PegasusXEncoder.states`).
+        """
+        return self.encoder.encode(input_ids, attention_mask, skip_padding=skip_padding)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
@@ -609,9 +690,14 @@ class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.shared.weight
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
-        """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``."""
-        return self.model.encoder(input_ids, attention_mask)
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               skip_padding: bool = False) -> EncoderOutput:
+        """Run the encoder. ``input_ids`` ``(B, T)`` any T ≥ 1, right-padded with ``attention_mask``.
+
+        ``skip_padding``: zero states at padding instead of the reference's, computed faster (for generation,
+        where the mask hides them; see :meth:`PegasusXEncoder.states`).
+        """
+        return self.model.encoder.encode(input_ids, attention_mask, skip_padding=skip_padding)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,

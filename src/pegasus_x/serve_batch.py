@@ -269,7 +269,7 @@ class Batcher:
             options["streamer"] = _Streamers(jobs, tokenizer, opts.eos)
             opts = resolve_options(model, options, model.device)
         ids, mask = pad_rows([job.ids for job in jobs], tokenizer.pad_token_id, model.device)
-        encoded = model.encode(ids, mask)
+        encoded = model.encode(ids, mask, skip_padding=True)
         keep = encoded.attention_mask
         cache = start_cache(model, encoded.last_hidden_state, keep, opts)
         del encoded
