@@ -48,13 +48,18 @@ def _filled(cache):
     return torch.stack([k[:, :, :n] for k in cache.self_k]), torch.stack([v[:, :, :n] for v in cache.self_v])
 
 
-def test_cross_part_is_computed_once_per_input(model):
+@pytest.mark.parametrize("elements", [None, 2 * 4 * 32], ids=["whole", "slices-of-4-positions"])
+def test_cross_part_is_computed_once_per_input(model, monkeypatch, elements):
+    if elements:    # projected 4 positions at a time: 4 + 4 + 1
+        monkeypatch.setattr(cache_module, "PROJECT_ELEMENTS", elements)
     states, keep = torch.randn(2, 9, 32), torch.ones(2, 9, dtype=torch.bool)
     cache = new_cache(model, states, keep, rows=6, max_len=20)          # 3 beams per input
     assert cache.encoder_keep is None                                   # no padding: no mask to apply
     for layer, k, v in zip(model.get_decoder().layers, cache.cross_k, cache.cross_v):
         expected_k, expected_v = layer.encoder_attn.project_kv(states)
-        assert k.shape[0] == 2 and torch.equal(k, expected_k) and torch.equal(v, expected_v)
+        assert k.shape == expected_k.shape and k.shape[0] == 2
+        torch.testing.assert_close(k, expected_k, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v, expected_v, atol=1e-6, rtol=1e-6)
     keep[1, 7:] = False
     assert torch.equal(new_cache(model, states, keep, 6, 20).encoder_keep[:, 0, 0], keep)
 

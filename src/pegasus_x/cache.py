@@ -20,6 +20,7 @@ from torch import Tensor
 from .native import hugepages
 
 FIRST_CHUNK = 256   # positions a growing buffer starts with: most summaries never need a second allocation
+PROJECT_ELEMENTS = 1 << 18   # cross keys/values are projected this many elements (B x positions x d_model) at a time
 
 
 def next_capacity(needed: int, have: int, limit: int) -> int:
@@ -172,13 +173,18 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
     # quantize.py may ask for narrower cross keys/values (``kv_dtype``): they are read by every decode step.
     kv_dtype = getattr(decoder, "cross_kv_dtype", None) or encoder_states.dtype
     empty = _allocator(encoder_states.device, kv_dtype, [(B, S, D)] * 2 * len(layers))
-    cross_k, cross_v = [], []
-    for layer in layers:
-        # Copied layer by layer: projecting every layer first and copying after would hold the cross keys/values
-        # twice at once (+1.2 GB at 16K tokens, base, fp32).
-        k, v = layer.encoder_attn.project_kv(encoder_states)
-        cross_k.append(empty(tuple(k.shape)).copy_(k))
-        cross_v.append(empty(tuple(v.shape)).copy_(v))
+    H = attn.num_heads
+    # Projected a slice of positions at a time, straight into place: the slice's temporaries stay small enough
+    # for the allocator to reuse, where whole-input ones (two per layer, every call) would be fresh memory that
+    # the OS maps and zeroes page by page; and the cross keys/values are never held twice.
+    span = max(1, PROJECT_ELEMENTS // (B * D))
+    cross_k = [empty((B, H, S, D // H)) for _ in layers]
+    cross_v = [empty((B, H, S, D // H)) for _ in layers]
+    for layer, k_out, v_out in zip(layers, cross_k, cross_v):
+        for s0 in range(0, S, span):
+            k, v = layer.encoder_attn.project_kv(encoder_states[:, s0:s0 + span])
+            k_out[:, :, s0:s0 + span].copy_(k)
+            v_out[:, :, s0:s0 + span].copy_(v)
     shape = (rows, attn.num_heads, min(max_len, FIRST_CHUNK), attn.head_dim)
     return DecoderCache(
         self_k=_self_buffers(encoder_states, shape, len(layers)),
