@@ -19,7 +19,8 @@ load).
 Configurations: CTranslate2 ``float32`` and ``int8`` (its weight and activation int8), ours ``fp32``, ``bf16`` and
 ``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations), and ``int8-bf16kv`` (the same
 with the cross-attention keys/values kept in bf16: ``quantize.set_kv_dtype(model, "bf16")``). Each configuration
-runs in a fresh process, which warms up, then times the 1-token and N-token runs ``--repeats`` times alternately
+runs in a fresh process, which warms up, then times the 1-token and N-token runs ``--repeats`` times alternately,
+each after the same untimed 1-token run
 (medians kept); configurations are interleaved, so a shared machine's drift hits them alike. The table names the CPU
 and its ISA (AVX2 / AVX512 / AVX512-BF16 / AMX / VNNI); the raw results go to ``benchmarks/results/peers-<cpu>.json``.
 
@@ -95,6 +96,10 @@ def _timed(generate, repeats: int, new_tokens: int) -> dict:
     runs = {(n, clock): [] for n in (1, new_tokens) for clock in ("wall", "cpu")}
     for _ in range(repeats):
         for n in (1, new_tokens):
+            # Every timed run follows the same untimed 1-token run: the encoder's time depends on what ran just
+            # before (it was faster right after an N-token run than right after a 1-token run), and plain
+            # alternation would charge that difference to the N - 1 steps.
+            generate(1)
             wall, cpu = time.perf_counter(), time.process_time()
             generate(n)
             runs[n, "wall"].append(time.perf_counter() - wall)
