@@ -33,10 +33,9 @@ def encoder_flops(cfg, T: int) -> float:
     """Multiply-adds ×2 of one encoder pass over T real tokens: projections, FFN, block-local and global
     attention (padding excluded: the useful work, whatever an implementation spends on padding)."""
     K, G, D, F = cfg.block_size, cfg.num_global_tokens, cfg.d_model, cfg.encoder_ffn_dim
-    P = -(-T // K) * K
     per_layer = 2 * (T + G) * (4 * D * D + 2 * D * F)            # q,k,v,out + fc1,fc2 on both streams
-    per_layer += 2 * 2 * P * (G + K) * D                         # token queries: scores + weighted values
-    per_layer += 2 * 2 * G * (G + P) * D                         # global queries
+    per_layer += 2 * 2 * T * (G + min(K, T)) * D                 # token queries: scores + weighted values
+    per_layer += 2 * 2 * G * (G + T) * D                         # global queries
     return per_layer * cfg.encoder_layers
 
 

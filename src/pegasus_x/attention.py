@@ -109,6 +109,87 @@ class GlobalLocalAttention(nn.Module):
         return x_out, g_out.transpose(1, 2).reshape(B, G, D)
 
 
+    def forward_packed(self, h: Tensor, packing: Packing, stagger: bool) -> Tensor:
+        """:meth:`forward` over packed rows (inference): ``h`` ``(B·G + N, D)``, the globals then the N real tokens
+        (see :class:`Packing`) → the output projection of their attention, same layout.
+
+        Global queries attend to their input's globals and every position (padding masked), laid out as in
+        :meth:`attend_projected`; token queries attend block by block, each block gathered down to its real tokens.
+        """
+        B, G, BG, (M, L) = packing.batch, packing.num_globals, packing.globals, packing.blocks(stagger)[0].shape
+        D, H, hd = h.shape[-1], self.num_heads, self.head_dim
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        keep_all = torch.cat([packing.keep.new_ones(B, G), packing.keep], dim=1)[:, None, None, :]
+
+        def heads(t: Tensor) -> Tensor:                                       # (X, L, D) → (X, H, L, hd)
+            return t.view(t.shape[0], -1, H, hd).transpose(1, 2)
+
+        g_out = attend(heads(q[:BG].view(B, G, D)), heads(packing.spread(k)), heads(packing.spread(v)), keep_all,
+                       0.0, self.backend)                                                 # (B, H, G, hd)
+        rows, real, owner, at = packing.blocks(stagger)
+
+        def gathered(t: Tensor) -> Tensor:                                    # (M, L, D); padded slots read zeros
+            return torch.cat([t[BG:], t.new_zeros(1, D)])[rows]
+
+        def with_globals(t: Tensor) -> Tensor:                                # (M, H, G + L, hd)
+            return heads(torch.cat([t[:BG].view(B, G, D)[owner], gathered(t)], dim=1))
+
+        keep_blk = torch.cat([real.new_ones(M, G), real], dim=1)[:, None, None, :]
+        x_out = attend(heads(gathered(q)), with_globals(k), with_globals(v), keep_blk, 0.0, self.backend)
+        x_out = x_out.transpose(1, 2).reshape(M * L, D).index_select(0, at)               # (N, D)
+        return self.out_proj(torch.cat([g_out.transpose(1, 2).reshape(BG, D), x_out]))
+
+
+class Packing:
+    """Where the real tokens of a right-padded encoder batch sit, for the packed encoder layers.
+
+    Padding (the batch's shorter inputs and the last block's remainder) is masked out of every softmax as a key,
+    and no real token or global reads its state, so the real tokens' states do not depend on it: the packed
+    layers run the projections, LayerNorms and FFN on the real tokens only, and each block's attention on the
+    block's real tokens only.
+
+    Args:
+        keep: ``(B, P)`` bool, P a block multiple, False at padding.
+        num_globals: G.
+        block_size: K.
+    """
+
+    def __init__(self, keep: Tensor, num_globals: int, block_size: int) -> None:
+        B, P = keep.shape
+        self.batch, self.num_globals, self.globals, self.keep = B, num_globals, B * num_globals, keep
+        device = keep.device
+        b, t = keep.nonzero(as_tuple=True)
+        rows = torch.arange(B, device=device)[:, None] * (num_globals + P)
+        globals_at = (rows + torch.arange(num_globals, device=device)).reshape(-1)
+        self._spread_at = torch.cat([globals_at, b * (num_globals + P) + num_globals + t])
+        self._blocks = {stagger: self._gather(b, t, P, block_size, block_size // 2 if stagger else 0)
+                        for stagger in (False, True)}
+
+    @staticmethod
+    def _gather(b: Tensor, t: Tensor, P: int, K: int, off: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n = b.numel()
+        block = b * ((P + 2 * off) // K) + (t + off) // K       # the (padded, maybe staggered) block of each token
+        # Tokens come in order (input, position), so each block's tokens are consecutive.
+        _, which, count = torch.unique_consecutive(block, return_inverse=True, return_counts=True)
+        starts = torch.cumsum(count, 0) - count
+        slot = torch.arange(n, device=b.device) - starts[which]
+        L = int(count.max())
+        rows = torch.full((count.numel(), L), n, dtype=torch.long, device=b.device)
+        rows[which, slot] = torch.arange(n, device=b.device)
+        return rows, rows < n, b[starts], which * L + slot
+
+    def blocks(self, stagger: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For a (non-)staggered layer, the M blocks holding real tokens, each cut to L = the most any holds:
+        ``rows`` ``(M, L)`` the real tokens' indices (N where a block has fewer), ``real`` ``(M, L)`` which slots
+        hold one, ``owner`` ``(M,)`` each block's input, ``at`` ``(N,)`` each token's slot in the ``(M·L)`` layout."""
+        return self._blocks[stagger]
+
+    def spread(self, rows: Tensor) -> Tensor:
+        """Packed ``(B·G + N, D)`` → the padded layout ``(B, G + P, D)``, zero at padding."""
+        out = rows.new_zeros(self.batch * (self.num_globals + self.keep.shape[1]), rows.shape[-1])
+        return out.index_copy_(0, self._spread_at, rows).view(self.batch, -1, rows.shape[-1])
+
+
 class Attention(nn.Module):
     """Multi-head attention for the decoder: causal self-attention and cross-attention share this class.
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import native
-from .attention import BACKENDS, Attention, GlobalLocalAttention
+from .attention import BACKENDS, Attention, GlobalLocalAttention, Packing
 from .cache import DecoderCache
 from .config import PegasusXConfig, check_fits_in_memory
 from .devices import refuse_float16
@@ -155,55 +155,13 @@ class PegasusXEncoderLayer(nn.Module):
 
 
     def forward_packed(self, s: Tensor, packing: Packing) -> Tensor:
-        """The layer over the real tokens only (inference; see :class:`Packing`): ``s`` ``(B·G + N, D)`` holds the
-        B·G global states, then the N real tokens' states → updated ``s``."""
-        attn, BG = self.self_attn, packing.globals
+        """The layer over the real tokens only (inference; see :class:`~pegasus_x.attention.Packing`): ``s``
+        ``(B·G + N, D)`` holds the B·G global states, then the N real tokens' states → updated ``s``."""
+        BG = packing.globals
         h = torch.cat([self.global_self_attn_layer_norm(s[:BG]), self.self_attn_layer_norm(s[BG:])])
-        width, dst, src, keep = packing.layout(self.stagger)
-
-        def spread(rows: Tensor) -> Tensor:   # into the padded layout (B, G + width, D); padding zero
-            out = rows.new_zeros(packing.batch * (packing.num_globals + width), rows.shape[-1])
-            return out.index_copy_(0, dst, rows).view(packing.batch, -1, rows.shape[-1])
-
-        x_out, g_out = attn.attend_projected(spread(attn.q_proj(h)), spread(attn.k_proj(h)), spread(attn.v_proj(h)),
-                                             packing.num_globals, keep)
-        D = s.shape[-1]
-        s = s + attn.out_proj(torch.cat([g_out.reshape(BG, D), x_out.reshape(-1, D).index_select(0, src)]))
+        s = s + self.self_attn.forward_packed(h, packing, self.stagger)
         # One final LayerNorm and FFN serve both streams, as in forward().
         return s + _ffn(self, self.final_layer_norm(s)[None])[0]
-
-
-class Packing:
-    """Where the real tokens of a padded encoder batch sit, for :meth:`PegasusXEncoderLayer.forward_packed`.
-
-    Padding (the batch's shorter inputs and the last block's remainder) is masked out of every softmax as a key,
-    and no real token or global reads its state, so the real tokens' states do not depend on it: the packed
-    layers run the projections, LayerNorms and FFN on the real tokens only (the bulk of the encoder's work), and
-    lay them out in blocks only for the attention itself.
-
-    Args:
-        keep: ``(B, P)`` bool, P a block multiple, False at padding.
-        num_globals: G.
-        block_size: K.
-    """
-
-    def __init__(self, keep: Tensor, num_globals: int, block_size: int) -> None:
-        B, P = keep.shape
-        self.batch, self.num_globals, self.globals = B, num_globals, B * num_globals
-        b, t = keep.nonzero(as_tuple=True)
-        self._layouts = {}
-        for stagger in (False, True):
-            off = block_size // 2 if stagger else 0
-            width = P + 2 * off
-            rows = torch.arange(B, device=keep.device)[:, None] * (num_globals + width)
-            globals_at = (rows + torch.arange(num_globals, device=keep.device)).reshape(-1)
-            dst = torch.cat([globals_at, b * (num_globals + width) + num_globals + off + t])
-            self._layouts[stagger] = (width, dst, b * width + off + t, F.pad(keep, (off, off), value=False))
-
-    def layout(self, stagger: bool) -> tuple[int, Tensor, Tensor, Tensor]:
-        """For a (non-)staggered layer: the token width W of its padded layout (B, G + W, D); where the rows of
-        ``s`` go in it (flat); where the real tokens' attention outputs are in ``(B·W, D)``; its keep ``(B, W)``."""
-        return self._layouts[stagger]
 
 
 class PegasusXDecoderLayer(nn.Module):
