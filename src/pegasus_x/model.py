@@ -153,7 +153,6 @@ class PegasusXEncoderLayer(nn.Module):
         g = g + _ffn(self, self.final_layer_norm(g))
         return x, g
 
-
     def forward_packed(self, s: Tensor, packing: Packing) -> Tensor:
         """The layer over the real tokens only (inference; see :class:`~pegasus_x.attention.Packing`): ``s``
         ``(B·G + N, D)`` holds the B·G global states, then the N real tokens' states → updated ``s``."""
@@ -217,21 +216,18 @@ class PegasusXEncoder(nn.Module):
         self.gradient_checkpointing = False
         self._warned_length = False
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                skip_padding: bool = False) -> EncoderOutput:
         """transformers' call: ``enc(input_ids=..., attention_mask=...)`` → :class:`EncoderOutput`.
 
         Args:
             input_ids: ``(B, T)`` any T ≥ 1, right padded.
             attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding (None: all real).
+            skip_padding: see :meth:`states`.
         Raises:
             ConfigError: float16 weights.
             InputError: malformed ids or mask, or ids on another device.
         """
-        return self.encode(input_ids, attention_mask)
-
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-               skip_padding: bool = False) -> EncoderOutput:
-        """:meth:`forward`, with ``skip_padding`` (see :meth:`states`)."""
         refuse_float16(self.embed_tokens.weight.dtype)
         input_ids = check_ids("input_ids", input_ids, self.config.vocab_size)
         device = self.embed_tokens.weight.device
@@ -559,7 +555,7 @@ class PegasusXModel(PegasusXPreTrainedModel):
         ``skip_padding``: zero states at padding instead of the reference's, computed faster (for generation,
         where the mask hides them; see :meth:`PegasusXEncoder.states`).
         """
-        return self.encoder.encode(input_ids, attention_mask, skip_padding=skip_padding)
+        return self.encoder(input_ids, attention_mask, skip_padding=skip_padding)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
@@ -655,7 +651,7 @@ class PegasusXForConditionalGeneration(PegasusXPreTrainedModel):
         ``skip_padding``: zero states at padding instead of the reference's, computed faster (for generation,
         where the mask hides them; see :meth:`PegasusXEncoder.states`).
         """
-        return self.model.encoder.encode(input_ids, attention_mask, skip_padding=skip_padding)
+        return self.model.encoder(input_ids, attention_mask, skip_padding=skip_padding)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
