@@ -40,22 +40,26 @@ def _allocator(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int,
     return functools.partial(torch.empty, dtype=dtype, device=device)
 
 
-def _self_buffers(like: Tensor, shape: tuple[int, ...], count: int) -> list[Tensor]:
-    """``count`` empty self-attention buffers of ``shape`` in one allocation, with ``like``'s dtype and device.
+def _self_buffers(like: Tensor, shape: tuple[int, ...], count: int) -> Tensor:
+    """``count`` empty self-attention buffers of ``shape`` as one tensor ``(count, *shape)``, with ``like``'s dtype
+    and device.
 
     An arena of their own: the old buffers' pages are freed once they are replaced (the cross-attention part
     keeps its own arena alive).
     """
-    empty = _allocator(like.device, like.dtype, [shape] * count)
-    return [empty(shape) for _ in range(count)]
+    return _allocator(like.device, like.dtype, [(count, *shape)])((count, *shape))
 
 
 @dataclass
 class DecoderCache:
-    """Per-layer caches. ``R`` decoder rows (inputs × beams), ``B`` inputs, ``H`` heads, ``S`` encoder length."""
+    """Per-layer caches. ``R`` decoder rows (inputs × beams), ``B`` inputs, ``H`` heads, ``S`` encoder length.
 
-    self_k: list[Tensor]        # each (R, H, max_len, hd); max_len grows up to `limit`
-    self_v: list[Tensor]
+    ``self_k``/``self_v`` are each layer's view of ``keys``/``values``, so that moving rows (beam search) is one
+    copy for all layers.
+    """
+
+    keys: Tensor                # (layers, R, H, max_len, hd) self-attention keys; max_len grows up to `limit`
+    values: Tensor
     cross_k: list[Tensor]       # each (B, H, S, hd)
     cross_v: list[Tensor]
     encoder_keep: Tensor | None  # (B, 1, 1, S) bool, False at padded encoder positions; None: no padding
@@ -65,6 +69,9 @@ class DecoderCache:
     # native.decoder_plan's pointers into these buffers (made at the first native step; False: not native).
     # Anything that replaces a buffer must reset it to None.
     native_plan: Any = None
+
+    def __post_init__(self) -> None:
+        self.self_k, self.self_v = list(self.keys.unbind(0)), list(self.values.unbind(0))
 
     @property
     def max_len(self) -> int:
@@ -119,8 +126,8 @@ class DecoderCache:
             if dst.numel() == 0:
                 return
             rows = rows[dst]
-        for buf in (*self.self_k, *self.self_v):
-            buf[dst, :, :n] = buf[rows, :, :n]              # the right side is a copy: overlaps are safe
+        for buf in (self.keys, self.values):
+            buf[:, dst, :, :n] = buf[:, rows, :, :n]        # the right side is a copy: overlaps are safe
 
     def keep_inputs(self, inputs: Tensor) -> None:
         """Keep only inputs ``inputs`` (sorted indices into the B inputs) and their decoder rows.
@@ -141,19 +148,20 @@ class DecoderCache:
         rows ``rows`` (None: every row)."""
         n = self.length
 
-        def copy(bufs: list[Tensor]) -> list[Tensor]:
-            R, H, _, hd = bufs[0].shape
-            new = _self_buffers(bufs[0], (R if rows is None else rows.numel(), H, capacity, hd), len(bufs))
-            for old, buf in zip(bufs, new):
-                buf[:, :, :n] = old[:, :, :n] if rows is None else old[:, :, :n].index_select(0, rows)
+        def copy(old: Tensor) -> Tensor:
+            layers, R, H, _, hd = old.shape
+            new = _self_buffers(old, (R if rows is None else rows.numel(), H, capacity, hd), layers)
+            new[:, :, :, :n] = old[:, :, :, :n] if rows is None else old[:, :, :, :n].index_select(1, rows)
             return new
 
         self.native_plan = None                              # its pointers go with the old buffers
         if capacity != self.max_len:
             self.positions = None                            # made for the old length
         # Keys first, then values: the old keys are freed before the new values are allocated.
-        self.self_k = copy(self.self_k)
-        self.self_v = copy(self.self_v)
+        self.self_k = self.self_v = []                       # the layers' views would keep the old buffers
+        self.keys = copy(self.keys)
+        self.values = copy(self.values)
+        self.__post_init__()
 
 
 def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, max_len: int) -> DecoderCache:
@@ -187,8 +195,8 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
             v_out[:, :, s0:s0 + span].copy_(v)
     shape = (rows, attn.num_heads, min(max_len, FIRST_CHUNK), attn.head_dim)
     return DecoderCache(
-        self_k=_self_buffers(encoder_states, shape, len(layers)),
-        self_v=_self_buffers(encoder_states, shape, len(layers)),
+        keys=_self_buffers(encoder_states, shape, len(layers)),
+        values=_self_buffers(encoder_states, shape, len(layers)),
         cross_k=cross_k,
         cross_v=cross_v,
         # Without padding the cross-attention needs no mask, and the kernels run faster without one.
