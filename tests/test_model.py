@@ -187,8 +187,9 @@ def test_skip_padding_computes_real_tokens_only_and_equals_the_reference_there(t
                         lambda self, *a: packed_calls.append(self) or original(self, *a))
     layers = ours.config.encoder_layers
     # Shorter rows, a one-token row, a whole block, a block and one, no padding but a partial last block,
-    # nothing padded at all (no fast path needed).
-    for lengths, packs in (([29, 5, K, 1, 2 * K], True), ([K + 1], True), ([2 * K, 2 * K], False)):
+    # nothing padded at all, too little padding to repay packing (no fast path).
+    for lengths, packs in (([29, 5, K, 1, 2 * K], True), ([K + 1], True), ([2 * K, 2 * K], False),
+                           ([8 * K - 1], False)):
         ids, mask, _ = random_batch(lengths, ours.config.vocab_size, seed=len(lengths))
         keep = mask.bool()[..., None]
         packed_calls.clear()

@@ -105,6 +105,7 @@ def check_mask(name: str, mask: Any, ids: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------- layers
 FFN_CHUNK = 4096  # tokens per FFN call at inference: bounds the (T, ffn_dim) intermediate on 16K+ inputs
+PACK_BELOW = 0.9  # skip_padding packs the encoder when real tokens are at most this share of the padded positions
 
 
 def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
@@ -257,8 +258,10 @@ class PegasusXEncoder(nn.Module):
         x = F.dropout(x, cfg.dropout, self.training)
         K = cfg.block_size
         pad = -T % K                                       # pad once, on the right, to a block multiple
-        if (skip_padding and (pad or not bool(keep.all())) and not torch.is_grad_enabled() and not self.training
-                and native.enabled(self)):
+        # The packed layers' gathers cost a few percent of a layer, which a little padding does not repay
+        # (benchmarks/RESULTS.md, encoding the real tokens only).
+        if (skip_padding and int(keep.sum()) <= PACK_BELOW * B * (T + pad) and not torch.is_grad_enabled()
+                and not self.training and native.enabled(self)):
             return self._packed_states(x, keep)
         x = F.pad(x, (0, 0, 0, pad))
         keep = F.pad(keep, (0, pad), value=False)
