@@ -108,7 +108,6 @@ class GlobalLocalAttention(nn.Module):
         x_out = x_out.view(B, N, H, K, hd).permute(0, 1, 3, 2, 4).reshape(B, P, D)
         return x_out, g_out.transpose(1, 2).reshape(B, G, D)
 
-
     def forward_packed(self, h: Tensor, packing: Packing, stagger: bool) -> Tensor:
         """:meth:`forward` over packed rows (inference): ``h`` ``(B·G + N, D)``, the globals then the N real tokens
         (see :class:`Packing`) → the output projection of their attention, same layout.
@@ -128,8 +127,8 @@ class GlobalLocalAttention(nn.Module):
                        0.0, self.backend)                                                 # (B, H, G, hd)
         rows, real, owner, at = packing.blocks(stagger)
 
-        def gathered(t: Tensor) -> Tensor:                                    # (M, L, D); padded slots read zeros
-            return torch.cat([t[BG:], t.new_zeros(1, D)])[rows]
+        def gathered(t: Tensor) -> Tensor:                                    # (M, L, D)
+            return t[BG:][rows]
 
         def with_globals(t: Tensor) -> Tensor:                                # (M, H, G + L, hd)
             return heads(torch.cat([t[:BG].view(B, G, D)[owner], gathered(t)], dim=1))
@@ -174,14 +173,17 @@ class Packing:
         starts = torch.cumsum(count, 0) - count
         slot = torch.arange(n, device=b.device) - starts[which]
         L = int(count.max())
-        rows = torch.full((count.numel(), L), n, dtype=torch.long, device=b.device)
+        # A block's empty slots read token 0: masked as keys, their query rows never read back.
+        rows = torch.zeros((count.numel(), L), dtype=torch.long, device=b.device)
         rows[which, slot] = torch.arange(n, device=b.device)
-        return rows, rows < n, b[starts], which * L + slot
+        real = torch.zeros_like(rows, dtype=torch.bool)
+        real[which, slot] = True
+        return rows, real, b[starts], which * L + slot
 
     def blocks(self, stagger: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For a (non-)staggered layer, the M blocks holding real tokens, each cut to L = the most any holds:
-        ``rows`` ``(M, L)`` the real tokens' indices (N where a block has fewer), ``real`` ``(M, L)`` which slots
-        hold one, ``owner`` ``(M,)`` each block's input, ``at`` ``(N,)`` each token's slot in the ``(M·L)`` layout."""
+        ``rows`` ``(M, L)`` the real tokens' indices (0 in the slots of a block with fewer), ``real`` ``(M, L)``
+        which slots hold one, ``owner`` ``(M,)`` each block's input, ``at`` ``(N,)`` each token's slot in the ``(M·L)`` layout."""
         return self._blocks[stagger]
 
     def spread(self, rows: Tensor) -> Tensor:

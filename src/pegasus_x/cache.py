@@ -71,6 +71,10 @@ class DecoderCache:
     native_plan: Any = None
 
     def __post_init__(self) -> None:
+        self._views()
+
+    def _views(self) -> None:
+        """Each layer's buffers: views of ``keys``/``values``."""
         self.self_k, self.self_v = list(self.keys.unbind(0)), list(self.values.unbind(0))
 
     @property
@@ -161,7 +165,7 @@ class DecoderCache:
         self.self_k = self.self_v = []                       # the layers' views would keep the old buffers
         self.keys = copy(self.keys)
         self.values = copy(self.values)
-        self.__post_init__()
+        self._views()
 
 
 def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, max_len: int) -> DecoderCache:
@@ -193,7 +197,7 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
             k, v = layer.encoder_attn.project_kv(encoder_states[:, s0:s0 + span])
             k_out[:, :, s0:s0 + span].copy_(k)
             v_out[:, :, s0:s0 + span].copy_(v)
-    shape = (rows, attn.num_heads, min(max_len, FIRST_CHUNK), attn.head_dim)
+    shape = (rows, H, min(max_len, FIRST_CHUNK), attn.head_dim)
     return DecoderCache(
         keys=_self_buffers(encoder_states, shape, len(layers)),
         values=_self_buffers(encoder_states, shape, len(layers)),
