@@ -20,6 +20,7 @@ from pegasus_x import native
 from pegasus_x.cache import new_cache
 from pegasus_x.generate import make_step
 from pegasus_x.native import abi, kernels
+from pegasus_x.quantize import quantize_model
 
 def tolerance(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -151,7 +152,8 @@ def test_attention_refuses_what_it_cannot_take():
 # ------------------------------------------------------------------------------------------------- decoder layers
 
 
-SHAPES = {"1x1": (1, 1), "2x1": (2, 2), "1x4": (1, 4), "2x2": (2, 4), "2x4": (2, 8)}   # inputs x beams: (inputs, rows)
+# inputs x beams: (inputs, rows). Past MAX_ROWS (4x4, 9x1) decoder_step runs px_decoder_rows.
+SHAPES = {"1x1": (1, 1), "2x1": (2, 2), "1x4": (1, 4), "2x2": (2, 4), "2x4": (2, 8), "4x4": (4, 16), "9x1": (9, 9)}
 # Every shape with relu (the released checkpoints' activation) and every activation at 2x2 in the fast tier;
 # the rest of the grid with the slow tests.
 STEP_CASES = [pytest.param(activation, dtype, *SHAPES[shape], id=f"{shape}-{dtype_id}-{activation}",
@@ -188,12 +190,16 @@ def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, i
         assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
 @pytest.mark.parametrize("inputs,rows,T", [(1, 1, 5), (1, 1, 9), (2, 2, 4), (2, 4, 3)], ids=["1x5", "1x9", "2x4", "2x2x3"])
 def test_decoder_rows_equal_torch_layers(lib, monkeypatch, dtype, inputs, rows, T):
     """Lookahead's pass: T new positions per row in one native call, causal among them, equal to the torch layers
-    (which also fill the cache the same way); a step after it sees the same cache."""
-    model = small_model(dtype=dtype)
+    (which also fill the cache the same way); a step after it sees the same cache. "int8": int8 weights and bf16
+    cross keys/values under fp32 layers."""
+    if dtype == "int8":
+        model, dtype = quantize_model(small_model(), "int8", kv_dtype="bf16"), torch.float32
+    else:
+        model = small_model(dtype=dtype)
     g = torch.Generator().manual_seed(T)
     enc = torch.randn(inputs, 13, 64, generator=g).to(dtype)
     keep = torch.ones(inputs, 13, dtype=torch.bool)
@@ -231,7 +237,9 @@ def test_decoder_plan_only_what_it_can_run(lib):
     cache = new_cache(model, enc, keep, 4, 8)
     x = torch.randn(4, 1, 64)
     assert native.decoder_plan(decoder, cache, x) is not None
-    assert native.decoder_plan(decoder, new_cache(model, enc, keep, 9, 8), torch.randn(9, 1, 64)) is None  # > 8 rows
+    rows = abi.MAX_DRAFT_ROWS
+    assert native.decoder_plan(decoder, new_cache(model, enc, keep, rows, 8), torch.randn(rows, 1, 64)) is not None
+    assert native.decoder_plan(decoder, new_cache(model, enc, keep, rows + 1, 8), torch.randn(rows + 1, 1, 64)) is None
     assert native.decoder_plan(decoder, cache, x.bfloat16()) is None                                      # mixed dtypes
     model.set_attention_backend("eager")                         # the readable reference path is honoured
     assert native.decoder_plan(decoder, cache, x) is None

@@ -106,7 +106,8 @@ def test_int8_linear_kernel_equals_reference(lib, dtype, rows, shape, threads):
 def test_int8_linear_kernel_refuses_what_it_cannot_take(lib):
     q, s = quantize_weight(torch.randn(16, 8))
     x = torch.randn(1, 8)
-    assert not kernels.linear_int8_fits(torch.randn(9, 8), q, s, None)                # > MAX_ROWS rows
+    assert kernels.linear_int8_fits(torch.randn(kernels.MAX_DRAFT_ROWS, 8), q, s, None)
+    assert not kernels.linear_int8_fits(torch.randn(kernels.MAX_DRAFT_ROWS + 1, 8), q, s, None)
     assert not kernels.linear_int8_fits(x, q.t(), s, None)                             # wrong shape
     assert not kernels.linear_int8_fits(x, q[:, ::2].repeat(1, 2), s[:8], None)        # scales of another size
     assert not kernels.linear_int8_fits(x, q, s.double(), None)
@@ -114,7 +115,8 @@ def test_int8_linear_kernel_refuses_what_it_cannot_take(lib):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("inputs,rows", [(1, 1), (2, 2), (1, 4), (2, 8)], ids=["1x1", "2x1", "1x4", "2x4"])
+@pytest.mark.parametrize("inputs,rows", [(1, 1), (2, 2), (1, 4), (2, 8), (4, 16)],
+                         ids=["1x1", "2x1", "1x4", "2x4", "4x4"])
 def test_int8_decoder_step_equals_reference(lib, monkeypatch, dtype, inputs, rows):
     model = quantize_model(small_model(seed=2, dtype=dtype, activation="gelu"))
     g = torch.Generator().manual_seed(rows)
@@ -323,7 +325,7 @@ def test_info_says_which_dtype_auto_picks(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- bf16 cross keys/values
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 4, 16])          # 16: past MAX_ROWS, px_decoder_rows
 def test_bf16_cross_keys_native_equals_reference_and_stays_close(lib, rows):
     model = quantize_model(small_model(seed=7), "int8", kv_dtype="bf16")
     g = torch.Generator().manual_seed(rows)

@@ -66,11 +66,11 @@ def test_prepare_counts_each_requests_rows(summarizer):
 
 def test_default_row_limit_is_the_fused_steps_on_a_cpu(summarizer):
     from pegasus_x import native
-    from pegasus_x.native.abi import MAX_ROWS
+    from pegasus_x.native.abi import MAX_DRAFT_ROWS
     from pegasus_x.serve_batch import default_max_rows
 
     model = summarizer.model
-    assert default_max_rows(model) == (MAX_ROWS if native.available(model) else None)
+    assert default_max_rows(model) == (MAX_DRAFT_ROWS if native.available(model) else None)
     model.set_native(False)
     try:
         assert default_max_rows(model) is None

@@ -73,9 +73,9 @@ def default_max_rows(model: Any) -> int | None:
     takes (past them a step runs torch's layers, and a batch of B rows costs more than B single-row steps,
     ``benchmarks/serve.py``); elsewhere none."""
     from . import native
-    from .native.abi import MAX_ROWS
+    from .native.abi import MAX_DRAFT_ROWS
 
-    return MAX_ROWS if model.device.type == "cpu" and native.available(model) else None
+    return MAX_DRAFT_ROWS if model.device.type == "cpu" and native.available(model) else None
 
 
 class _AllCancelled(Exception):

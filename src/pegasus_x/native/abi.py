@@ -12,7 +12,7 @@ import ctypes
 
 VERSION = 4             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
 MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
-MAX_DRAFT_ROWS = 72     # rows × new positions per px_decoder_rows call (lookahead's verification pass)
+MAX_DRAFT_ROWS = 72     # rows (× new positions) per px_decoder_rows / px_linear_rows / px_linear_int8 call
 MAX_HEAD_DIM = 256      # px_attention's and px_decoder's head_dim limit
 MAX_TOPK = 256          # px_topk's k per row
 HEAD_DIM_MULTIPLE = 8   # px_attention and px_decoder take whole 8-float vectors of each head

@@ -25,8 +25,8 @@ typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
 #define ROW_CHUNK 4           /* linear: query rows per pass over the weight */
-#define MAX_ROWS 8            /* linear and decoder layer: query rows per call (beyond, torch's GEMMs win) */
-#define MAX_DRAFT_ROWS 72     /* px_decoder_rows: rows × positions per call (lookahead's verification pass) */
+#define MAX_ROWS 8            /* px_linear and px_decoder: query rows per call (beyond, the _rows kernels) */
+#define MAX_DRAFT_ROWS 72     /* px_decoder_rows, px_linear_rows, px_linear_int8: rows (× positions) per call */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
 #define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
 #define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
@@ -438,7 +438,7 @@ static void linear_any(const void *W, const float *scale, int bf16, int64_t out,
  * y: fp32 (rows, out). */
 int px_linear_int8(const int8_t *W, const float *scale, int64_t out, int64_t in, const float *x, int rows,
                    const void *bias, int bias_bf16, float *y, int threads) {
-    if (rows < 1 || rows > MAX_ROWS) return 1;
+    if (rows < 1 || rows > MAX_DRAFT_ROWS) return 1;
 #pragma omp parallel num_threads(threads)
     linear_part_i8(W, scale, out, in, x, rows, bias, bias_bf16, y, omp_get_thread_num(), omp_get_num_threads());
     return 0;
@@ -852,10 +852,12 @@ int px_decoder(const px_layer *layers, int count, int64_t length, float *x, floa
 }
 
 /* ---------------------------------------------------------------------------- decoder layer, several rows
- * Lookahead decoding's verification pass (pegasus_x/lookahead.py): like layer_step, but each of the layer's L->R
- * cache rows feeds T consecutive new positions length … length+T-1 (the current token and a draft) as T query rows,
- * x is (R·T, D) with row r·T + i = cache row r, position length+i. Every weight is streamed from memory once per
- * pass for all R·T rows (linear_rows), every cross-attention key and value once (attend_one: value_tiles);
+ * Lookahead decoding's verification pass (pegasus_x/lookahead.py), and a step of more than MAX_ROWS rows (T = 1:
+ * a batch of inputs with their beams): like layer_step, but each of the layer's L->R cache rows feeds T consecutive
+ * new positions length … length+T-1 (the current token and a draft) as T query rows, x is (R·T, D) with row
+ * r·T + i = cache row r, position length+i. Every weight is streamed from memory once per pass for all R·T rows
+ * (linear_rows; int8 weights once per ROW_CHUNK rows), every cross-attention key and value once (attend_one:
+ * value_tiles);
  * self-attention is causal inside the draft: query i of row r sees that row's keys 0 … length+i, one attention call
  * per draft position (the self-attention cache is small next to the weights and the cross keys/values). */
 
@@ -976,19 +978,29 @@ int px_linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const fl
     return 0;
 }
 
+/* A product of layer_rows: int8 weights (a scale given) in chunks of ROW_CHUNK rows per stream of the weight
+ * (linear_part_i8), else W in the layer's dtype streamed once for all rows (linear_rows). */
+static void rows_any(const void *W, const float *scale, int bf16, int64_t out, int64_t in, const float *x,
+                     const float *xs, int rows, const void *bias, float *y, int t, int n) {
+    if (scale)
+        linear_part_i8((const int8_t *)W, scale, out, in, x, rows, bias, bf16, y, t, n);
+    else
+        linear_rows(W, bf16, out, in, x, xs, rows, bias, y, t, n);
+}
+
 static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, float *work, int t, int n) {
     int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, N = L->R * T, wide = F > D ? F : D;
     int bf16 = L->bf16, rows = (int)N;
     float *h = work, *q = h + N * D, *k = q + N * D, *v = k + N * D, *a = v + N * D, *f = a + N * D,
           *xs = f + N * F, *fs = xs + N * wide, *scratch = fs + N * wide;
     attn_args cross = {q, a, (N / L->B) * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
-                       L->S * hd, bf16, L->keep, L->S, L->B, H, N / L->B, L->S, hd};
+                       L->S * hd, L->cross_bf16, L->keep, L->S, L->B, H, N / L->B, L->S, hd};
 
 #pragma omp single
     add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-    linear_rows(L->q, bf16, D, D, h, xs, rows, NULL, q, t, n);
-    linear_rows(L->k, bf16, D, D, h, xs, rows, NULL, k, t, n);
-    linear_rows(L->v, bf16, D, D, h, xs, rows, NULL, v, t, n);
+    rows_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    rows_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n);
+    rows_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n);
 #pragma omp barrier
 #pragma omp single
     for (int64_t r = 0; r < R; r++)
@@ -1014,22 +1026,22 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
     }
 #pragma omp single
     if (bf16) split_even_odd(a, rows, D, xs);
-    linear_rows(L->o, bf16, D, D, a, xs, rows, NULL, h, t, n);
+    rows_any(L->o, L->o_s, bf16, D, D, a, xs, rows, NULL, h, t, n);
 #pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-    linear_rows(L->cq, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    rows_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
 #pragma omp barrier
     attend_tasks(&cross, scratch);           /* attend_project's steps, with linear_rows */
 #pragma omp single
     if (bf16) split_even_odd(a, rows, D, xs);
-    linear_rows(L->co, bf16, D, D, a, xs, rows, NULL, h, t, n);
+    rows_any(L->co, L->co_s, bf16, D, D, a, xs, rows, NULL, h, t, n);
 #pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-    linear_rows(L->fc1_w, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
+    rows_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
     {
         int64_t o0, o1;
         share(F, t, n, &o0, &o1);
@@ -1038,7 +1050,7 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
         if (bf16) split_range(f, rows, F, o0, o1, fs);
     }
 #pragma omp barrier
-    linear_rows(L->fc2_w, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
+    rows_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < N * D; i++) x[i] += h[i];

@@ -81,10 +81,10 @@ def many_rows_fit(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def linear_int8_fits(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`linear_int8` takes these tensors: CPU, int8 contiguous ``(out, in)`` weight, fp32 ``(out,)``
-    scales, fp32 or bf16 ``x`` (and bias), 1 to ``MAX_ROWS`` rows."""
+    scales, fp32 or bf16 ``x`` (and bias), 1 to ``MAX_DRAFT_ROWS`` rows."""
     out_features, in_features = qweight.shape
     rows = x.numel() // in_features if in_features else 0
-    return (0 < rows <= MAX_ROWS and x.shape[-1] == in_features and on_cpu(x, qweight, scale, bias)
+    return (0 < rows <= MAX_DRAFT_ROWS and x.shape[-1] == in_features and on_cpu(x, qweight, scale, bias)
             and x.dtype in _KERNEL_DTYPES and qweight.dtype == torch.int8 and qweight.is_contiguous()
             and scale.dtype == torch.float32 and scale.shape == (out_features,) and scale.is_contiguous()
             and (bias is None or (bias.shape == (out_features,) and bias.dtype in _KERNEL_DTYPES)))
@@ -173,9 +173,6 @@ class DecoderPlan:
     ffn: int
     inputs: int
     keys: int
-    # px_decoder_rows reads weights and cross keys/values in the layers' own dtype: no int8 weights, no bf16
-    # cross keys/values under fp32 layers (px_decoder_step alone handles those).
-    rows_ok: bool
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,7 +183,8 @@ def _layers(count: int) -> type:
 
 
 def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
-    """The plan for :func:`decoder_step` on ``x`` ``(R, 1, D)`` with this cache, or None where it cannot run.
+    """The plan for :func:`decoder_step` on ``x`` ``(R, 1, D)`` (R up to ``MAX_DRAFT_ROWS``) with this cache, and
+    for :func:`decoder_rows`, or None where they cannot run.
 
     Built once per cache: the pointers stay valid while the weights and the cache's buffers do (a cache that
     replaces its buffers drops its plan).
@@ -195,7 +193,7 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
     attn = decoder.layers[0].self_attn
     dtype, rows = cache.self_k[0].dtype, x.shape[0]
     B, H, S, hd = cache.cross_k[0].shape
-    if (cfg.activation_function not in abi.ACTIVATIONS or rows > MAX_ROWS or rows != cache.self_k[0].shape[0]
+    if (cfg.activation_function not in abi.ACTIVATIONS or rows > MAX_DRAFT_ROWS or rows != cache.self_k[0].shape[0]
             or rows % B or attn.backend != "sdpa" or x.dtype != dtype or x.device.type != "cpu"
             or hd % HEAD_DIM_MULTIPLE or hd > MAX_HEAD_DIM or dtype not in _KERNEL_DTYPES):
         return None
@@ -206,7 +204,6 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
             return None
         keep = keep.view(torch.uint8)
     specs, tensors = [], [] if keep is None else [keep]
-    rows_ok = True
     for i, layer in enumerate(decoder.layers):
         if layer.self_attn.q_proj.bias is not None or layer.encoder_attn.q_proj.bias is not None:
             return None
@@ -223,21 +220,24 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
         if any(s.dtype != torch.float32 or s.device.type != "cpu" or not s.is_contiguous() for s in scales.values()):
             return None
         tensors += [*own.values(), *scales.values()]
-        rows_ok = rows_ok and not scales and cross == dtype
         specs.append(abi.Layer(**{name: t.data_ptr() for name, t in {**own, **scales}.items()},
                                keep=None if keep is None else keep.data_ptr(), R=rows, B=B, H=H, hd=hd,
                                ffn=cfg.decoder_ffn_dim, max_len=cache.max_len, S=S, bf16=int(dtype == torch.bfloat16),
                                activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps,
                                cross_bf16=int(cross == torch.bfloat16)))
-    return DecoderPlan(_layers(len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S, rows_ok)
+    return DecoderPlan(_layers(len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
 
 
 def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
     """Run every decoder layer on ``x`` ``(R, 1, D)`` for position ``cache.length``.
 
     Writes this position's self-attention keys/values into ``cache`` (the caller advances ``cache.length``).
-    Activations stay fp32 between the layers' operations; the result is returned in ``x``'s dtype.
+    Activations stay fp32 between the layers' operations; the result is returned in ``x``'s dtype. Up to
+    ``MAX_ROWS`` rows run ``px_decoder``, made for few rows; more (a batch of inputs with their beams) run
+    :func:`decoder_rows`, which streams each weight once for many rows.
     """
+    if plan.rows > MAX_ROWS:
+        return decoder_rows(plan, x, cache)
     lib = loader.library()
     threads = torch.get_num_threads()
     state = x.reshape(plan.rows, plan.d_model).to(torch.float32, copy=True)
@@ -250,7 +250,7 @@ def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
 
 def decoder_rows_fit(plan: DecoderPlan, x: Tensor) -> bool:
     """Whether :func:`decoder_rows` takes ``x`` ``(R, T, D)`` with this plan."""
-    return plan.rows_ok and x.shape[0] == plan.rows and x.shape[0] * x.shape[1] <= MAX_DRAFT_ROWS
+    return x.shape[0] == plan.rows and x.shape[0] * x.shape[1] <= MAX_DRAFT_ROWS
 
 
 def decoder_rows(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
