@@ -93,3 +93,30 @@ def test_reorder_and_keep_inputs_move_whole_rows(model, monkeypatch):
     assert torch.equal(filled_k, keys[:, rows][:, [0, 1, 4, 5]])
     assert all(torch.equal(k, c[[0, 2]]) for k, c in zip(cache.cross_k, cross))
     assert torch.equal(cache.encoder_keep[:, 0, 0], keep[[0, 2]])
+
+
+def test_keep_inputs_moves_them_down_in_place_then_steps_reorders_and_growth_go_on(model, monkeypatch):
+    monkeypatch.setattr(cache_module, "FIRST_CHUNK", 4)
+    states, keep = torch.randn(4, 9, 32), torch.ones(4, 9, dtype=torch.bool)
+    keep[3, 6:] = False
+    cache = new_cache(model, states, keep, rows=8, max_len=12)          # 4 inputs × 2 beams
+    keys, values = _write(cache, 3, seed=5)
+    cross = [k.clone() for k in cache.cross_k + cache.cross_v]
+    where = [k.data_ptr() for k in cache.cross_k + cache.cross_v] + [cache.keys.data_ptr()]
+    cache.keep_inputs(torch.tensor([1, 3]))                             # inputs 0 and 2 finished
+    # Nothing allocated: the same buffers, their first rows.
+    assert [k.data_ptr() for k in cache.cross_k + cache.cross_v] + [cache.keys.data_ptr()] == where
+    rows = [2, 3, 6, 7]
+    filled_k, filled_v = _filled(cache)
+    assert torch.equal(filled_k, keys[:, rows]) and torch.equal(filled_v, values[:, rows])
+    assert all(k.shape[0] == 2 and torch.equal(k, c[[1, 3]]) for k, c in zip(cache.cross_k + cache.cross_v, cross))
+    assert torch.equal(cache.encoder_keep[:, 0, 0], keep[[1, 3]])
+    assert cache.self_k[0].shape[0] == 4 and cache.self_k[0].is_contiguous() and cache.native_plan is None
+    # Steps, a reorder and a growth past FIRST_CHUNK work on the viewed buffers.
+    more_k, more_v = _write(cache, 3, seed=6)                           # 6 positions: the buffers grow to 8
+    assert cache.max_len == 8
+    keys, values = torch.cat([keys[:, rows], more_k], 3), torch.cat([values[:, rows], more_v], 3)
+    order = torch.tensor([1, 1, 3, 2])
+    cache.reorder(order)
+    filled_k, filled_v = _filled(cache)
+    assert torch.equal(filled_k, keys[:, order]) and torch.equal(filled_v, values[:, order])

@@ -93,7 +93,7 @@ class DecoderCache:
             return
         if end > self.limit:
             raise RuntimeError(f"decoder cache holds {self.limit} positions, {end} requested")
-        self._rebuild(None, next_capacity(end, self.max_len, self.limit))
+        self._grow(next_capacity(end, self.max_len, self.limit))
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write new keys/values ``(R, H, T, hd)`` at ``length`` and return views over everything so far."""
@@ -136,31 +136,42 @@ class DecoderCache:
     def keep_inputs(self, inputs: Tensor) -> None:
         """Keep only inputs ``inputs`` (sorted indices into the B inputs) and their decoder rows.
 
-        Generation calls this when inputs finish, so their rows stop costing compute and memory. The new self-attention
-        buffers keep the current ``max_len``; only the filled part is copied.
+        Generation calls this when inputs finish, so their rows stop costing compute. The kept inputs move down in
+        place, in order (input ``inputs[j]`` to ``j``, never onto one still to move), and the buffers are then
+        viewed to their first rows: nothing is allocated, only the inputs after the first finished one are copied,
+        and the cross keys/values are never held twice. The finished rows' memory returns with the cache.
         """
-        group = self.self_k[0].shape[0] // self.cross_k[0].shape[0]
-        rows = (inputs[:, None] * group + torch.arange(group, device=inputs.device)).flatten()
-        self._rebuild(rows, self.max_len)
-        self.cross_k = [k.index_select(0, inputs) for k in self.cross_k]
-        self.cross_v = [v.index_select(0, inputs) for v in self.cross_v]
+        B = self.cross_k[0].shape[0]
+        group = self.self_k[0].shape[0] // B
+        kept = inputs.tolist()
+        moves = [(j, i) for j, i in enumerate(kept) if i != j]
+        n = self.length
+        for buf in (self.keys, self.values):
+            for j, i in moves:
+                buf[:, j * group:(j + 1) * group, :, :n] = buf[:, i * group:(i + 1) * group, :, :n]
+        for buf in (*self.cross_k, *self.cross_v):
+            for j, i in moves:
+                buf[j] = buf[i]
+        self.native_plan = None                              # its row count went with the old shapes
+        self.keys, self.values = self.keys[:, :len(kept) * group], self.values[:, :len(kept) * group]
+        self._views()
+        self.cross_k = [k[:len(kept)] for k in self.cross_k]
+        self.cross_v = [v[:len(kept)] for v in self.cross_v]
         if self.encoder_keep is not None:
             self.encoder_keep = self.encoder_keep.index_select(0, inputs)
 
-    def _rebuild(self, rows: Tensor | None, capacity: int) -> None:
-        """Replace the self-attention buffers by ones of ``capacity`` positions holding the filled part of decoder
-        rows ``rows`` (None: every row)."""
+    def _grow(self, capacity: int) -> None:
+        """Replace the self-attention buffers by ones of ``capacity`` positions holding their filled part."""
         n = self.length
 
         def copy(old: Tensor) -> Tensor:
             layers, R, H, _, hd = old.shape
-            new = _self_buffers(old, (R if rows is None else rows.numel(), H, capacity, hd), layers)
-            new[:, :, :, :n] = old[:, :, :, :n] if rows is None else old[:, :, :, :n].index_select(1, rows)
+            new = _self_buffers(old, (R, H, capacity, hd), layers)
+            new[:, :, :, :n] = old[:, :, :, :n]
             return new
 
         self.native_plan = None                              # its pointers go with the old buffers
-        if capacity != self.max_len:
-            self.positions = None                            # made for the old length
+        self.positions = None                                # made for the old length
         # Keys first, then values: the old keys are freed before the new values are allocated.
         self.self_k = self.self_v = []                       # the layers' views would keep the old buffers
         self.keys = copy(self.keys)
