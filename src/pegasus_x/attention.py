@@ -63,20 +63,36 @@ class GlobalLocalAttention(nn.Module):
         self.v_proj = Linear(d_model, d_model, bias=False)
         self.out_proj = Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: Tensor, g: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, g: Tensor, keep: Tensor, stagger: bool = False) -> tuple[Tensor, Tensor]:
         """Attend.
 
         Args:
-            x: token states ``(B, P, D)`` with P a multiple of block_size (already staggered if this layer is).
+            x: token states ``(B, P, D)`` with P a multiple of block_size.
             g: global states ``(B, G, D)``.
             keep: ``(B, P)`` bool, False at padded token positions.
+            stagger: shift the block boundaries by half a block (odd layers): K/2 masked positions on both sides of
+                the tokens, one block more.
         Returns:
             ``(token_out (B, P, D), global_out (B, G, D))`` after the output projection.
         """
         # One projection call per weight for both streams: the globals ride in front of the tokens, which also
         # lays out the global queries' keys [globals ‖ tokens] without a concatenation later.
+        G = g.shape[1]
         h = torch.cat([g, x], dim=1)                                          # (B, G+P, D)
-        x_out, g_out = self.attend_projected(self.q_proj(h), self.k_proj(h), self.v_proj(h), g.shape[1], keep)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if stagger:
+            # The positions staggering adds are masked as keys and their outputs are dropped, so whatever they
+            # hold never counts: they join after the projections and leave before the output projection, and no
+            # product runs on them.
+            half = self.block_size // 2
+            edge = q.new_zeros(q.shape[0], half, q.shape[2])
+
+            def pad(t: Tensor) -> Tensor:                                     # [globals ‖ edge ‖ tokens ‖ edge]
+                return torch.cat([t[:, :G], edge, t[:, G:], edge], dim=1)
+            q, k, v, keep = pad(q), pad(k), pad(v), F.pad(keep, (half, half), value=False)
+        x_out, g_out = self.attend_projected(q, k, v, G, keep)
+        if stagger:
+            x_out = x_out[:, half:-half]
         return self.out_proj(x_out), self.out_proj(g_out)
 
     def attend_projected(self, q: Tensor, k: Tensor, v: Tensor, G: int, keep: Tensor) -> tuple[Tensor, Tensor]:

@@ -125,7 +125,6 @@ class PegasusXEncoderLayer(nn.Module):
         super().__init__()
         d = config.d_model
         self.stagger = stagger
-        self.block_size = config.block_size
         self.self_attn = GlobalLocalAttention(d, config.encoder_attention_heads, config.block_size,
                                               config.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
@@ -138,15 +137,7 @@ class PegasusXEncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, g: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         """x ``(B, P, D)`` (P a block multiple), g ``(B, G, D)``, keep ``(B, P)`` → updated (x, g)."""
-        h, hg = self.self_attn_layer_norm(x), self.global_self_attn_layer_norm(g)
-        if self.stagger:
-            # Shift block boundaries by half a block: K/2 masked positions on both sides, one block more.
-            half = self.block_size // 2
-            h = F.pad(h, (0, 0, half, half))
-            keep = F.pad(keep, (half, half), value=False)
-        a, ag = self.self_attn(h, hg, keep)
-        if self.stagger:
-            a = a[:, half:-half]
+        a, ag = self.self_attn(self.self_attn_layer_norm(x), self.global_self_attn_layer_norm(g), keep, self.stagger)
         x = x + F.dropout(a, self.dropout, self.training)
         g = g + F.dropout(ag, self.dropout, self.training)
         # One final LayerNorm and FFN serve both streams.
