@@ -3,20 +3,21 @@
     python benchmarks/generate.py                                  # full matrix (slow on 2 cores)
     python benchmarks/generate.py --lengths 1024 4096 --modes greedy beam4 --dtypes fp32
     python benchmarks/generate.py --lengths 16384 --modes beam4 --ours-only
+    python benchmarks/generate.py --lengths 1024 --modes beam4 --dtypes fp32 --batch 8      # 8 inputs per call
     CC=false python benchmarks/generate.py --lengths 1024 --ours-only             # ours without the C kernels
     PEGASUS_X_NATIVE=0 python benchmarks/generate.py --lengths 1024 --ours-only   # ours on the torch reference path
 
 Random weights (``PegasusXConfig.base()``) are saved once in the Hugging Face layout; both implementations load that
 same folder (eval mode, dropout off). Every configuration runs in a fresh subprocess so peak RSS
 (``ru_maxrss``) is per run; each child first warms up on a short input, then generates exactly ``--new-tokens``
-tokens (min = max) for one random input of the given length. Per-step times come from a forward hook on
+tokens (min = max) for ``--batch`` random inputs (default one) of the given length in one call. Per-step times come from a forward hook on
 the decoder (one call per decoder step in both implementations); the first call marks the end of encoder + prefill.
 
 The floor: bytes of decoder + LM-head weights read per decode step ÷ measured memory bandwidth (the best of a large
 ``sum``, a large matrix-vector product, and half a large copy's traffic, measured right before and right after our
 run of that row: the bandwidth of a shared machine drifts, and the floor must describe the same minutes). Also
 printed: the stricter floor that adds the cross-attention K/V cache (read every step, once per input) and drops the
-cross k/v projections (used once).
+cross k/v projections (used once), once per input.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run_child(spec: dict) -> dict:
     beams, new = MODES[spec["mode"]], spec["new_tokens"]
     options = dict(num_beams=beams, max_new_tokens=new, min_new_tokens=new, do_sample=False, length_penalty=1.0)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, model.config.vocab_size, (1, spec["length"]), generator=g).to(device)
+    ids = torch.randint(2, model.config.vocab_size, (spec["batch"], spec["length"]), generator=g).to(device)
     with torch.no_grad():
         model.generate(ids[:, :64], **{**options, "max_new_tokens": 2, "min_new_tokens": 2})     # warm-up
         if device.type == "cuda":
@@ -127,13 +128,13 @@ def bandwidth_gbs(spec: dict) -> dict[str, float]:
 BASE = dict(d_model=768, ffn=3072, layers=12, vocab=96103)       # PegasusXConfig.base()
 
 
-def bytes_per_step(dtype: str, length: int) -> tuple[float, float]:
-    """(decoder + LM-head weight bytes, the stricter per-step bytes) for pegasus-x-base and one input."""
+def bytes_per_step(dtype: str, length: int, batch: int = 1) -> tuple[float, float]:
+    """(decoder + LM-head weight bytes, the stricter per-step bytes) for pegasus-x-base and ``batch`` inputs."""
     d, f, layers, v = BASE["d_model"], BASE["ffn"], BASE["layers"], BASE["vocab"]
     layer = 8 * d * d + 2 * d * f + f + d + 3 * 2 * d            # attn (self+cross), FFN + biases, 3 LayerNorms
     weights = layers * layer + 2 * d + v * d                      # + final LayerNorm + LM head
     size = 4 if dtype == "fp32" else 2
-    strict = weights - layers * 2 * d * d + layers * 2 * length * d   # minus cross k/v proj, plus cross K/V cache
+    strict = weights - layers * 2 * d * d + batch * layers * 2 * length * d   # minus cross k/v proj, plus cross K/V
     return weights * size, strict * size
 
 
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1, help="inputs per generate call (default: %(default)s)")
     parser.add_argument("--ours-only", action="store_true", help="skip the reference (it is slow at 16K)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -159,7 +161,7 @@ def main() -> None:
     if not (folder / "model.safetensors").is_file():
         _spawn({**common, "impl": "weights"})
     bw = _spawn({**common, "impl": "bandwidth"})
-    print(f"device {args.device}, {args.threads} threads; read bandwidth GB/s: "
+    print(f"device {args.device}, {args.threads} threads, {args.batch} input(s) per call; read bandwidth GB/s: "
           + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()) + f" (best {max(bw.values()):.1f})")
     print("Each row's floor uses the best bandwidth measured just before and just after its own run (this machine's "
           "bandwidth drifts by 30% over minutes).")
@@ -171,13 +173,13 @@ def main() -> None:
     for length in args.lengths:
         for mode in args.modes:
             for dtype in args.dtypes:
-                spec = dict(common, length=length, mode=mode, dtype=dtype, new_tokens=args.new_tokens)
+                spec = dict(common, length=length, mode=mode, dtype=dtype, new_tokens=args.new_tokens, batch=args.batch)
                 before = _spawn({**common, "impl": "bandwidth"})
                 ours = _spawn({**spec, "impl": "ours"})
                 after = _spawn({**common, "impl": "bandwidth"})
                 ref = None if args.ours_only else _spawn({**spec, "impl": "reference"})
                 best_bw = max(*before.values(), *after.values())
-                weights, strict = bytes_per_step(dtype, length)
+                weights, strict = bytes_per_step(dtype, length, args.batch)
                 floor, strict_floor = 1e3 * weights / (best_bw * 1e9), 1e3 * strict / (best_bw * 1e9)
                 row = dict(spec, ours=ours, reference=ref, bandwidth_gbs=best_bw, floor_ms=floor,
                            strict_floor_ms=strict_floor)
