@@ -533,7 +533,7 @@ static inline void value_part(const attn_args *a, int64_t off, const float *p, i
         for (int d = 0; d < VALUE_VECS; d++) memcpy(acc + g * D + 8 * (v0 + d), &c[g][d], sizeof c[g][d]);
 }
 
-/* The value pass of attend_one for G > 4 query rows: tiles of VALUE_TILE value rows, each read from memory once and
+/* The value pass of attend_one for G > 1 query rows: tiles of VALUE_TILE value rows, each read from memory once and
  * then from L1 by every chunk of query rows and every VALUE_VECS vectors of the head, while the next tile is
  * fetched. Each output element is still summed over s in order (the same sums as value_rows). acc: G·D floats. */
 #define VALUE_TILE 64
@@ -623,8 +623,9 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         float inv = 1.0f / exp_sum(row, S, mx, row);
         for (int64_t s = 0; s < S; s++) row[s] *= inv;
     }
-    /* Weighted sum of the values: one pass over them for up to 4 query rows; value_tiles for more. */
-    if (G > 4 && D % (8 * VALUE_VECS) == 0) {
+    /* Weighted sum of the values: value_tiles for several query rows (its accumulators fit the registers, where
+     * value_rows' whole head per row does not: faster from 2 rows on, ad hoc); one pass of value_rows for one. */
+    if (G > 1 && D % (8 * VALUE_VECS) == 0) {
         float *acc = scores + G * S;                  /* the query's copy is no longer needed */
         value_tiles(a, b, h, scores, G, S, D, pairs, acc);
         for (int64_t g = 0; g < G; g++) store_head(a->out + b * a->sb + h * a->sh + g * a->sg, acc + g * D, pairs, D);
