@@ -858,9 +858,9 @@ int px_decoder(const px_layer *layers, int count, int64_t length, float *x, floa
  * new positions length … length+T-1 (the current token and a draft) as T query rows, x is (R·T, D) with row
  * r·T + i = cache row r, position length+i. Every weight is streamed from memory once per pass for all R·T rows
  * (linear_rows; int8 weights once per ROW_CHUNK rows), every cross-attention key and value once (attend_one:
- * value_tiles);
- * self-attention is causal inside the draft: query i of row r sees that row's keys 0 … length+i, one attention call
- * per draft position (the self-attention cache is small next to the weights and the cross keys/values). */
+ * value_tiles); self-attention is causal inside the draft: query i of row r sees that row's keys 0 … length+i, one
+ * attention call per draft position (the self-attention cache is small next to the weights and the cross
+ * keys/values). */
 
 /* linear_part for any number of rows, as register tiles: TILE_W weight rows × up to TILE_Q query rows of dot
  * products at once, so each weight vector loaded feeds several multiply-adds (the one-row kernels above are bound by
