@@ -77,45 +77,32 @@ def test_growth_keeps_what_was_written_and_stops_at_the_limit(model, monkeypatch
         cache.reserve(1)
 
 
-def test_reorder_and_keep_inputs_move_whole_rows(model, monkeypatch):
+def test_reorder_and_keep_inputs_move_whole_rows_in_place(model, monkeypatch):
     monkeypatch.setattr(cache_module, "FIRST_CHUNK", 4)
     states, keep = torch.randn(3, 9, 32), torch.ones(3, 9, dtype=torch.bool)
     keep[2, 5:] = False
     cache = new_cache(model, states, keep, rows=6, max_len=12)          # 3 inputs × 2 beams
-    keys, values = _write(cache, 5, seed=3)
+    keys, values = _write(cache, 3, seed=3)
     rows = torch.tensor([1, 1, 2, 3, 5, 4])
     cache.reorder(rows)
+    keys, values = keys[:, rows], values[:, rows]
     filled_k, filled_v = _filled(cache)
-    assert torch.equal(filled_k, keys[:, rows]) and torch.equal(filled_v, values[:, rows])
-    cross = [k.clone() for k in cache.cross_k]
-    cache.keep_inputs(torch.tensor([0, 2]))                             # input 1 finished: its 2 rows leave
-    filled_k, _ = _filled(cache)
-    assert torch.equal(filled_k, keys[:, rows][:, [0, 1, 4, 5]])
-    assert all(torch.equal(k, c[[0, 2]]) for k, c in zip(cache.cross_k, cross))
-    assert torch.equal(cache.encoder_keep[:, 0, 0], keep[[0, 2]])
-
-
-def test_keep_inputs_moves_them_down_in_place_then_steps_reorders_and_growth_go_on(model, monkeypatch):
-    monkeypatch.setattr(cache_module, "FIRST_CHUNK", 4)
-    states, keep = torch.randn(4, 9, 32), torch.ones(4, 9, dtype=torch.bool)
-    keep[3, 6:] = False
-    cache = new_cache(model, states, keep, rows=8, max_len=12)          # 4 inputs × 2 beams
-    keys, values = _write(cache, 3, seed=5)
+    assert torch.equal(filled_k, keys) and torch.equal(filled_v, values)
     cross = [k.clone() for k in cache.cross_k + cache.cross_v]
     where = [k.data_ptr() for k in cache.cross_k + cache.cross_v] + [cache.keys.data_ptr()]
-    cache.keep_inputs(torch.tensor([1, 3]))                             # inputs 0 and 2 finished
-    # Nothing allocated: the same buffers, their first rows.
+    cache.keep_inputs(torch.tensor([0, 2]))                             # input 1 finished: its 2 rows leave
+    # Input 2 moved down in place: the same buffers, viewed to their first rows, nothing allocated.
     assert [k.data_ptr() for k in cache.cross_k + cache.cross_v] + [cache.keys.data_ptr()] == where
-    rows = [2, 3, 6, 7]
+    kept = [0, 1, 4, 5]
     filled_k, filled_v = _filled(cache)
-    assert torch.equal(filled_k, keys[:, rows]) and torch.equal(filled_v, values[:, rows])
-    assert all(k.shape[0] == 2 and torch.equal(k, c[[1, 3]]) for k, c in zip(cache.cross_k + cache.cross_v, cross))
-    assert torch.equal(cache.encoder_keep[:, 0, 0], keep[[1, 3]])
+    assert torch.equal(filled_k, keys[:, kept]) and torch.equal(filled_v, values[:, kept])
+    assert all(k.shape[0] == 2 and torch.equal(k, c[[0, 2]]) for k, c in zip(cache.cross_k + cache.cross_v, cross))
+    assert torch.equal(cache.encoder_keep[:, 0, 0], keep[[0, 2]])
     assert cache.self_k[0].shape[0] == 4 and cache.self_k[0].is_contiguous() and cache.native_plan is None
-    # Steps, a reorder and a growth past FIRST_CHUNK work on the viewed buffers.
+    # Steps, a reorder and a growth past FIRST_CHUNK go on over the viewed buffers.
     more_k, more_v = _write(cache, 3, seed=6)                           # 6 positions: the buffers grow to 8
     assert cache.max_len == 8
-    keys, values = torch.cat([keys[:, rows], more_k], 3), torch.cat([values[:, rows], more_v], 3)
+    keys, values = torch.cat([keys[:, kept], more_k], 3), torch.cat([values[:, kept], more_v], 3)
     order = torch.tensor([1, 1, 3, 2])
     cache.reorder(order)
     filled_k, filled_v = _filled(cache)

@@ -425,11 +425,18 @@ static void linear_part_i8(const int8_t *W, const float *scale, int64_t out, int
     add_bias(bias, bias_bf16, o0, o1, rows, y, out);
 }
 
-/* A decoder layer's product: int8 weights when `scale` is given, else W in the layer's dtype (linear_part). */
+static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
+                        int rows, const void *bias, float *y, int t, int n);
+
+/* A decoder layer's product: int8 weights when `scale` is given (in chunks of ROW_CHUNK rows per stream of the
+ * weight), else W in the layer's dtype: linear_part for a few rows, or with `tiles` linear_rows, which streams it
+ * once for any number of rows (layer_rows). */
 static void linear_any(const void *W, const float *scale, int bf16, int64_t out, int64_t in, const float *x,
-                       const float *xs, int rows, const void *bias, float *y, int t, int n) {
+                       const float *xs, int rows, const void *bias, float *y, int t, int n, int tiles) {
     if (scale)
         linear_part_i8((const int8_t *)W, scale, out, in, x, rows, bias, bf16, y, t, n);
+    else if (tiles)
+        linear_rows(W, bf16, out, in, x, xs, rows, bias, y, t, n);
     else
         linear_part(W, bf16, out, in, x, xs, rows, bias, y, t, n);
 }
@@ -759,7 +766,7 @@ static void attend_project(const attn_args *a, float *scratch, const void *Wo, c
     attend_tasks(a, scratch);                               /* ends in a barrier */
 #pragma omp single
     if (bf16) split_even_odd(a->out, rows, D, xs);
-    linear_any(Wo, Wo_s, bf16, D, D, a->out, xs, rows, NULL, y, t, n);
+    linear_any(Wo, Wo_s, bf16, D, D, a->out, xs, rows, NULL, y, t, n, 0);
 #pragma omp barrier
 }
 
@@ -787,9 +794,9 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
     /* Self-attention over the cache, this position included. */
 #pragma omp single
     add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-    linear_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
-    linear_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n);
-    linear_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n);
+    linear_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 0);
+    linear_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n, 0);
+    linear_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n, 0);
 #pragma omp barrier
 #pragma omp single
     for (int64_t r = 0; r < R; r++)
@@ -811,7 +818,7 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
     /* Cross-attention: the G rows of input b share its keys and values. */
 #pragma omp single
     add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-    linear_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 0);
 #pragma omp barrier
     attend_project(&cross, scratch, L->co, L->co_s, bf16, xs, h, t, n);
 
@@ -819,7 +826,7 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
      * layer it computed, so only one barrier separates the two products. */
 #pragma omp single
     add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-    linear_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
+    linear_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n, 0);
     {
         int64_t o0, o1;
         share(F, t, n, &o0, &o1);
@@ -828,7 +835,7 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
         if (bf16) split_range(f, rows, F, o0, o1, fs);
     }
 #pragma omp barrier
-    linear_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
+    linear_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n, 0);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
@@ -979,16 +986,6 @@ int px_linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const fl
     return 0;
 }
 
-/* A product of layer_rows: int8 weights (a scale given) in chunks of ROW_CHUNK rows per stream of the weight
- * (linear_part_i8), else W in the layer's dtype streamed once for all rows (linear_rows). */
-static void rows_any(const void *W, const float *scale, int bf16, int64_t out, int64_t in, const float *x,
-                     const float *xs, int rows, const void *bias, float *y, int t, int n) {
-    if (scale)
-        linear_part_i8((const int8_t *)W, scale, out, in, x, rows, bias, bf16, y, t, n);
-    else
-        linear_rows(W, bf16, out, in, x, xs, rows, bias, y, t, n);
-}
-
 static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, float *work, int t, int n) {
     int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, N = L->R * T, wide = F > D ? F : D;
     int bf16 = L->bf16, rows = (int)N;
@@ -999,9 +996,9 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
 
 #pragma omp single
     add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-    rows_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
-    rows_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n);
-    rows_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n);
+    linear_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 1);
+    linear_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n, 1);
+    linear_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n, 1);
 #pragma omp barrier
 #pragma omp single
     for (int64_t r = 0; r < R; r++)
@@ -1027,22 +1024,22 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
     }
 #pragma omp single
     if (bf16) split_even_odd(a, rows, D, xs);
-    rows_any(L->o, L->o_s, bf16, D, D, a, xs, rows, NULL, h, t, n);
+    linear_any(L->o, L->o_s, bf16, D, D, a, xs, rows, NULL, h, t, n, 1);
 #pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-    rows_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n);
+    linear_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 1);
 #pragma omp barrier
     attend_tasks(&cross, scratch);           /* attend_project's steps, with linear_rows */
 #pragma omp single
     if (bf16) split_even_odd(a, rows, D, xs);
-    rows_any(L->co, L->co_s, bf16, D, D, a, xs, rows, NULL, h, t, n);
+    linear_any(L->co, L->co_s, bf16, D, D, a, xs, rows, NULL, h, t, n, 1);
 #pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-    rows_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n);
+    linear_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n, 1);
     {
         int64_t o0, o1;
         share(F, t, n, &o0, &o1);
@@ -1051,7 +1048,7 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
         if (bf16) split_range(f, rows, F, o0, o1, fs);
     }
 #pragma omp barrier
-    rows_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n);
+    linear_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n, 1);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < N * D; i++) x[i] += h[i];
