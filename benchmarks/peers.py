@@ -17,8 +17,9 @@ under ``.bench/`` and loaded with ``from_pretrained`` as users load it (weights 
 load).
 
 Configurations: CTranslate2 ``float32`` and ``int8`` (its weight and activation int8), ours ``fp32``, ``bf16`` and
-``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations), and ``int8-bf16kv`` (the same
-with the cross-attention keys/values kept in bf16: ``quantize.set_kv_dtype(model, "bf16")``). Each configuration
+``int8`` (pegasus_x.quantize: int8 decoder and LM-head weights, fp32 activations), ``int8-bf16kv`` (the same
+with the cross-attention keys/values kept in bf16: ``quantize.set_kv_dtype(model, "bf16")``) and ``int8-int8kv``
+(in int8 with row scales: ``set_kv_dtype(model, "int8")``). Each configuration
 runs in a fresh process, which warms up, then times the 1-token and N-token runs ``--repeats`` times alternately,
 each after the same untimed 1-token run
 (medians kept); configurations are interleaved, so a shared machine's drift hits them alike. The table names the CPU
@@ -51,7 +52,7 @@ CT2_PACKAGES = ["ctranslate2", "transformers==4.57.*", "torch==2.13.0", "sentenc
 TOKENIZER = ROOT / "src" / "pegasus_x" / "assets" / "pegasus-tokenizer"   # the converter reads the vocabulary here
 SHAPE = dict(vocab=96103, d_model=768, heads=12, decoder_layers=12, ffn=3072, encoder_layers=1)
 MODES = {"greedy": 1, "beam4": 4}
-CONFIGS = ("ct2-float32", "ct2-int8", "ours-fp32", "ours-bf16", "ours-int8", "ours-int8-bf16kv")
+CONFIGS = ("ct2-float32", "ct2-int8", "ours-fp32", "ours-bf16", "ours-int8", "ours-int8-bf16kv", "ours-int8-int8kv")
 # /proc/cpuinfo flag -> the name printed; what decides which fast paths a CPU has.
 ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
              "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
@@ -141,8 +142,8 @@ def child_ours(spec: dict) -> dict:
         quantize="int8" if kind.startswith("int8") else None)
     loaded = dict(load_s=time.perf_counter() - wall, load_cpu_s=time.process_time() - cpu, loaded_rss_mb=rss_mb(),
                   load_peak_rss_mb=peak_rss_mb())
-    if kind == "int8-bf16kv":
-        set_kv_dtype(model, "bf16")
+    if kind.endswith("kv"):
+        set_kv_dtype(model, kind[len("int8-"):-len("kv")])
     ids = torch.tensor([spec["ids"]])
     beams = MODES[spec["mode"]]
 
@@ -314,8 +315,9 @@ def summarize(results: list[dict], args) -> str:
 
     lines = [f"ms per decode step ({args.clock} clock, {args.threads} thread(s)):", "",
              "| tokens | mode | " + " | ".join(args.configs) + " | int8/ct2-int8 | int8/ours-fp32"
-             " | int8-bf16kv/ct2-int8 | int8-bf16kv/ours-fp32 | fp32/ct2-fp32 |",
-             "|---:|---|" + "---:|" * (len(args.configs) + 5)]
+             " | int8-bf16kv/ct2-int8 | int8-bf16kv/ours-fp32 | int8-int8kv/ct2-int8 | int8-int8kv/ours-fp32"
+             " | fp32/ct2-fp32 |",
+             "|---:|---|" + "---:|" * (len(args.configs) + 7)]
     for length in args.lengths:
         for mode in args.modes:
             cells = [med(length, mode, c) for c in args.configs]
@@ -326,6 +328,7 @@ def summarize(results: list[dict], args) -> str:
             lines.append(f"| {length:,} | {mode} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells)
                          + f" | {ratio('ours-int8', 'ct2-int8')} | {ratio('ours-int8', 'ours-fp32')} | "
                          f"{ratio('ours-int8-bf16kv', 'ct2-int8')} | {ratio('ours-int8-bf16kv', 'ours-fp32')} | "
+                         f"{ratio('ours-int8-int8kv', 'ct2-int8')} | {ratio('ours-int8-int8kv', 'ours-fp32')} | "
                          f"{ratio('ours-fp32', 'ct2-float32')} |")
     lines += ["", f"load (ours: from_pretrained, int8 quantizing at load; CT2: Translator) and first token "
               f"({args.clock} clock), RSS once loaded, peak RSS while loading and overall (medians over rounds):", "",

@@ -107,3 +107,21 @@ def test_reorder_and_keep_inputs_move_whole_rows_in_place(model, monkeypatch):
     cache.reorder(order)
     filled_k, filled_v = _filled(cache)
     assert torch.equal(filled_k, keys[:, order]) and torch.equal(filled_v, values[:, order])
+
+
+def test_int8_cross_part_holds_each_row_within_half_a_step_and_leaves_with_its_input(model):
+    model.get_decoder().cross_kv_dtype = torch.int8                     # quantize.py's kv_dtype="int8"
+    states, keep = torch.randn(3, 9, 32), torch.ones(3, 9, dtype=torch.bool)
+    cache = new_cache(model, states, keep, rows=3, max_len=12)
+    for layer, k, v, ks, vs in zip(model.get_decoder().layers, cache.cross_k, cache.cross_v, cache.cross_k_scale,
+                                   cache.cross_v_scale):
+        assert k.dtype == v.dtype == torch.int8 and ks.shape == vs.shape == k.shape[:3] == (3, 4, 9)
+        for q, scale, exact in zip((k, v), (ks, vs), layer.encoder_attn.project_kv(states)):
+            err = (q.float() * scale[..., None] - exact).abs().amax(-1)
+            assert bool((err <= scale / 2 * (1 + 1e-5)).all()) and int(q.abs().max()) == 127
+    before = [t.clone() for t in cache.cross_k_scale + cache.cross_v_scale]
+    where = [t.data_ptr() for t in cache.cross_k_scale + cache.cross_v_scale]
+    cache.keep_inputs(torch.tensor([1, 2]))                             # input 0 finished: the others move down
+    assert [t.data_ptr() for t in cache.cross_k_scale + cache.cross_v_scale] == where
+    assert all(torch.equal(t, b[[1, 2]]) for t, b in zip(cache.cross_k_scale + cache.cross_v_scale, before))
+    assert cache.cross(0)[2] is cache.cross_k_scale[0] and cache.cross(1)[3] is cache.cross_v_scale[1]

@@ -20,7 +20,7 @@ from pegasus_x import native
 from pegasus_x.cache import new_cache
 from pegasus_x.generate import make_step
 from pegasus_x.native import abi, kernels
-from pegasus_x.quantize import quantize_model
+from pegasus_x.quantize import quantize_model, quantize_rows
 
 def tolerance(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -104,25 +104,35 @@ def test_many_rows_linear_equals_f_linear(lib, monkeypatch, dtype, rows, shape):
 
 
 # ------------------------------------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("G", [1, 2, 4, 5, 8, 11])
 @pytest.mark.parametrize("S", [1, 7, 8, 9, 300])
 @pytest.mark.parametrize("D", [64, 16, 8])
 def test_attention_equals_sdpa(lib, dtype, G, S, D):
+    """int8 keys/values (with their row scales) against SDPA on the values they stand for."""
     g = torch.Generator().manual_seed(G * 1000 + S + D)
     B, H = 2, 3
-    q = (torch.randn(B, H, G, D, generator=g) * 2).to(dtype)
+    q_dtype = torch.float32 if dtype == torch.int8 else dtype
+    q = (torch.randn(B, H, G, D, generator=g) * 2).to(q_dtype)
     # Views of a longer preallocated cache, as in decoding: strided batch/head dims.
-    k = torch.randn(B, H, S + 11, D, generator=g).to(dtype)[:, :, :S]
-    v = torch.randn(B, H, S + 11, D, generator=g).to(dtype)[:, :, :S]
+    k = torch.randn(B, H, S + 11, D, generator=g)
+    v = torch.randn(B, H, S + 11, D, generator=g)
+    scales = {}
+    if dtype == torch.int8:
+        (k, k_scale), (v, v_scale) = quantize_rows(k), quantize_rows(v)
+        scales = dict(k_scale=k_scale[:, :, :S], v_scale=v_scale[:, :, :S])
+        kf, vf = (k.float() * k_scale[..., None])[:, :, :S], (v.float() * v_scale[..., None])[:, :, :S]
+    k, v = k.to(dtype)[:, :, :S], v.to(dtype)[:, :, :S]
+    if dtype != torch.int8:
+        kf, vf = k.float(), v.float()
     keep = torch.rand(B, 1, 1, S, generator=g) > 0.4
     keep[..., 0] = True
     for mask in (None, keep):
-        assert native.attention_fits(q, k, v, mask)
-        got = native.attention(q, k, v, mask)
-        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-        assert got.dtype == dtype and got.shape == (B, H, G, D)
-        torch.testing.assert_close(got.float(), expected, **tolerance(dtype))
+        assert native.attention_fits(q, k, v, mask, **scales)
+        got = native.attention(q, k, v, mask, **scales)
+        expected = F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=mask)
+        assert got.dtype == q_dtype and got.shape == (B, H, G, D)
+        torch.testing.assert_close(got.float(), expected, **tolerance(q_dtype))
 
 
 def test_attention_extreme_scores_and_empty_rows(lib):
@@ -147,6 +157,13 @@ def test_attention_refuses_what_it_cannot_take():
     assert not native.attention_fits(torch.randn(1, 2, 1, d), torch.randn(1, 2, 5, d), torch.randn(1, 2, 5, d), None)
     assert not native.attention_fits(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, None)  # column-major
     assert not native.attention_fits(q, k, k, torch.ones(1, 1, 1, 5))                 # float mask
+    k8, s8 = quantize_rows(torch.randn(1, 2, 5, 16))
+    assert native.attention_fits(q, k8, k8, None, s8, s8)
+    assert not native.attention_fits(q, k8, k8, None)                                  # int8 without scales
+    assert not native.attention_fits(q, k, k, None, s8, s8)                            # scales for fp32
+    assert not native.attention_fits(q, k8, k8, None, s8[:, :, :4], s8)                # scales of another shape
+    assert not native.attention_fits(q, k8, k8, None, s8.double(), s8)
+    assert not native.attention_fits(q, k8, k8, None, s8.transpose(1, 2).contiguous().transpose(1, 2), s8)
 
 
 # ------------------------------------------------------------------------------------------------- decoder layers
@@ -190,14 +207,15 @@ def test_decoder_step_equals_torch_layers(lib, monkeypatch, activation, dtype, i
         assert ours_err <= 1.25 * torch_err + 1e-3, (ours_err, torch_err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8", "int8-kv8"])
 @pytest.mark.parametrize("inputs,rows,T", [(1, 1, 5), (1, 1, 9), (2, 2, 4), (2, 4, 3)], ids=["1x5", "1x9", "2x4", "2x2x3"])
 def test_decoder_rows_equal_torch_layers(lib, monkeypatch, dtype, inputs, rows, T):
     """Lookahead's pass: T new positions per row in one native call, causal among them, equal to the torch layers
     (which also fill the cache the same way); a step after it sees the same cache. "int8": int8 weights and bf16
-    cross keys/values under fp32 layers."""
-    if dtype == "int8":
-        model, dtype = quantize_model(small_model(), "int8", kv_dtype="bf16"), torch.float32
+    cross keys/values under fp32 layers; "int8-kv8": int8 cross keys/values too."""
+    if dtype in ("int8", "int8-kv8"):
+        kv = "bf16" if dtype == "int8" else "int8"
+        model, dtype = quantize_model(small_model(), "int8", kv_dtype=kv), torch.float32
     else:
         model = small_model(dtype=dtype)
     g = torch.Generator().manual_seed(T)

@@ -16,7 +16,8 @@ from conftest import run_steps, small_model
 from pegasus_x import PegasusXForConditionalGeneration, native
 from pegasus_x.errors import CheckpointError, ConfigError
 from pegasus_x.native import abi, hugepages, kernels
-from pegasus_x.quantize import Int8Linear, quantize_as_loaded, quantize_model, quantize_weight, quantized
+from pegasus_x.quantize import (KV_DTYPES, Int8Linear, quantize_as_loaded, quantize_model, quantize_weight,
+                                quantized)
 
 
 
@@ -324,16 +325,18 @@ def test_info_says_which_dtype_auto_picks(tmp_path, capsys):
     assert devices.auto_dtype("cpu")[1] in line and line.split()[2].startswith("fp32")
 
 
-# ------------------------------------------------------------------------------------- bf16 cross keys/values
+# ----------------------------------------------------------------------------- bf16 and int8 cross keys/values
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
 @pytest.mark.parametrize("rows", [1, 4, 16])          # 16: past MAX_ROWS, px_decoder_rows
-def test_bf16_cross_keys_native_equals_reference_and_stays_close(lib, rows):
-    model = quantize_model(small_model(seed=7), "int8", kv_dtype="bf16")
+def test_narrow_cross_keys_native_equals_reference_and_stays_close(lib, rows, kv_dtype):
+    model = quantize_model(small_model(seed=7), "int8", kv_dtype=kv_dtype)
     g = torch.Generator().manual_seed(rows)
     enc, keep = torch.randn(1, 13, 64, generator=g), torch.ones(1, 13, dtype=torch.bool)
     keep[0, 10:] = False
     tokens = [torch.randint(3, 120, (rows, 1), generator=g) for _ in range(5)]
     got, cache = run_steps(model, enc, keep, rows, tokens)
-    assert cache.cross_k[0].dtype == torch.bfloat16 and cache.native_plan           # the fused step took them
+    assert cache.cross_k[0].dtype == KV_DTYPES[kv_dtype] and cache.native_plan     # the fused step took them
+    assert (cache.cross_k_scale is None) == (kv_dtype != "int8")
     model.set_native(False)
     expected, _ = run_steps(model, enc, keep, rows, tokens)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -346,10 +349,13 @@ def test_bf16_cross_keys_native_equals_reference_and_stays_close(lib, rows):
 
 
 # ------------------------------------------------------------------------------------------------ with lookahead
-@pytest.mark.parametrize("kv_dtype", [None, "bf16"])
-def test_lookahead_on_an_int8_model_gives_plain_greedys_tokens(lib, kv_dtype):
-    """Lookahead's multi-position pass has no int8 (or bf16-cross) kernel: it must take the reference layers,
-    never read int8 weights as floats, and still give plain greedy's tokens."""
+@pytest.mark.parametrize("kv_dtype", [None, "bf16", "int8"])
+def test_lookahead_on_an_int8_model_gives_plain_greedys_tokens(lib, monkeypatch, kv_dtype):
+    """Lookahead's multi-position pass runs the fused kernel on int8 weights (and narrower cross keys/values) and
+    still gives plain greedy's tokens."""
+    calls = []
+    real = native.decoder_rows
+    monkeypatch.setattr(native, "decoder_rows", lambda *a: calls.append(1) or real(*a))
     model = quantize_model(small_model(seed=3), "int8", kv_dtype=kv_dtype)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 120, (2, 30), generator=g)
@@ -360,3 +366,4 @@ def test_lookahead_on_an_int8_model_gives_plain_greedys_tokens(lib, kv_dtype):
                              return_dict_in_generate=True)
     assert torch.equal(out.sequences, plain)
     assert out.decoder_passes <= plain.shape[1] - 1
+    assert calls                                                    # the passes took the fused kernel

@@ -232,7 +232,8 @@ class Attention(nn.Module):
         v = self.v_proj(source).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, k_scale: Tensor | None = None,
+                v_scale: Tensor | None = None) -> Tensor:
         """Attend from ``x`` ``(R, T, D)`` to keys/values ``(B, H, S, hd)``.
 
         ``R`` may be a multiple of ``B``: rows ``i·R/B … (i+1)·R/B − 1`` (the beams of input ``i``) then share
@@ -240,6 +241,7 @@ class Attention(nn.Module):
 
         Args:
             keep: bool broadcastable to ``(B, 1, R/B·T, S)``, or None.
+            k_scale, v_scale: for int8 keys/values (quantize.py's kv_dtype), their row scales ``(B, H, S)``.
         Returns:
             ``(R, T, D)``.
         """
@@ -250,9 +252,10 @@ class Attention(nn.Module):
         backend = self.backend
         p_drop = self.dropout if self.training else 0.0
         if (backend == "sdpa" and q.device.type == "cpu" and group * T <= DECODE_ROWS and p_drop == 0.0
-                and not torch.is_grad_enabled() and native.available(self) and native.attention_fits(q, k, v, keep)):
+                and not torch.is_grad_enabled() and native.available(self)
+                and native.attention_fits(q, k, v, keep, k_scale, v_scale)):
             # A decode step on the CPU: the native kernel streams the keys and values once for all query rows.
-            out = native.attention(q, k, v, keep)
+            out = native.attention(q, k, v, keep, k_scale, v_scale)
         else:
             if q.is_cuda and q.dtype == torch.float32 and group * T <= EAGER_GPU_ROWS and native.enabled(self):
                 # An fp32 decode step on a GPU: SDPA has no flash kernel for fp32, and its memory-efficient kernel
@@ -260,7 +263,9 @@ class Attention(nn.Module):
                 # matmuls spread the key axis. bf16 keeps SDPA's flash kernel: matmuls did no better there.
                 # benchmarks/gpu.py measures both (greedy fp32, beam bf16 at 16K tokens; benchmarks/RESULTS.md).
                 backend = "eager"
-            if k.dtype != q.dtype:          # narrower cached keys/values (quantize.py's kv_dtype)
+            if k_scale is not None:         # int8 cached keys/values (quantize.py's kv_dtype)
+                k, v = (k.float() * k_scale[..., None]).to(q.dtype), (v.float() * v_scale[..., None]).to(q.dtype)
+            elif k.dtype != q.dtype:        # narrower cached keys/values (quantize.py's kv_dtype)
                 k, v = k.to(q.dtype), v.to(q.dtype)
             out = attend(q, k, v, keep, p_drop, backend)
         out = out.view(B, H, group, T, hd).permute(0, 2, 3, 1, 4).reshape(R, T, D)

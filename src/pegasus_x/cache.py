@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .native import hugepages
+from .quantize import quantize_rows
 
 FIRST_CHUNK = 256   # positions a growing buffer starts with: most summaries never need a second allocation
 PROJECT_ELEMENTS = 1 << 18   # cross keys/values are projected this many elements (B x positions x d_model) at a time
@@ -69,6 +70,9 @@ class DecoderCache:
     # native.decoder_plan's pointers into these buffers (made at the first native step; False: not native).
     # Anything that replaces a buffer must reset it to None.
     native_plan: Any = None
+    # int8 cross keys/values (quantize.py's kv_dtype): each row's fp32 scale, (B, H, S) per layer; else None.
+    cross_k_scale: list[Tensor] | None = None
+    cross_v_scale: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
         self._views()
@@ -149,16 +153,24 @@ class DecoderCache:
         for buf in (self.keys, self.values):
             for j, i in moves:
                 buf[:, j * group:(j + 1) * group, :, :n] = buf[:, i * group:(i + 1) * group, :, :n]
-        for buf in (*self.cross_k, *self.cross_v):
+        cross = (self.cross_k, self.cross_v, self.cross_k_scale or [], self.cross_v_scale or [])
+        for buf in (t for part in cross for t in part):
             for j, i in moves:
                 buf[j] = buf[i]
         self.native_plan = None                              # its row count went with the old shapes
         self.keys, self.values = self.keys[:, :len(kept) * group], self.values[:, :len(kept) * group]
         self._views()
-        self.cross_k = [k[:len(kept)] for k in self.cross_k]
-        self.cross_v = [v[:len(kept)] for v in self.cross_v]
+        self.cross_k, self.cross_v, k_scale, v_scale = ([t[:len(kept)] for t in part] for part in cross)
+        if self.cross_k_scale is not None:
+            self.cross_k_scale, self.cross_v_scale = k_scale, v_scale
         if self.encoder_keep is not None:
             self.encoder_keep = self.encoder_keep.index_select(0, inputs)
+
+    def cross(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Layer ``layer``'s cross-attention keys, values and, when they are int8, their row scales (else None)."""
+        if self.cross_k_scale is None:
+            return self.cross_k[layer], self.cross_v[layer], None, None
+        return self.cross_k[layer], self.cross_v[layer], self.cross_k_scale[layer], self.cross_v_scale[layer]
 
     def _grow(self, capacity: int) -> None:
         """Replace the self-attention buffers by ones of ``capacity`` positions holding their filled part."""
@@ -197,17 +209,25 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
     kv_dtype = getattr(decoder, "cross_kv_dtype", None) or encoder_states.dtype
     empty = _allocator(encoder_states.device, kv_dtype, [(B, S, D)] * 2 * len(layers))
     H = attn.num_heads
+    int8 = kv_dtype == torch.int8
+    scales = functools.partial(torch.empty, (B, H, S), dtype=torch.float32, device=encoder_states.device)
+    k_scale = [scales() for _ in layers] if int8 else None
+    v_scale = [scales() for _ in layers] if int8 else None
     # Projected a slice of positions at a time, straight into place: the slice's temporaries stay small enough
     # for the allocator to reuse, where whole-input ones (two per layer, every call) would be fresh memory that
     # the OS maps and zeroes page by page; and the cross keys/values are never held twice.
     span = max(1, PROJECT_ELEMENTS // (B * D))
     cross_k = [empty((B, H, S, D // H)) for _ in layers]
     cross_v = [empty((B, H, S, D // H)) for _ in layers]
-    for layer, k_out, v_out in zip(layers, cross_k, cross_v):
+    for i, layer in enumerate(layers):
         for s0 in range(0, S, span):
             k, v = layer.encoder_attn.project_kv(encoder_states[:, s0:s0 + span])
-            k_out[:, :, s0:s0 + span].copy_(k)
-            v_out[:, :, s0:s0 + span].copy_(v)
+            if int8:
+                (k, ks), (v, vs) = quantize_rows(k), quantize_rows(v)
+                k_scale[i][:, :, s0:s0 + span] = ks
+                v_scale[i][:, :, s0:s0 + span] = vs
+            cross_k[i][:, :, s0:s0 + span].copy_(k)
+            cross_v[i][:, :, s0:s0 + span].copy_(v)
     shape = (rows, H, min(max_len, FIRST_CHUNK), attn.head_dim)
     return DecoderCache(
         keys=_self_buffers(encoder_states, shape, len(layers)),
@@ -217,4 +237,6 @@ def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, ma
         # Without padding the cross-attention needs no mask, and the kernels run faster without one.
         encoder_keep=None if bool(encoder_keep.all()) else encoder_keep[:, None, None, :],
         limit=max_len,
+        cross_k_scale=k_scale,
+        cross_v_scale=v_scale,
     )

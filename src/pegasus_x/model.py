@@ -183,12 +183,13 @@ class PegasusXDecoderLayer(nn.Module):
         k, v = self.self_attn.project_kv(h)
         if cache is not None:
             k, v = cache.update(index, k, v)
-            cross_k, cross_v = cache.cross_k[index], cache.cross_v[index]
+            cross_k, cross_v, k_scale, v_scale = cache.cross(index)
         else:
-            cross_k, cross_v = self.encoder_attn.project_kv(encoder_states)
+            (cross_k, cross_v), k_scale, v_scale = self.encoder_attn.project_kv(encoder_states), None, None
         x = x + F.dropout(self.self_attn(h, k, v, self_keep), self.dropout, self.training)
         h = self.encoder_attn_layer_norm(x)
-        x = x + F.dropout(self.encoder_attn(h, cross_k, cross_v, cross_keep), self.dropout, self.training)
+        x = x + F.dropout(self.encoder_attn(h, cross_k, cross_v, cross_keep, k_scale, v_scale), self.dropout,
+                          self.training)
         return x + _ffn(self, self.final_layer_norm(x))
 
 

@@ -48,6 +48,15 @@ def check_mode(quantize: str | None) -> str | None:
     return quantize
 
 
+def quantize_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row of the last dimension: ``(Q int8, scale fp32)``, ``Q · scale[..., None] ≈ rows``, the
+    scale of each row its largest magnitude / :data:`QMAX`; an all-zero row gets scale 1."""
+    w = rows.detach().float()
+    s = w.abs().amax(dim=-1) / QMAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(w / s[..., None]).clamp_(-QMAX, QMAX).to(torch.int8), s    # whole numbers: exact in int8
+
+
 def quantize_weight(weight: Tensor, arena: hugepages.Arena | None = None) -> tuple[Tensor, Tensor]:
     """``(Q int8 (out, in), scale fp32 (out,))``, ``Q · scale[:, None] ≈ weight``; an all-zero row gets scale 1.
 
@@ -61,11 +70,7 @@ def quantize_weight(weight: Tensor, arena: hugepages.Arena | None = None) -> tup
     else:
         q, scale = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, CHUNK_ROWS):
-        w = weight[start:start + CHUNK_ROWS].detach().float()
-        s = w.abs().amax(dim=1) / QMAX
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        scale[start:start + len(s)] = s
-        q[start:start + len(s)] = torch.round(w / s[:, None]).clamp_(-QMAX, QMAX)    # whole numbers: exact in int8
+        q[start:start + CHUNK_ROWS], scale[start:start + CHUNK_ROWS] = quantize_rows(weight[start:start + CHUNK_ROWS])
     return q, scale
 
 
@@ -112,15 +117,20 @@ def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return found
 
 
+KV_DTYPES = {"bf16": torch.bfloat16, torch.bfloat16: torch.bfloat16, "int8": torch.int8, torch.int8: torch.int8}
+
+
 def _kv_dtype(kv_dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if kv_dtype not in (None, torch.bfloat16, "bf16"):
-        raise ConfigError(f"kv_dtype={kv_dtype!r} is not supported; use 'bf16' or None (the model's dtype)")
-    return None if kv_dtype is None else torch.bfloat16
+    if kv_dtype is not None and not (isinstance(kv_dtype, (str, torch.dtype)) and kv_dtype in KV_DTYPES):
+        raise ConfigError(f"kv_dtype={kv_dtype!r} is not supported; use 'bf16', 'int8' or None (the model's dtype)")
+    return None if kv_dtype is None else KV_DTYPES[kv_dtype]
 
 
 def set_kv_dtype(model: nn.Module, kv_dtype: torch.dtype | str | None) -> None:
-    """Keep generation's cross-attention keys/values of ``model`` in ``kv_dtype``: ``torch.bfloat16`` / ``"bf16"``
-    (every decode step reads them: at long inputs they outweigh the int8 weights), or None (the model's dtype).
+    """Keep generation's cross-attention keys/values of ``model`` in ``kv_dtype`` (every decode step reads them: at
+    long inputs they outweigh the int8 weights): ``torch.bfloat16`` / ``"bf16"``; ``torch.int8`` / ``"int8"``, a
+    quarter of fp32's bytes, each key and value row (one head at one position) quantized symmetrically with its
+    own fp32 scale (:func:`quantize_rows`); or None (the model's dtype).
 
     Raises:
         ConfigError: any other ``kv_dtype``.

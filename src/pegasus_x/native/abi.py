@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-VERSION = 4             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
+VERSION = 5             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
 MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
 MAX_DRAFT_ROWS = 72     # rows (× new positions) per px_decoder_rows / px_linear_rows / px_linear_int8 call
 MAX_HEAD_DIM = 256      # px_attention's and px_decoder's head_dim limit
@@ -21,6 +21,8 @@ ENUM = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4}
 ACTIVATIONS = {"relu": ENUM["relu"], "gelu": ENUM["gelu"], "gelu_new": ENUM["gelu_tanh"],
                "gelu_fast": ENUM["gelu_tanh"], "gelu_pytorch_tanh": ENUM["gelu_tanh"], "silu": ENUM["silu"],
                "swish": ENUM["silu"], "tanh": ENUM["tanh"]}
+# kernels.c's key/value formats (KV_F32, KV_BF16, KV_I8) by tensor dtype: int8 rows come with fp32 row scales.
+KV = {"f32": 0, "bf16": 1, "int8": 2}
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 POINTERS = ("ln1_w", "ln1_b", "q", "k", "v", "o", "ln2_w", "ln2_b", "cq", "co", "ln3_w", "ln3_b", "fc1_w", "fc1_b",
@@ -36,7 +38,8 @@ class Layer(ctypes.Structure):
     _fields_ = ([(name, _ptr) for name in POINTERS]
                 + [(name, _i64) for name in ("R", "B", "H", "hd", "ffn", "max_len", "S")]
                 + [("bf16", _int), ("activation", _int), ("eps", ctypes.c_float)]
-                + [(name, _ptr) for name in SCALES.values()] + [("cross_bf16", _int)])
+                + [(name, _ptr) for name in SCALES.values()] + [("cross_kv", _int), ("cross_ks", _ptr),
+                                                                ("cross_vs", _ptr)])
 
 
 class _Constant(ctypes.Structure):
@@ -53,6 +56,7 @@ def expected() -> dict[str, int]:
              "max_topk": MAX_TOPK,
              "px_layer": ctypes.sizeof(Layer)}
     facts.update({f"act.{name}": value for name, value in ENUM.items()})
+    facts.update({f"kv.{name}": value for name, value in KV.items()})
     for name, _ in Layer._fields_:
         field = getattr(Layer, name)
         facts[f"px_layer.{name}"], facts[f"px_layer.{name}.size"] = field.offset, field.size
@@ -82,8 +86,8 @@ def check(lib: ctypes.CDLL) -> None:
     lib.px_linear.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
     lib.px_linear_int8.argtypes = [_ptr, _ptr, _i64, _i64, _ptr, _int, _ptr, _int, _ptr, _int]
     lib.px_attention_work.argtypes, lib.px_attention_work.restype = [_i64, _i64, _i64, _int], _i64
-    lib.px_attention.argtypes = [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
-                                 _ptr, _i64, _ptr, _ptr, _int]
+    lib.px_attention.argtypes = [_ptr, _ptr, _ptr, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+                                 _i64, _ptr, _i64, _ptr, _ptr, _int]
     lib.px_decoder_work.argtypes, lib.px_decoder_work.restype = [_i64, _i64, _i64, _i64, _i64, _i64, _int], _i64
     lib.px_decoder.argtypes = [ctypes.POINTER(Layer), _int, _i64, _ptr, _ptr, _int]
     lib.px_linear_rows.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]

@@ -30,7 +30,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
 #define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
 #define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
-#define ABI_VERSION 4         /* raise with any change to a px_ function's arguments */
+#define ABI_VERSION 5         /* raise with any change to a px_ function's arguments */
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -454,31 +454,40 @@ int px_linear_int8(const int8_t *W, const float *scale, int64_t out, int64_t in,
 /* --------------------------------------------------------------------------------------------- attention
  * out[b, h, g] = softmax_s(scale · q[b, h, g] · k[b, h, s] + mask) v[b, h, s]   for g < G query rows, s < S.
  * q and out: fp32, element (b, h, g, d) at b·sb + h·sh + g·sg + d (the same strides for both).
- * k, v: fp32 or bf16 (kv_bf16), element (b, h, s, d) at b·k_sb + h·k_sh + s·D + d (a view of a preallocated
- * cache works as is). keep: (B, S) bytes with batch stride keep_sb, nonzero = attend; NULL = every key.
+ * k, v: fp32, bf16 or int8 (kv: KV_*), element (b, h, s, d) at b·k_sb + h·k_sh + s·D + d (a view of a preallocated
+ * cache works as is). int8 rows come with fp32 scales (k_scale, v_scale: one per row, element (b, h, s) at
+ * (b·k_sb + h·k_sh) / D + s): a key's score is scaled once after its dot product, a value's scale is folded into
+ * its softmax weight. keep: (B, S) bytes with batch stride keep_sb, nonzero = attend; NULL = every key.
  * scores: fp32 scratch of G · (S + D) for this task. A row with no key to attend gets zeros.
  * One (batch, head) pair per call: its keys and values stream once for all G query rows.
  */
+enum { KV_F32, KV_BF16, KV_I8 };    /* keys/values: fp32, bf16 (0 and 1: a layer's bf16 flag), int8 with row scales */
+
 typedef struct {
     const float *q;
     float *out;
     int64_t sb, sh, sg;
     const void *k, *v;
     int64_t k_sb, k_sh, v_sb, v_sh;
-    int kv_bf16;
+    int kv;
     const uint8_t *keep;
     int64_t keep_sb;
     int64_t B, H, G, S, D;
+    const float *k_scale, *v_scale;   /* KV_I8 only */
 } attn_args;
+
+static inline int64_t kv_bytes(int kv) { return kv == KV_F32 ? 4 : kv == KV_BF16 ? 2 : 1; }
 
 /* Vectors v0 … v0+nv-1 of row `off` of a key/value tensor as fp32 vectors. With `pairs` (bf16, D a multiple of 16;
  * v0 and nv even) each 16 elements come from one 32-byte load as the vector of the even elements then that of the
  * odd ones (see dot_block_bf16): the caller permutes the query the same way and un-permutes the output
  * (store_head). */
-static inline void load_part(const void *base, int bf16, int pairs, int64_t off, int64_t v0, const int64_t nv,
+static inline void load_part(const void *base, int kv, int pairs, int64_t off, int64_t v0, const int64_t nv,
                              v8f *dst) {
-    if (!bf16) {
+    if (kv == KV_F32) {
         for (int64_t d = 0; d < nv; d++) dst[d] = load_f32((const float *)base + off + 8 * (v0 + d));
+    } else if (kv == KV_I8) {
+        for (int64_t d = 0; d < nv; d++) dst[d] = load_i8((const int8_t *)base + off + 8 * (v0 + d));
     } else if (pairs) {
         for (int64_t d = 0; d < nv / 2; d++) {
             v8i pair = *(const v8i_u *)((const uint16_t *)base + off + 8 * v0 + 16 * d);
@@ -492,8 +501,8 @@ static inline void load_part(const void *base, int bf16, int pairs, int64_t off,
 }
 
 /* Row `off` of D elements as D/8 vectors (load_part over the whole row). */
-static inline void load_row(const void *base, int bf16, int pairs, int64_t off, const int64_t D, v8f *dst) {
-    load_part(base, bf16, pairs, off, 0, D / 8, dst);
+static inline void load_row(const void *base, int kv, int pairs, int64_t off, const int64_t D, v8f *dst) {
+    load_part(base, kv, pairs, off, 0, D / 8, dst);
 }
 
 /* One query row's D sums into its output row o, back from load_row's order when `pairs`. */
@@ -510,7 +519,7 @@ static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const fl
                               v8f acc[4][MAX_HEAD_DIM / 8], const int64_t D, const int gn, int pairs) {
     for (int64_t s = 0; s < S; s++) {
         v8f vr[MAX_HEAD_DIM / 8];
-        load_row(a->v, a->kv_bf16, pairs, b * a->v_sb + h * a->v_sh + s * D, D, vr);
+        load_row(a->v, a->kv, pairs, b * a->v_sb + h * a->v_sh + s * D, D, vr);
         for (int g = 0; g < gn; g++) {
             float w = p[g * S + s];
             for (int64_t d = 0; d < D / 8; d++) acc[g][d] += vr[d] * w;
@@ -532,7 +541,7 @@ static inline void value_part(const attn_args *a, int64_t off, const float *p, i
         if (*fetched < lines) __builtin_prefetch(next + 64 * (*fetched)++);   /* the next tile, spread over passes */
         v8f w[VALUE_ROWS], vr[VALUE_VECS];
         for (int g = 0; g < gn; g++) w[g] = (v8f){0} + p[g * S + s];
-        load_part(a->v, a->kv_bf16, pairs, off + s * D, v0, VALUE_VECS, vr);
+        load_part(a->v, a->kv, pairs, off + s * D, v0, VALUE_VECS, vr);
         for (int d = 0; d < VALUE_VECS; d++)
             for (int g = 0; g < gn; g++) c[g][d] += vr[d] * w[g];
     }
@@ -546,7 +555,7 @@ static inline void value_part(const attn_args *a, int64_t off, const float *p, i
 #define VALUE_TILE 64
 static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t G, int64_t S,
                         const int64_t D, int pairs, float *acc) {
-    int64_t off = b * a->v_sb + h * a->v_sh, size = a->kv_bf16 ? 2 : 4, nch = (G + VALUE_ROWS - 1) / VALUE_ROWS;
+    int64_t off = b * a->v_sb + h * a->v_sh, size = kv_bytes(a->kv), nch = (G + VALUE_ROWS - 1) / VALUE_ROWS;
     memset(acc, 0, G * D * sizeof(float));
     for (int64_t s0 = 0; s0 < S; s0 += VALUE_TILE) {
         int64_t s1 = s0 + VALUE_TILE < S ? s0 + VALUE_TILE : S, fetched = 0;
@@ -573,7 +582,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
     const float *qb = a->q + b * a->sb + h * a->sh;
     const uint8_t *kp = a->keep ? a->keep + b * a->keep_sb : NULL;
     float scale = 1.0f / sqrtf((float)D);
-    int pairs = a->kv_bf16 && D % 16 == 0;
+    int pairs = a->kv == KV_BF16 && D % 16 == 0;
     if (pairs) {                              /* the query in load_row's order: 8 even, 8 odd elements per 16 */
         float *qs = scores + G * S;
         for (int64_t g = 0; g < G; g++)
@@ -585,8 +594,10 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
      * row, once widened, meets the query rows straight away: their partial sums, not the widened row, wait for the
      * 8-key horizontal sum. */
     int64_t S8 = S - S % 8, nch = (G + MAX_ROWS - 1) / MAX_ROWS;
-    const char *kbase = (const char *)a->k + (b * a->k_sb + h * a->k_sh) * (a->kv_bf16 ? 2 : 4);
-    int64_t row_bytes = D * (a->kv_bf16 ? 2 : 4), key_bytes = S * row_bytes;
+    const char *kbase = (const char *)a->k + (b * a->k_sb + h * a->k_sh) * kv_bytes(a->kv);
+    int64_t row_bytes = D * kv_bytes(a->kv), key_bytes = S * row_bytes;
+    const float *ks = a->kv == KV_I8 ? a->k_scale + (b * a->k_sb + h * a->k_sh) / D : NULL;
+    const float *vs = a->kv == KV_I8 ? a->v_scale + (b * a->v_sb + h * a->v_sh) / D : NULL;
     for (int64_t s0 = 0; s0 < S; s0 += 8) {
         int64_t n = s0 < S8 ? 8 : S - s0;
         /* With many query rows, the keys KEY_AHEAD rows on: then each key row carries enough arithmetic that the
@@ -603,7 +614,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
             for (int64_t j = 0; j < 8; j++) {
                 v8f kr[MAX_HEAD_DIM / 8];
                 if (j < n)
-                    load_row(a->k, a->kv_bf16, pairs, b * a->k_sb + h * a->k_sh + (s0 + j) * D, D, kr);
+                    load_row(a->k, a->kv, pairs, b * a->k_sb + h * a->k_sh + (s0 + j) * D, D, kr);
                 else
                     for (int64_t d = 0; d < D / 8; d++) kr[d] = (v8f){0};
                 for (int64_t g = 0; g < gn; g++) {
@@ -615,7 +626,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
             for (int64_t g = 0; g < gn; g++) {
                 v8f sc = hsum8(acc[g]) * scale;
                 for (int64_t j = 0; j < n; j++)
-                    scores[(g0 + g) * S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : sc[j];
+                    scores[(g0 + g) * S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : ks ? sc[j] * ks[s0 + j] : sc[j];
             }
             g0 += gn;
         }
@@ -629,6 +640,8 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         }
         float inv = 1.0f / exp_sum(row, S, mx, row);
         for (int64_t s = 0; s < S; s++) row[s] *= inv;
+        if (vs)                                   /* each int8 value row's scale, folded into its weight */
+            for (int64_t s = 0; s < S; s++) row[s] *= vs[s];
     }
     /* Weighted sum of the values: value_tiles for several query rows (its accumulators fit the registers, where
      * value_rows' whole head per row does not: faster from 2 rows on, ad hoc); one pass of value_rows for one. */
@@ -671,11 +684,13 @@ static void attend_tasks(const attn_args *a, float *scratch) {
 int64_t px_attention_work(int64_t G, int64_t S, int64_t D, int threads) { return threads * G * (S + D); }
 
 /* q, out: fp32 (B, H, G, D) contiguous. work: px_attention_work floats. */
-int px_attention(const float *q, const void *k, const void *v, int kv_bf16, int64_t B, int64_t H, int64_t G,
-                 int64_t S, int64_t D, int64_t k_sb, int64_t k_sh, int64_t v_sb, int64_t v_sh,
-                 const uint8_t *keep, int64_t keep_sb, float *out, float *work, int threads) {
-    if (D > MAX_HEAD_DIM || D % 8 != 0) return 1;
-    attn_args a = {q, out, H * G * D, G * D, D, k, v, k_sb, k_sh, v_sb, v_sh, kv_bf16, keep, keep_sb, B, H, G, S, D};
+int px_attention(const float *q, const void *k, const void *v, int kv, const float *k_scale, const float *v_scale,
+                 int64_t B, int64_t H, int64_t G, int64_t S, int64_t D, int64_t k_sb, int64_t k_sh, int64_t v_sb,
+                 int64_t v_sh, const uint8_t *keep, int64_t keep_sb, float *out, float *work, int threads) {
+    if (D > MAX_HEAD_DIM || D % 8 != 0 || kv < KV_F32 || kv > KV_I8 || (kv == KV_I8 && !(k_scale && v_scale)))
+        return 1;
+    attn_args a = {q, out, H * G * D, G * D, D, k, v, k_sb, k_sh, v_sb, v_sh, kv, keep, keep_sb, B, H, G, S, D,
+                   k_scale, v_scale};
 #pragma omp parallel num_threads(threads)
     attend_tasks(&a, work);
     return 0;
@@ -705,7 +720,8 @@ typedef struct {
     /* int8 weights (quantize.py): each product's fp32 row scales, and its weight pointer above holds int8; NULL:
      * that weight is in the layer's dtype. */
     const float *q_s, *k_s, *v_s, *o_s, *cq_s, *co_s, *fc1_s, *fc2_s;
-    int cross_bf16;                   /* cross_k/cross_v are bf16 (quantize.py's kv_dtype), else in the layer's dtype */
+    int cross_kv;                     /* cross_k/cross_v: KV_F32, KV_BF16 or KV_I8 (quantize.py's kv_dtype) */
+    const float *cross_ks, *cross_vs; /* KV_I8: their row scales (B, H, S); else NULL */
 } px_layer;
 
 
@@ -787,9 +803,9 @@ static void layer_step(const px_layer *L, int64_t length, float *x, float *work,
     float *h = work, *q = h + R * D, *k = q + R * D, *v = k + R * D, *a = v + R * D, *f = a + R * D,
           *xs = f + R * F, *fs = xs + R * wide, *scratch = fs + R * wide;
     attn_args self = {q, a, D, hd, D, L->self_k, L->self_v, H * L->max_len * hd, L->max_len * hd,
-                      H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1, length + 1, hd};
+                      H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1, length + 1, hd, NULL, NULL};
     attn_args cross = {q, a, G * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
-                       L->S * hd, L->cross_bf16, L->keep, L->S, L->B, H, G, L->S, hd};
+                       L->S * hd, L->cross_kv, L->keep, L->S, L->B, H, G, L->S, hd, L->cross_ks, L->cross_vs};
 
     /* Self-attention over the cache, this position included. */
 #pragma omp single
@@ -992,7 +1008,8 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
     float *h = work, *q = h + N * D, *k = q + N * D, *v = k + N * D, *a = v + N * D, *f = a + N * D,
           *xs = f + N * F, *fs = xs + N * wide, *scratch = fs + N * wide;
     attn_args cross = {q, a, (N / L->B) * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
-                       L->S * hd, L->cross_bf16, L->keep, L->S, L->B, H, N / L->B, L->S, hd};
+                       L->S * hd, L->cross_kv, L->keep, L->S, L->B, H, N / L->B, L->S, hd, L->cross_ks,
+                       L->cross_vs};
 
 #pragma omp single
     add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
@@ -1019,7 +1036,7 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
     for (int64_t i = 0; i < T; i++) {        /* draft position i: every row's query i over its first length+i+1 keys */
         attn_args self = {q + i * D, a + i * D, T * D, hd, D, L->self_k, L->self_v, H * L->max_len * hd,
                           L->max_len * hd, H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1,
-                          length + i + 1, hd};
+                          length + i + 1, hd, NULL, NULL};
         attend_tasks(&self, scratch);        /* ends in a barrier */
     }
 #pragma omp single
@@ -1225,12 +1242,12 @@ static const px_constant constants[] = {
     {"abi", ABI_VERSION}, {"max_rows", MAX_ROWS}, {"max_draft_rows", MAX_DRAFT_ROWS}, {"max_head_dim", MAX_HEAD_DIM},
     {"max_topk", MAX_TOPK},
     {"act.relu", ACT_RELU}, {"act.gelu", ACT_GELU}, {"act.gelu_tanh", ACT_GELU_TANH}, {"act.silu", ACT_SILU},
-    {"act.tanh", ACT_TANH}, {"px_layer", sizeof(px_layer)},
+    {"act.tanh", ACT_TANH}, {"kv.f32", KV_F32}, {"kv.bf16", KV_BF16}, {"kv.int8", KV_I8}, {"px_layer", sizeof(px_layer)},
     FIELD(ln1_w), FIELD(ln1_b), FIELD(q), FIELD(k), FIELD(v), FIELD(o), FIELD(ln2_w), FIELD(ln2_b), FIELD(cq),
     FIELD(co), FIELD(ln3_w), FIELD(ln3_b), FIELD(fc1_w), FIELD(fc1_b), FIELD(fc2_w), FIELD(fc2_b), FIELD(self_k),
     FIELD(self_v), FIELD(cross_k), FIELD(cross_v), FIELD(keep), FIELD(R), FIELD(B), FIELD(H), FIELD(hd), FIELD(ffn),
     FIELD(max_len), FIELD(S), FIELD(bf16), FIELD(activation), FIELD(eps), FIELD(q_s), FIELD(k_s), FIELD(v_s),
-    FIELD(o_s), FIELD(cq_s), FIELD(co_s), FIELD(fc1_s), FIELD(fc2_s), FIELD(cross_bf16),
+    FIELD(o_s), FIELD(cq_s), FIELD(co_s), FIELD(fc1_s), FIELD(fc2_s), FIELD(cross_kv), FIELD(cross_ks), FIELD(cross_vs),
 };
 
 /* The table above; its length in *count. */

@@ -109,12 +109,17 @@ def linear_int8(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) 
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+# kernels.c's key/value formats by dtype.
+_KV = {torch.float32: abi.KV["f32"], torch.bfloat16: abi.KV["bf16"], torch.int8: abi.KV["int8"]}
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, k_scale: Tensor | None = None,
+              v_scale: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ / sqrt(d) + mask) v for few query rows: q ``(B, H, G, d)``, k/v ``(B, H, S, d)``.
 
-    k and v may be views of a preallocated cache (rows of d contiguous, any batch/head strides).
-    ``keep``: bool ``(B, 1, 1, S)`` or None. Returns ``(B, H, G, d)`` in q's dtype. Only for what
-    :func:`attention_fits` takes.
+    k and v may be views of a preallocated cache (rows of d contiguous, any batch/head strides); int8 k/v come
+    with fp32 row scales ``(B, H, S)`` (``k[b, h, s] · k_scale[b, h, s]`` is the key). ``keep``: bool
+    ``(B, 1, 1, S)`` or None. Returns ``(B, H, G, d)`` in q's dtype. Only for what :func:`attention_fits` takes.
     """
     lib = loader.library()
     B, H, G, D = q.shape
@@ -124,21 +129,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     threads = torch.get_num_threads()
     work = _floats(lib.px_attention_work(G, S, D, threads))
     keep_bytes = None if keep is None else keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
-    lib.px_attention(qf.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), B, H, G, S, D,
-                     k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+    lib.px_attention(qf.data_ptr(), k.data_ptr(), v.data_ptr(), _KV[k.dtype],
+                     None if k_scale is None else k_scale.data_ptr(), None if v_scale is None else v_scale.data_ptr(),
+                     B, H, G, S, D, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                      None if keep_bytes is None else keep_bytes.data_ptr(),
                      0 if keep_bytes is None else keep_bytes.stride(0), out.data_ptr(),
                      work.data_ptr(), threads)
     return out.to(q.dtype)
 
 
-def attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> bool:
+def attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, k_scale: Tensor | None = None,
+                   v_scale: Tensor | None = None) -> bool:
     """Whether :func:`attention` takes these tensors (else the caller uses SDPA)."""
     B, H, G, D = q.shape
     return (D % HEAD_DIM_MULTIPLE == 0 and D <= MAX_HEAD_DIM and on_cpu(q, k, v, keep) and k.dtype == v.dtype
-            and k.dtype in _KERNEL_DTYPES and k.shape == v.shape == (B, H, k.shape[2], D)
+            and k.dtype in _KV and k.shape == v.shape == (B, H, k.shape[2], D)
             and k.stride(3) == v.stride(3) == 1 and k.stride(2) == v.stride(2) == D
-            and (keep is None or (keep.dtype == torch.bool and keep.shape == (B, 1, 1, k.shape[2]))))
+            and (keep is None or (keep.dtype == torch.bool and keep.shape == (B, 1, 1, k.shape[2])))
+            and (k_scale is None) == (v_scale is None) == (k.dtype != torch.int8)
+            and (k_scale is None or (row_scales_fit(k, k_scale) and row_scales_fit(v, v_scale))))
+
+
+def row_scales_fit(t: Tensor, scale: Tensor) -> bool:
+    """Whether ``scale`` holds the fp32 row scales of int8 keys or values ``t`` ``(B, H, S, d)`` as the kernels
+    read them: ``(B, H, S)`` on the CPU, laid out like ``t``'s rows (element (b, h, s) at (b·t_sb + h·t_sh) / d + s)."""
+    D = t.shape[3]
+    return (scale.dtype == torch.float32 and scale.device.type == "cpu" and scale.shape == t.shape[:3]
+            and t.stride(0) % D == 0 and t.stride(1) % D == 0
+            and scale.stride() == (t.stride(0) // D, t.stride(1) // D, 1))
 
 
 def _weight(linear) -> tuple[Tensor, Tensor | None]:
@@ -210,13 +228,16 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
         own, scales = _layer_tensors(layer)
         own.update(self_k=cache.self_k[i], self_v=cache.self_v[i], cross_k=cache.cross_k[i], cross_v=cache.cross_v[i])
         int8 = {field for field, name in abi.SCALES.items() if name in scales}
-        # The cross keys/values may be bf16 under fp32 layers (quantize.py's kv_dtype).
+        # The cross keys/values may be narrower than the layers (quantize.py's kv_dtype): bf16, or int8 with row
+        # scales.
         cross = cache.cross_k[i].dtype
         wanted = {**dict.fromkeys(int8, torch.int8), "cross_k": cross, "cross_v": cross}
-        if cross not in _KERNEL_DTYPES or any(
+        if cross not in _KV or any(
                 t is None or t.dtype != wanted.get(name, dtype) or t.device.type != "cpu" or not t.is_contiguous()
                 for name, t in own.items()):
             return None
+        if cross == torch.int8:
+            scales.update(cross_ks=cache.cross_k_scale[i], cross_vs=cache.cross_v_scale[i])
         if any(s.dtype != torch.float32 or s.device.type != "cpu" or not s.is_contiguous() for s in scales.values()):
             return None
         tensors += [*own.values(), *scales.values()]
@@ -224,7 +245,7 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
                                keep=None if keep is None else keep.data_ptr(), R=rows, B=B, H=H, hd=hd,
                                ffn=cfg.decoder_ffn_dim, max_len=cache.max_len, S=S, bf16=int(dtype == torch.bfloat16),
                                activation=abi.ACTIVATIONS[cfg.activation_function], eps=cfg.layer_norm_eps,
-                               cross_bf16=int(cross == torch.bfloat16)))
+                               cross_kv=_KV[cross]))
     return DecoderPlan(_layers(len(specs))(*specs), tensors, rows, H * hd, cfg.decoder_ffn_dim, B, S)
 
 
