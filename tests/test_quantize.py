@@ -17,7 +17,7 @@ from pegasus_x import PegasusXForConditionalGeneration, native
 from pegasus_x.errors import CheckpointError, ConfigError
 from pegasus_x.native import abi, hugepages, kernels
 from pegasus_x.quantize import (KV_DTYPES, Int8Linear, quantize_as_loaded, quantize_model, quantize_weight,
-                                quantized)
+                                quantized, set_kv_dtype)
 
 
 
@@ -298,6 +298,47 @@ def test_evaluate_takes_quantize(tmp_path, monkeypatch):
     assert loads and loads[0]["quantize"] == "int8"
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--quantize", "int8",
                  "--device", "meta"]) == 2
+
+
+def test_from_pretrained_summarizer_and_cli_take_kv_dtype(tmp_path, capsys, monkeypatch):
+    from pegasus_x import Summarizer
+    from pegasus_x.cli import main
+    from pegasus_x.summarize import demo_model_path
+    from pegasus_x.training import commands
+
+    small_model(seed=6).save_pretrained(tmp_path / "model")
+    model = PegasusXForConditionalGeneration.from_pretrained(tmp_path / "model", kv_dtype="int8")
+    assert model.get_decoder().cross_kv_dtype == torch.int8 and not quantized(model)
+    with pytest.raises(ConfigError, match="'fp16'"):
+        PegasusXForConditionalGeneration.from_pretrained(tmp_path / "model", kv_dtype="fp16")
+    with pytest.raises(ConfigError, match="CPU decoding"):
+        set_kv_dtype(small_model().to("meta"), "bf16")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"source": "a b c", "target": "a"}\n')
+    monkeypatch.setattr(commands, "resolve_device", lambda _: torch.device("cuda"))     # a GPU, as far as it knows
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--kv-dtype", "int8"]) == 2
+    assert "--kv-dtype int8 is for CPU decoding" in capsys.readouterr().err
+    monkeypatch.undo()
+    if demo_model_path() is None:
+        pytest.skip("this install has no bundled demo model")
+    summarizer = Summarizer(None, device="cpu", kv_dtype="bf16", max_new_tokens=4)
+    assert summarizer.model.get_decoder().cross_kv_dtype == torch.bfloat16
+    plain = Summarizer(None, device="cpu").model
+    assert getattr(plain.get_decoder(), "cross_kv_dtype", None) is None
+    again = Summarizer(plain, summarizer.tokenizer, kv_dtype="int8")
+    assert again.model is plain and plain.get_decoder().cross_kv_dtype == torch.int8        # a model object
+    with pytest.raises(ConfigError, match="int4"):
+        Summarizer(None, device="cpu", kv_dtype="int4")
+    loads = []
+    real = PegasusXForConditionalGeneration.from_pretrained.__func__
+    monkeypatch.setattr(PegasusXForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(k) or real(cls, *a, **k)))
+    page = tmp_path / "page.txt"
+    page.write_text("join lines of two files on a common field " * 5)
+    assert main(["summarize", str(page), "--kv-dtype", "int8", "--device", "cpu", "--max-new-tokens", "4"]) == 0
+    assert loads[-1]["kv_dtype"] == "int8" and capsys.readouterr().out.strip()
+    assert main(["summarize", str(page), "--kv-dtype", "fp16"]) == 2
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ dtype auto

@@ -267,15 +267,18 @@ def _expected(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, strict: bool = False, quantize: str | None = None,
-                    **hub_kwargs: Any):
+                    kv_dtype: torch.dtype | str | None = None, **hub_kwargs: Any):
     """See :meth:`PegasusXPreTrainedModel.from_pretrained`."""
-    from .quantize import check_mode, quantize_as_loaded
+    from .quantize import check_kv_dtype, check_mode, quantize_as_loaded, set_kv_dtype
 
     # Every argument is checked before a possibly long download or read.
     dtype = check_dtype(dtype)
     device = check_device("cpu" if device is None else device)
-    if check_mode(quantize) is not None and device.type != "cpu":
-        raise ConfigError(f"quantize={quantize!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
+    check_mode(quantize)
+    check_kv_dtype(kv_dtype)
+    for name, value in (("quantize", quantize), ("kv_dtype", kv_dtype)):
+        if value is not None and device.type != "cpu":
+            raise ConfigError(f"{name}={value!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint folder or a hub id (a str or os.PathLike), got "
                          f"{type(path).__name__}; e.g. from_pretrained('google/pegasus-x-base')")
@@ -341,6 +344,7 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
     elif with_head:
         model.tie_weights()
     model.generation_config = GenerationConfig.from_pretrained(folder)
+    set_kv_dtype(model, kv_dtype)
     model.eval()
     return model
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from .errors import InputError, PegasusXError
 from .documents import MAX_INPUT_BYTES, TEXT_FIELD, Document, read_documents
 from .files import SIGPIPE_STATUS, atomic_write_bytes, check_output, check_stdout, guarded_stdio, json_text
+from .quantize import KV_CHOICES
 from .quantize import MODES as QUANTIZE_MODES
 
 PROG = "pegasus-x"
@@ -121,12 +122,14 @@ def _log_to_stderr() -> Iterator[None]:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype, --quantize and --device: how a command that runs a model (summarize, serve) loads it."""
+    """--dtype, --quantize, --kv-dtype and --device: how a command that runs a model (summarize, serve) loads it."""
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="weights and activations (auto: bf16 on CUDA, fp32 on a CPU; `pegasus-x info` says which "
                         "and why)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU; "
                    "faster decoding, see the README)")
+    p.add_argument("--kv-dtype", choices=KV_CHOICES, help="keep generation's cross-attention keys/values in bf16 or "
+                   "int8 (CPU; every decode step reads them: faster at long inputs, see the README)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
 
 
@@ -163,6 +166,7 @@ class SummarizeOptions:
     model: str | None
     dtype: str | None
     quantize: str | None
+    kv_dtype: str | None
     device: str | None
     batch_size: int
     max_input_tokens: int | None
@@ -176,7 +180,7 @@ class SummarizeOptions:
     def from_args(cls, args: argparse.Namespace) -> SummarizeOptions:
         return cls(paths=args.paths, input=args.input, text_field=args.text_field, output=args.output,
                    model=args.model, dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
-                   device=args.device,
+                   kv_dtype=args.kv_dtype, device=args.device,
                    batch_size=args.batch_size, max_input_tokens=args.max_input_tokens,
                    max_input_bytes=args.max_input_bytes, chunked=args.chunked,
                    stream=args.stream, newline_to_n=args.newline_to_n,
@@ -272,7 +276,7 @@ def _summarize_share(opts: SummarizeOptions, docs: list[Document], mine: list[in
     if opts.stream:
         generation.setdefault("num_beams", 1)  # a stream follows one hypothesis; beams would reorder it
     summarizer = Summarizer(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize,
-                            batch_size=opts.batch_size,
+                            kv_dtype=opts.kv_dtype, batch_size=opts.batch_size,
                             max_input_tokens=opts.max_input_tokens, newline_to_n=opts.newline_to_n, **generation)
     texts = [docs[i].text for i in mine]
     with _progress_bar(len(texts), show_progress) as bar:

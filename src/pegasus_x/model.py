@@ -399,7 +399,7 @@ class PegasusXPreTrainedModel(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, strict: bool = False,
                         torch_dtype: torch.dtype | str | None = None, quantize: str | None = None,
-                        **hub_kwargs: Any):
+                        kv_dtype: torch.dtype | str | None = None, **hub_kwargs: Any):
         """Load a checkpoint folder (or hub id) in the Hugging Face layout.
 
         Args:
@@ -412,12 +412,14 @@ class PegasusXPreTrainedModel(nn.Module):
             torch_dtype: transformers' older name for ``dtype``.
             quantize: ``"int8"``: int8 weights for the decoder and the LM head (:mod:`pegasus_x.quantize`; CPU
                 only), each quantized as it is read.
+            kv_dtype: ``"bf16"`` or ``"int8"``: keep generation's cross-attention keys/values narrower
+                (:func:`pegasus_x.quantize.set_kv_dtype`; CPU only).
             **hub_kwargs: for a hub id: ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
                 ``force_download``.
         Raises:
             CheckpointError: files missing/unsafe, or keys/shapes not matching the config (all named at once).
-            ConfigError: an argument this method does not take, an unknown ``quantize``, ``dtype`` and ``torch_dtype``
-                disagreeing, or a dtype other than fp32 / bf16.
+            ConfigError: an argument this method does not take, an unknown ``quantize`` or ``kv_dtype`` (or either
+                off the CPU), ``dtype`` and ``torch_dtype`` disagreeing, or a dtype other than fp32 / bf16.
             InputError: a device that is unknown or not available here, or a path that is not a str / PathLike.
         """
         from .checkpoint import load_pretrained
@@ -432,7 +434,7 @@ class PegasusXPreTrainedModel(nn.Module):
             raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype")
         dtype = dtype if dtype is not None else torch_dtype
         return load_pretrained(cls, path, dtype=None if dtype == "auto" else dtype, device=device, strict=strict,
-                               quantize=quantize, **hub_kwargs)
+                               quantize=quantize, kv_dtype=kv_dtype, **hub_kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json``, ``model.safetensors`` (and ``generation_config.json``) atomically.

@@ -118,9 +118,15 @@ def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 KV_DTYPES = {"bf16": torch.bfloat16, torch.bfloat16: torch.bfloat16, "int8": torch.int8, torch.int8: torch.int8}
+KV_CHOICES = ("bf16", "int8")   # the names the command line takes
 
 
-def _kv_dtype(kv_dtype: torch.dtype | str | None) -> torch.dtype | None:
+def check_kv_dtype(kv_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The cross-attention keys/values' dtype ``kv_dtype`` names (None: the model's own).
+
+    Raises:
+        ConfigError: anything but None, bf16 or int8.
+    """
     if kv_dtype is not None and not (isinstance(kv_dtype, (str, torch.dtype)) and kv_dtype in KV_DTYPES):
         raise ConfigError(f"kv_dtype={kv_dtype!r} is not supported; use 'bf16', 'int8' or None (the model's dtype)")
     return None if kv_dtype is None else KV_DTYPES[kv_dtype]
@@ -130,12 +136,17 @@ def set_kv_dtype(model: nn.Module, kv_dtype: torch.dtype | str | None) -> None:
     """Keep generation's cross-attention keys/values of ``model`` in ``kv_dtype`` (every decode step reads them: at
     long inputs they outweigh the int8 weights): ``torch.bfloat16`` / ``"bf16"``; ``torch.int8`` / ``"int8"``, a
     quarter of fp32's bytes, each key and value row (one head at one position) quantized symmetrically with its
-    own fp32 scale (:func:`quantize_rows`); or None (the model's dtype).
+    own fp32 scale (:func:`quantize_rows`); or None (the model's dtype). For CPU decoding, whose kernels read them
+    as they are.
 
     Raises:
-        ConfigError: any other ``kv_dtype``.
+        ConfigError: any other ``kv_dtype``, or a bf16/int8 one for a model that is not on the CPU.
     """
-    model.get_decoder().cross_kv_dtype = _kv_dtype(kv_dtype)
+    dtype = check_kv_dtype(kv_dtype)
+    if dtype is not None and model.device.type != "cpu":
+        raise ConfigError(f"kv_dtype={kv_dtype!r} is for CPU decoding; this model is on {model.device}: drop it or "
+                          "load the model with device='cpu'")
+    model.get_decoder().cross_kv_dtype = dtype
 
 
 def quantize_as_loaded(model: nn.Module, mode: str = "int8") -> dict[str, Callable[[Tensor], None]]:
@@ -188,7 +199,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", kv_dtype: torch.dtype |
             int8 kernels and this module's reference are for CPU decoding).
     """
     check_mode(mode)
-    _kv_dtype(kv_dtype)
+    check_kv_dtype(kv_dtype)
     if model.device.type != "cpu":
         raise ConfigError(f"int8 quantization runs on the CPU; this model is on {model.device}: load it with "
                           "device='cpu'")

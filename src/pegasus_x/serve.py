@@ -60,6 +60,7 @@ class ServeOptions:
     port: int = 8000
     dtype: str | None = None
     quantize: str | None = None
+    kv_dtype: str | None = None
     device: str | None = None
     api_key: str | None = None
     max_input_tokens: int | None = None
@@ -74,7 +75,7 @@ class ServeOptions:
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
         return cls(model=args.model, host=args.host, port=args.port,
                    dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
-                   device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                   kv_dtype=args.kv_dtype, device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                    max_input_tokens=args.max_input_tokens, max_input_bytes=args.max_input_bytes,
                    max_batch_size=args.max_batch_size, max_batch_rows=args.max_batch_rows,
                    max_batch_tokens=args.max_batch_tokens,
@@ -149,8 +150,8 @@ def run_serve(opts: ServeOptions) -> int:
                          f"{API_KEY_ENV}=... (or --api-key), or keep the default --host 127.0.0.1")
     sock = bind(opts.host, opts.port)  # before the (slow) model load: a busy port fails at once
     try:
-        summarizer = Summarizer(opts.model, dtype=opts.dtype, quantize=opts.quantize, device=opts.device,
-                                max_input_tokens=opts.max_input_tokens)
+        summarizer = Summarizer(opts.model, dtype=opts.dtype, quantize=opts.quantize, kv_dtype=opts.kv_dtype,
+                                device=opts.device, max_input_tokens=opts.max_input_tokens)
         app = create_app(summarizer, opts)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on"))
         host, port = sock.getsockname()[:2]

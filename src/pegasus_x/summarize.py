@@ -26,7 +26,7 @@ from .checkpoint import resolve
 from .devices import auto_dtype, check_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, GenerationError, InputError
 from .model import PegasusXForConditionalGeneration
-from .quantize import check_mode, quantize_model, quantized
+from .quantize import check_kv_dtype, check_mode, quantize_model, quantized, set_kv_dtype
 from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
 
 DEFAULT_BATCH_SIZE = 8
@@ -76,6 +76,8 @@ class Summarizer:
         dtype: "fp32", "bf16" or a torch dtype; default :func:`pegasus_x.devices.auto_dtype`: bf16 on CUDA, fp32 on
             a CPU (a model object: as it is).
         quantize: ``"int8"``: int8 decoder and LM-head weights (:mod:`pegasus_x.quantize`; CPU only), or None.
+        kv_dtype: ``"bf16"`` or ``"int8"``: generation's cross-attention keys/values kept narrower
+            (:func:`pegasus_x.quantize.set_kv_dtype`; CPU only), or None (the model's dtype).
         device: "cpu", "cuda", "cuda:1", ...; default CUDA when available (a model object: where it is).
         batch_size: texts generated together (sorted by length so padding stays small).
         max_input_tokens: read at most this many tokens per input (``</s>`` included); default and upper bound:
@@ -86,7 +88,8 @@ class Summarizer:
 
     Raises:
         CheckpointError: the model folder or hub id cannot be found or loaded.
-        ConfigError: a dtype other than fp32 / bf16, an unknown ``quantize``, or int8 off the CPU.
+        ConfigError: a dtype other than fp32 / bf16, an unknown ``quantize`` or ``kv_dtype``, or either off the
+            CPU.
         InputError: a device that is unknown or not available here, a bad batch size or input limit.
         GenerationError: an unknown generation option.
     """
@@ -94,11 +97,12 @@ class Summarizer:
     def __init__(self, model: str | os.PathLike | nn.Module | None = None,
                  tokenizer: PegasusTokenizer | str | os.PathLike | None = None, *,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 quantize: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 quantize: str | None = None, kv_dtype: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_input_tokens: int | None = None, newline_to_n: bool = False, **generate_options: Any) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.model, folder = _load_model(model, dtype, device, check_mode(quantize))
+        check_kv_dtype(kv_dtype)
+        self.model, folder = _load_model(model, dtype, device, check_mode(quantize), kv_dtype)
         self.device = self.model.device
         self.tokenizer = _load_tokenizer(tokenizer, folder, newline_to_n)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
@@ -425,11 +429,13 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
 
 
 def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.device | str | None,
-                quantize: str | None = None) -> tuple[PegasusXForConditionalGeneration, Path | None]:
+                quantize: str | None = None,
+                kv_dtype: str | None = None) -> tuple[PegasusXForConditionalGeneration, Path | None]:
     """(model in eval mode, the folder it came from or None for a model object).
 
     A model object is moved or converted only when ``device`` / ``dtype`` is given; a loaded one gets the defaults.
-    ``quantize``: quantize the model (a model object in place, unless it already is).
+    ``quantize``: quantize the model (a model object in place, unless it already is). ``kv_dtype``: see
+    :func:`pegasus_x.quantize.set_kv_dtype` (a model object: set when given).
     """
     if isinstance(model, nn.Module):
         if not isinstance(model, PegasusXForConditionalGeneration):
@@ -440,6 +446,8 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
             model = model.to(dtype=_resolve_dtype(dtype, model.device))
         if quantize is not None and not quantized(model):
             quantize_model(model, quantize)
+        if kv_dtype is not None:
+            set_kv_dtype(model, kv_dtype)
         return model.eval(), None
     if model is None:
         model = demo_model_path()
@@ -447,11 +455,12 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
         raise InputError(f"model must be a folder, a hub id or a model object, got {type(model).__name__}")
     device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)  # checked before a possibly long download
-    if quantize is not None and device.type != "cpu":
-        raise ConfigError(f"quantize={quantize!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
+    for name, value in (("quantize", quantize), ("kv_dtype", kv_dtype)):
+        if value is not None and device.type != "cpu":
+            raise ConfigError(f"{name}={value!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
     folder = resolve(model)
-    return PegasusXForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device,
-                                                            quantize=quantize), folder
+    return PegasusXForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize,
+                                                            kv_dtype=kv_dtype), folder
 
 
 def _load_tokenizer(tokenizer: Any, folder: Path | None, newline_to_n: bool) -> PegasusTokenizer:

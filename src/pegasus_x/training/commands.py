@@ -15,6 +15,7 @@ from ..devices import resolve_device
 from ..errors import ConfigError
 from ..metrics import GenerationOptions, evaluate
 from ..model import PegasusXForConditionalGeneration
+from ..quantize import KV_CHOICES
 from ..quantize import MODES as QUANTIZE_MODES
 from . import train
 from .options import DEFAULT_BATCH_SIZE, METRICS, OPTIMIZERS, SCHEDULES, TrainOptions
@@ -91,6 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     e.add_argument("--device", help="cpu, cuda … (default: cuda when available)")
     e.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: int8 decoder and LM-head weights (CPU)")
+    e.add_argument("--kv-dtype", choices=KV_CHOICES, help="generation's cross-attention keys/values in bf16 or int8 "
+                   "(CPU)")
     e.add_argument("--output-dir", help="write predictions.jsonl and metrics.json here")
     e.set_defaults(func=run_evaluate)
 
@@ -144,9 +147,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         check_output_dir(args.output_dir, [args.data], flag="--output-dir", files=(PREDICTIONS_FILE, METRICS_FILE))
     device = resolve_device(args.device)
-    if args.quantize is not None and device.type != "cpu":
-        raise ConfigError(f"--quantize {args.quantize} is for CPU decoding; add --device cpu")
-    model = PegasusXForConditionalGeneration.from_pretrained(args.model, device=device, quantize=args.quantize)
+    for flag, value in (("--quantize", args.quantize), ("--kv-dtype", args.kv_dtype)):
+        if value is not None and device.type != "cpu":
+            raise ConfigError(f"{flag} {value} is for CPU decoding; add --device cpu")
+    model = PegasusXForConditionalGeneration.from_pretrained(args.model, device=device, quantize=args.quantize,
+                                                             kv_dtype=args.kv_dtype)
     tokenizer = PegasusTokenizer.from_pretrained(args.tokenizer or args.model)
     data = load_pairs(args.data, args.source_column, args.target_column)
     if data.skipped_empty:
