@@ -22,7 +22,7 @@ from torch import Tensor
 from .native import hugepages
 from .config import CONFIG_NAME, PegasusXConfig, check_fits_in_memory
 from .devices import check_device, check_dtype
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, InputError
 from .files import atomic_write_bytes, json_text
 from .generation_config import GENERATION_CONFIG, GenerationConfig
 from .hub import download, is_hub_id
@@ -269,16 +269,14 @@ def load_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | 
                     device: torch.device | str | None = None, strict: bool = False, quantize: str | None = None,
                     kv_dtype: torch.dtype | str | None = None, **hub_kwargs: Any):
     """See :meth:`PegasusXPreTrainedModel.from_pretrained`."""
-    from .quantize import check_kv_dtype, check_mode, quantize_as_loaded, set_kv_dtype
+    from .quantize import check_kv_dtype, check_mode, check_on_cpu, quantize_as_loaded, set_kv_dtype
 
     # Every argument is checked before a possibly long download or read.
     dtype = check_dtype(dtype)
     device = check_device("cpu" if device is None else device)
     check_mode(quantize)
     check_kv_dtype(kv_dtype)
-    for name, value in (("quantize", quantize), ("kv_dtype", kv_dtype)):
-        if value is not None and device.type != "cpu":
-            raise ConfigError(f"{name}={value!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
+    check_on_cpu(device, quantize=quantize, kv_dtype=kv_dtype)
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint folder or a hub id (a str or os.PathLike), got "
                          f"{type(path).__name__}; e.g. from_pretrained('google/pegasus-x-base')")

@@ -23,6 +23,7 @@ A quantized model is not saved: :func:`check_savable` refuses with the reason.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,17 @@ def check_kv_dtype(kv_dtype: torch.dtype | str | None) -> torch.dtype | None:
     if kv_dtype is not None and not (isinstance(kv_dtype, (str, torch.dtype)) and kv_dtype in KV_DTYPES):
         raise ConfigError(f"kv_dtype={kv_dtype!r} is not supported; use 'bf16', 'int8' or None (the model's dtype)")
     return None if kv_dtype is None else KV_DTYPES[kv_dtype]
+
+
+def check_on_cpu(device: torch.device, **options: Any) -> None:
+    """Refuse the CPU decoding options given (``quantize=``, ``kv_dtype=``: not None) for another ``device``.
+
+    Raises:
+        ConfigError: naming the first such option.
+    """
+    for name, value in options.items():
+        if value is not None and device.type != "cpu":
+            raise ConfigError(f"{name}={value!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
 
 
 def set_kv_dtype(model: nn.Module, kv_dtype: torch.dtype | str | None) -> None:

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from .checkpoint import resolve
 from .devices import auto_dtype, check_dtype, resolve_device
-from .errors import CheckpointError, ConfigError, GenerationError, InputError
+from .errors import CheckpointError, GenerationError, InputError
 from .model import PegasusXForConditionalGeneration
-from .quantize import check_kv_dtype, check_mode, quantize_model, quantized, set_kv_dtype
+from .quantize import check_kv_dtype, check_mode, check_on_cpu, quantize_model, quantized, set_kv_dtype
 from .tokenizer import SPM_FILE, TOKENIZER_FILE, PegasusTokenizer
 
 DEFAULT_BATCH_SIZE = 8
@@ -455,9 +455,7 @@ def _load_model(model: Any, dtype: torch.dtype | str | None, device: torch.devic
         raise InputError(f"model must be a folder, a hub id or a model object, got {type(model).__name__}")
     device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)  # checked before a possibly long download
-    for name, value in (("quantize", quantize), ("kv_dtype", kv_dtype)):
-        if value is not None and device.type != "cpu":
-            raise ConfigError(f"{name}={value!r} is for CPU decoding; drop it or pass device='cpu' (not {device})")
+    check_on_cpu(device, quantize=quantize, kv_dtype=kv_dtype)    # before a possibly long download
     folder = resolve(model)
     return PegasusXForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize,
                                                             kv_dtype=kv_dtype), folder
