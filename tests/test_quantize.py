@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from conftest import run_steps, small_model
 from pegasus_x import PegasusXForConditionalGeneration, native
+from pegasus_x.cache import DecoderCache
 from pegasus_x.errors import CheckpointError, ConfigError
 from pegasus_x.native import abi, hugepages, kernels
 from pegasus_x.quantize import (KV_DTYPES, Int8Linear, quantize_as_loaded, quantize_model, quantize_weight,
@@ -387,6 +388,31 @@ def test_narrow_cross_keys_native_equals_reference_and_stays_close(lib, rows, kv
     assert not torch.equal(got, exact)
     with pytest.raises(ConfigError, match="kv_dtype"):
         quantize_model(small_model(), "int8", kv_dtype="fp16")
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
+def test_narrow_cross_keys_beam_search_equals_the_reference_as_inputs_leave(lib, monkeypatch, kv_dtype):
+    """A padded batch of 3 × 3 beams (9 rows: the many-row fused step) whose inputs finish at different steps (the
+    cache moves the kept ones down, with their scales, then runs the few-row step): the same tokens as the torch
+    reference path."""
+    moves = []
+    real = DecoderCache.keep_inputs
+    monkeypatch.setattr(DecoderCache, "keep_inputs", lambda self, inputs: moves.append(inputs.tolist())
+                        or real(self, inputs))
+    model = small_model(seed=8)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[1] *= 3.0                  # EOS competitive: inputs end early
+    quantize_model(model, "int8", kv_dtype=kv_dtype)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 120, (3, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = mask[2, 11:] = 0
+    options = dict(attention_mask=mask, num_beams=3, max_new_tokens=30, length_penalty=0.8)
+    with torch.no_grad():
+        fast = model.generate(ids, **options)
+        assert any(i != j for kept in moves for j, i in enumerate(kept))    # an input moved down
+        model.set_native(False)
+        assert torch.equal(model.generate(ids, **options), fast)
 
 
 # ------------------------------------------------------------------------------------------------ with lookahead
