@@ -10,8 +10,9 @@
 Random weights (``PegasusXConfig.base()``) are saved once in the Hugging Face layout; both implementations load that
 same folder (eval mode, dropout off). Every configuration runs in a fresh subprocess so peak RSS
 (``ru_maxrss``) is per run; each child first warms up on a short input, then generates exactly ``--new-tokens``
-tokens (min = max) for ``--batch`` random inputs (default one) of the given length in one call. Per-step times come from a forward hook on
-the decoder (one call per decoder step in both implementations); the first call marks the end of encoder + prefill.
+tokens (min = max) for ``--batch`` random inputs (default one) of the given length in one call. Per-step times
+come from a forward hook on the decoder (one call per decoder step in both implementations); the first call marks
+the end of encoder + prefill.
 
 The floor: bytes of decoder + LM-head weights read per decode step ÷ measured memory bandwidth (the best of a large
 ``sum``, a large matrix-vector product, and half a large copy's traffic, measured right before and right after our

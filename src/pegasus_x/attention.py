@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import native
 from .native.linear import Linear
+from .quantize import dequantize_rows
 
 BACKENDS = ("sdpa", "eager")
 DECODE_ROWS = 8      # up to this many query rows per input, decoder attention takes the decode-step kernels
@@ -199,7 +200,8 @@ class Packing:
     def blocks(self, stagger: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For a (non-)staggered layer, the M blocks holding real tokens, each cut to L = the most any holds:
         ``rows`` ``(M, L)`` the real tokens' indices (0 in the slots of a block with fewer), ``real`` ``(M, L)``
-        which slots hold one, ``owner`` ``(M,)`` each block's input, ``at`` ``(N,)`` each token's slot in the ``(M·L)`` layout."""
+        which slots hold one, ``owner`` ``(M,)`` each block's input, ``at`` ``(N,)`` each token's slot in the
+        ``(M·L)`` layout."""
         return self._blocks[stagger]
 
     def spread(self, rows: Tensor) -> Tensor:
@@ -264,7 +266,7 @@ class Attention(nn.Module):
                 # benchmarks/gpu.py measures both (greedy fp32, beam bf16 at 16K tokens; benchmarks/RESULTS.md).
                 backend = "eager"
             if k_scale is not None:         # int8 cached keys/values (quantize.py's kv_dtype)
-                k, v = (k.float() * k_scale[..., None]).to(q.dtype), (v.float() * v_scale[..., None]).to(q.dtype)
+                k, v = dequantize_rows(k, k_scale).to(q.dtype), dequantize_rows(v, v_scale).to(q.dtype)
             elif k.dtype != q.dtype:        # narrower cached keys/values (quantize.py's kv_dtype)
                 k, v = k.to(q.dtype), v.to(q.dtype)
             out = attend(q, k, v, keep, p_drop, backend)

@@ -58,6 +58,11 @@ def quantize_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / s[..., None]).clamp_(-QMAX, QMAX).to(torch.int8), s    # whole numbers: exact in int8
 
 
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    """The fp32 rows int8 ``q`` and its row scales stand for (:func:`quantize_rows` undone, up to rounding)."""
+    return q.float() * scale[..., None]
+
+
 def quantize_weight(weight: Tensor, arena: hugepages.Arena | None = None) -> tuple[Tensor, Tensor]:
     """``(Q int8 (out, in), scale fp32 (out,))``, ``Q · scale[:, None] ≈ weight``; an all-zero row gets scale 1.
 
@@ -90,7 +95,7 @@ class Int8Linear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The fp32 weight these int8 values and scales stand for, ``(out, in)``."""
-        return self.qweight.float() * self.scale[:, None]
+        return dequantize_rows(self.qweight, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(..., in)`` → ``(..., out)`` in ``x``'s dtype, computed in fp32."""

@@ -75,7 +75,8 @@ class ServeOptions:
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
         return cls(model=args.model, host=args.host, port=args.port,
                    dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
-                   kv_dtype=args.kv_dtype, device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                   kv_dtype=args.kv_dtype, device=args.device,
+                   api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                    max_input_tokens=args.max_input_tokens, max_input_bytes=args.max_input_bytes,
                    max_batch_size=args.max_batch_size, max_batch_rows=args.max_batch_rows,
                    max_batch_tokens=args.max_batch_tokens,

@@ -152,7 +152,8 @@ def attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, k_scale
 
 def row_scales_fit(t: Tensor, scale: Tensor) -> bool:
     """Whether ``scale`` holds the fp32 row scales of int8 keys or values ``t`` ``(B, H, S, d)`` as the kernels
-    read them: ``(B, H, S)`` on the CPU, laid out like ``t``'s rows (element (b, h, s) at (b·t_sb + h·t_sh) / d + s)."""
+    read them: ``(B, H, S)`` on the CPU, laid out like ``t``'s rows (element (b, h, s) at
+    (b·t_sb + h·t_sh) / d + s)."""
     D = t.shape[3]
     return (scale.dtype == torch.float32 and scale.device.type == "cpu" and scale.shape == t.shape[:3]
             and t.stride(0) % D == 0 and t.stride(1) % D == 0
