@@ -10,8 +10,9 @@
 pegasus-x-base shape, random weights, batch 1; a length written ``A,B,...`` is a right-padded batch of those
 lengths (ours encodes it as generation does, ``skip_padding=True``: the real tokens only). Every measurement runs
 in a fresh subprocess so that its peak RSS is its own. Printed: wall time, achieved GFLOP/s and its share of this
-machine's measured GEMM rate, peak RSS, and the ratios ours/reference. `--check-bf16` also prints the relative error of our bf16 encoder output against
-our fp32 output on the same weights (and the reference's bf16 against its fp32).
+machine's measured GEMM rate, peak RSS, and the ratios ours/reference. `--check-bf16` also prints the relative
+error of our bf16 encoder output against our fp32 output on the same weights (and the reference's bf16 against its
+fp32).
 """
 
 from __future__ import annotations
