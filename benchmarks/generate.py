@@ -157,6 +157,9 @@ def main() -> None:
         spec = json.loads(args.child)
         print(json.dumps(CHILDREN[spec["impl"]](spec)))
         return
+    # Checked before any child starts: a bad size would otherwise fail in every child, one row at a time.
+    if args.batch < 1 or args.new_tokens < 2 or min(args.lengths) < 1:
+        parser.error("--batch and --lengths must be at least 1, --new-tokens at least 2 (a step is timed between two)")
     folder = args.weights or Path(tempfile.gettempdir()) / "pegasus-x-base-random"
     common = dict(device=args.device, threads=args.threads, weights=str(folder))
     if not (folder / "model.safetensors").is_file():
