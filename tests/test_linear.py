@@ -115,13 +115,14 @@ def native_calls(monkeypatch):
     if loader.library() is None:
         pytest.skip("no C compiler here: the native kernels are not built; install cc or gcc to run it")
     calls = []
-    real = kernels.linear
+    for name in ("linear", "gemm"):
+        real = getattr(kernels, name)
 
-    def spy(*args, **kwargs):
-        calls.append(args[1].dtype)
-        return real(*args, **kwargs)
+        def spy(*args, _name=name, _real=real, **kwargs):
+            calls.append((_name, args[1].dtype))
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "linear", spy)
+        monkeypatch.setattr(kernels, name, spy)
     return calls
 
 
@@ -131,8 +132,10 @@ def test_native_route_taken_for_few_rows(native_calls, bmm_calls, dtype, rows):
     w, x = torch.randn(300, 64, dtype=dtype), torch.randn(rows, 64, dtype=dtype)
     with torch.no_grad():
         got = lin.linear(x, w)
-    # Past MAX_ROWS and up to MAX_DRAFT_ROWS: px_linear_rows (lookahead's passes); beyond, torch's GEMM.
-    assert native_calls == ([dtype] if rows <= kernels.MAX_DRAFT_ROWS else [])
+    # Past MAX_ROWS and up to MAX_DRAFT_ROWS: px_linear_rows (lookahead's passes); beyond, px_gemm where the CPU
+    # prefers it (fp32), else torch's GEMM.
+    many = "gemm" if dtype == torch.float32 and kernels.gemm_preferred() else None
+    assert native_calls == ([("linear", dtype)] if rows <= kernels.MAX_DRAFT_ROWS else [(many, dtype)] if many else [])
     assert not bmm_calls
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, F.linear(x, w), rtol=tol, atol=tol)

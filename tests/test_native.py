@@ -103,6 +103,40 @@ def test_many_rows_linear_equals_f_linear(lib, monkeypatch, dtype, rows, shape):
     assert len(calls) == 2                                        # both products took the kernel
 
 
+@pytest.mark.parametrize("rows", [73, 79, 203])
+@pytest.mark.parametrize("shape", [(384, 256), (385, 200), (7, 33), (40, 800), (4113, 24)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemm_equals_f_linear(lib, rows, shape, threads):
+    """px_gemm over every edge: rows not a multiple of the 6-row tile and past its 96-row block, outputs not a
+    multiple of 16 and past the 4,096 packed at once, inputs past the 384-input panel, threads splitting outputs or
+    (7 outputs on 3 threads) rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(rows * shape[0] + threads)
+        w = torch.randn(*shape, generator=g)
+        b = torch.randn(shape[0], generator=g)
+        x = torch.randn(rows, 1, shape[1], generator=g) / shape[1] ** 0.5
+        assert kernels.gemm_fits(x, w, b)
+        for bias in (None, b):
+            got = kernels.gemm(x, w, bias)
+            assert got.shape == (rows, 1, shape[0]) and got.is_contiguous()
+            torch.testing.assert_close(got, F.linear(x, w, bias), **tolerance(torch.float32))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_gemm_takes_many_fp32_rows_only(lib):
+    w, b = torch.randn(300, 64), torch.randn(300)
+    x = torch.randn(kernels.MAX_DRAFT_ROWS + 1, 64)
+    assert kernels.gemm_fits(x, w, b) and kernels.gemm_fits(x, w, None)
+    assert not kernels.gemm_fits(x[:-1], w, b)                                   # the row kernels' range
+    assert not kernels.gemm_fits(x.bfloat16(), w.bfloat16(), None)
+    assert not kernels.gemm_fits(x, w, b.bfloat16())
+    assert not kernels.gemm_fits(x, w.t().contiguous().t(), None)                # column-major weight
+    assert not kernels.gemm_fits(x, w.to("meta"), None)
+
+
 # ------------------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("G", [1, 2, 4, 5, 8, 11])

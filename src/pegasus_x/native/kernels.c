@@ -7,6 +7,8 @@
  * without one, the library uses torch kernels instead. kernels.py calls them; px_constants() below tells it this
  * file's struct layout, limits and enum values, which it checks against its own at load.
  *
+ * Past the decode step, one compute-bound kernel: px_gemm, the many-row fp32 products of the encoder (section GEMM).
+ *
  * Portable C with GCC/Clang vector extensions: the compiler maps v8f to the target's SIMD registers
  * (-march=native: AVX2 on x86, NEON pairs on ARM). Accumulation is fp32; bf16 tensors are widened on load, int8
  * weights (one fp32 scale per output row) are widened to fp32 in registers and scaled once per output.
@@ -30,7 +32,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
 #define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
 #define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
-#define ABI_VERSION 5         /* raise with any change to a px_ function's arguments */
+#define ABI_VERSION 6         /* raise with any change to a px_ function's arguments */
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -1226,6 +1228,146 @@ int px_topk(const float *x, int64_t rows, int64_t n, int k, float *values, int64
         }
     }
     return bad;
+}
+
+/* ------------------------------------------------------------------------------------------------ GEMM
+ * Products of many rows (the encoder's linears, a prefill's cross keys/values): y = x Wᵀ + bias in fp32. Unlike a
+ * decode step these are bound by multiply-adds, not memory, so the layout is a register tile: GEMM_MR rows of x ×
+ * GEMM_NR outputs in 12 accumulators, fed per input element by two loads of packed weights and GEMM_MR broadcasts
+ * of x (the broadcast form needs the weight transposed: each thread packs its outputs' weights, GEMM_KC inputs ×
+ * GEMM_NR outputs per panel, k-major, as it goes). A panel stays in L1 while GEMM_MC rows meet it, those rows' KC
+ * inputs in L2; x is read in place. Each output sums its inputs in order, block by block. */
+#define GEMM_MR 6
+#define GEMM_NR 16
+#define GEMM_KC 384
+#define GEMM_MC 96
+#define GEMM_NC 4096          /* outputs packed at once: bounds each thread's panel buffer */
+#define GEMM_MIN_GROUPS 4     /* NR-output groups per thread below which threads also split the rows */
+
+#define BROADCAST(s) ((v8f){s, s, s, s, s, s, s, s})
+
+/* y[r][0..nr) (+)= Σ_k a[r][k] · panel[k][0..nr) for r < mr; first: y = that + bias instead. */
+static inline void gemm_tile(int64_t kc, const float *const a[GEMM_MR], const float *panel, float *y, int64_t ldy,
+                             int mr, int nr, int first, const float *bias) {
+    v8f acc[GEMM_MR][2];
+    for (int r = 0; r < GEMM_MR; r++) acc[r][0] = acc[r][1] = (v8f){0};
+    for (int64_t k = 0; k < kc; k++, panel += GEMM_NR) {
+        v8f w0 = load_f32(panel), w1 = load_f32(panel + 8);
+        for (int r = 0; r < GEMM_MR; r++) {
+            v8f xr = BROADCAST(a[r][k]);
+            acc[r][0] += xr * w0;
+            acc[r][1] += xr * w1;
+        }
+    }
+    if (mr == GEMM_MR && nr == GEMM_NR) {
+        v8f b0 = {0}, b1 = {0};
+        if (first && bias) b0 = load_f32(bias), b1 = load_f32(bias + 8);
+        for (int r = 0; r < GEMM_MR; r++) {
+            v8f *out = (v8f *)(y + r * ldy);
+            if (first) out[0] = acc[r][0] + b0, out[1] = acc[r][1] + b1;
+            else out[0] += acc[r][0], out[1] += acc[r][1];
+        }
+        return;
+    }
+    for (int r = 0; r < mr; r++) {                        /* an edge tile: the rows and outputs that exist */
+        float sums[GEMM_NR];
+        memcpy(sums, acc[r], sizeof sums);
+        for (int j = 0; j < nr; j++)
+            y[r * ldy + j] = first ? sums[j] + (bias ? bias[j] : 0.0f) : y[r * ldy + j] + sums[j];
+    }
+}
+
+/* How n threads split the work: tn over the output groups times tm over the rows (the fewest row splits that
+ * leave each thread GEMM_MIN_GROUPS groups; a thread past tn·tm idles). */
+static void gemm_split(int64_t groups, int n, int *tn, int *tm) {
+    for (*tm = 1; *tm < n; (*tm)++)
+        if (n % *tm == 0 && groups >= (int64_t)GEMM_MIN_GROUPS * (n / *tm)) break;
+    *tn = n / *tm;
+}
+
+/* Thread t's panel buffer, in floats. */
+static int64_t gemm_panel_floats(int64_t out, int n) {
+    int tn, tm;
+    int64_t groups = (out + GEMM_NR - 1) / GEMM_NR;
+    gemm_split(groups, n, &tn, &tm);
+    int64_t per = (groups + tn - 1) / tn * GEMM_NR;
+    return GEMM_KC * (per < GEMM_NC ? per : GEMM_NC);
+}
+
+/* Floats of work px_gemm needs: every thread's panel buffer, for however many of the threads OpenMP grants. */
+int64_t px_gemm_work(int64_t out, int threads) {
+    int64_t most = 0;
+    for (int n = 1; n <= threads; n++)
+        if (n * gemm_panel_floats(out, n) > most) most = n * gemm_panel_floats(out, n);
+    return most;
+}
+
+/* Pack W's outputs [o0, o1) × inputs [k0, k0 + kc) as panels of GEMM_NR outputs, k-major (zero past `out`). */
+static void gemm_pack(const float *W, int64_t out, int64_t in, int64_t o0, int64_t o1, int64_t k0, int64_t kc,
+                      float *panels) {
+    for (int64_t g = o0; g < o1; g += GEMM_NR, panels += kc * GEMM_NR)
+        for (int j = 0; j < GEMM_NR; j++) {
+            const float *src = W + (g + j) * in + k0;
+            if (g + j < out)
+                for (int64_t k = 0; k < kc; k++) panels[k * GEMM_NR + j] = src[k];
+            else
+                for (int64_t k = 0; k < kc; k++) panels[k * GEMM_NR + j] = 0.0f;
+        }
+}
+
+static void gemm_part(const float *x, int64_t rows, int64_t in, const float *W, int64_t out, const float *bias,
+                      float *y, float *panels, int t, int n) {
+    static const float zeros[GEMM_KC];                    /* the rows a short tile lacks read zeros */
+    int tn, tm;
+    int64_t groups = (out + GEMM_NR - 1) / GEMM_NR;
+    gemm_split(groups, n, &tn, &tm);
+    if (t >= tn * tm) return;
+    int64_t g0 = groups * (t % tn) / tn, g1 = groups * (t % tn + 1) / tn;
+    int64_t tiles = (rows + GEMM_MR - 1) / GEMM_MR;
+    int64_t r0 = tiles * (t / tn) / tm * GEMM_MR, r1 = tiles * (t / tn + 1) / tm * GEMM_MR;
+    if (r1 > rows) r1 = rows;
+    for (int64_t c0 = g0 * GEMM_NR; c0 < g1 * GEMM_NR; c0 += GEMM_NC) {
+        int64_t c1 = c0 + GEMM_NC < g1 * GEMM_NR ? c0 + GEMM_NC : g1 * GEMM_NR;
+        for (int64_t k0 = 0; k0 < in; k0 += GEMM_KC) {
+            int64_t kc = in - k0 < GEMM_KC ? in - k0 : GEMM_KC;
+            gemm_pack(W, out, in, c0, c1, k0, kc, panels);
+            for (int64_t m0 = r0; m0 < r1; m0 += GEMM_MC) {
+                int64_t m1 = m0 + GEMM_MC < r1 ? m0 + GEMM_MC : r1;
+                for (int64_t o = c0; o < c1; o += GEMM_NR) {
+                    const float *panel = panels + (o - c0) * kc;
+                    int nr = out - o < GEMM_NR ? (int)(out - o) : GEMM_NR;
+                    for (int64_t m = m0; m < m1; m += GEMM_MR) {
+                        int mr = m1 - m < GEMM_MR ? (int)(m1 - m) : GEMM_MR;
+                        const float *a[GEMM_MR];
+                        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? x + (m + r) * in + k0 : zeros;
+                        gemm_tile(kc, a, panel, y + m * out + o, out, mr, nr, k0 == 0, bias ? bias + o : NULL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* 1 where px_gemm is the GEMM to use: its tile fills the 16 vector registers of AVX2 with FMA; with AVX-512 (wider
+ * registers) or another architecture torch's GEMM is the one measured (benchmarks/encoder.py). */
+int px_gemm_preferred(void) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y (rows, out) = x (rows, in) Wᵀ (W: out × in, row-major) + bias (or none), all fp32; work: px_gemm_work floats. */
+int px_gemm(const float *x, int64_t rows, int64_t in, const float *W, int64_t out, const float *bias, float *y,
+            float *work, int threads) {
+    if (rows < 1 || in < 1 || out < 1 || threads < 1) return 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        gemm_part(x, rows, in, W, out, bias, y, work + t * gemm_panel_floats(out, n), t, n);
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ ABI

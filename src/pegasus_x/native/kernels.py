@@ -79,6 +79,39 @@ def many_rows_fit(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and (bias is None or bias.shape == (weight.shape[0],)))
 
 
+def gemm_preferred() -> bool:
+    """Whether ``px_gemm`` beats torch's GEMM on this CPU (the library's build target: AVX2 + FMA, no AVX-512)."""
+    lib = loader.library()
+    return lib is not None and bool(lib.px_gemm_preferred())
+
+
+def gemm_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`gemm` takes these tensors: CPU, fp32 (weight and bias too), a contiguous weight, more than
+    ``MAX_DRAFT_ROWS`` rows (below, the products are bound by memory and the row kernels above stream better)."""
+    in_features = weight.shape[1]
+    rows = x.numel() // in_features if in_features else 0
+    return (rows > MAX_DRAFT_ROWS and x.shape[-1] == in_features and on_cpu(x, weight, bias)
+            and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+            and (bias is None or (bias.shape == (weight.shape[0],) and bias.dtype == torch.float32)))
+
+
+def gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for tensors :func:`gemm_fits` takes, ``x`` ``(..., in)``: ``px_gemm``, register
+    tiles of rows × outputs over weights packed as it goes, on torch's threads."""
+    lib = loader.library()
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    xf = x.reshape(rows, in_features).contiguous()
+    bf = None if bias is None else bias.contiguous()
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    work = _floats(lib.px_gemm_work(out_features, threads))
+    if lib.px_gemm(xf.data_ptr(), rows, in_features, weight.data_ptr(), out_features,
+                   None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), threads):
+        raise RuntimeError("px_gemm refused its arguments; gemm_fits should have caught this")
+    return y.view(*x.shape[:-1], out_features)
+
+
 def linear_int8_fits(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`linear_int8` takes these tensors: CPU, int8 contiguous ``(out, in)`` weight, fp32 ``(out,)``
     scales, fp32 or bf16 ``x`` (and bias), 1 to ``MAX_DRAFT_ROWS`` rows."""

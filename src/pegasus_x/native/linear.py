@@ -14,9 +14,11 @@ logs the results.
 
 In a decode step the native route runs whole decoder layers at once (``kernels.decoder_step``); this module's
 route serves the LM head and any layer the fused kernel does not take. The native kernels take up to
-``MAX_DRAFT_ROWS`` rows (lookahead's passes), streaming the weight once for all of them; beyond that the product is
-compute-bound and ``F.linear`` is the right kernel again. With the fast paths switched off (``loader.enabled``)
-every product is ``F.linear``.
+``MAX_DRAFT_ROWS`` rows (lookahead's passes), streaming the weight once for all of them. Beyond that the product is
+compute-bound (the encoder's linears, a prefill's cross keys/values): fp32 takes ``px_gemm`` where the library's
+build target prefers it (AVX2 + FMA without AVX-512, :func:`.kernels.gemm_preferred`; ``benchmarks/encoder.py``
+measures it), else ``F.linear``. With the fast paths switched off (``loader.enabled``) every product is
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ MIN_SLAB_OUTPUTS = 64   # output features per thread below which one slab per th
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Module | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``; few-row products on the CPU without autograd stream the weight faster.
 
-    Route, in order: the native kernels (fp32 or bf16, when a C compiler is there), the slab route (fp32), torch.
+    Route, in order: the native kernels (fp32 or bf16 up to ``MAX_DRAFT_ROWS`` rows, fp32 ``px_gemm`` beyond, when
+    a C compiler is there), the slab route (fp32), torch.
     The result equals ``F.linear``'s up to the order of floating-point summation. ``module``: whose fast-path
     switch applies (:func:`loader.enabled`).
     """
@@ -43,6 +46,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, module: nn.Mod
     fits = kernels.linear_fits(x, weight, bias) or kernels.many_rows_fit(x, weight, bias)
     if fits and loader.library() is not None:
         return kernels.linear(x, weight, bias)
+    if kernels.gemm_fits(x, weight, bias) and kernels.gemm_preferred():
+        return kernels.gemm(x, weight, bias)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     parts = torch.get_num_threads()
