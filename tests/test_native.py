@@ -137,6 +137,42 @@ def test_gemm_takes_many_fp32_rows_only(lib):
     assert not kernels.gemm_fits(x, w.to("meta"), None)
 
 
+@pytest.mark.parametrize("G, K, H, hd", [(3, 4, 2, 8), (16, 10, 3, 20), (0, 14, 1, 64), (128, 64, 2, 48)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_block_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, threads):
+    """The encoder's token attention (every block over [globals ‖ its keys], padded keys masked) against the torch
+    path of GlobalLocalAttention: tiles short of 6 queries or 16 keys, head dims short of 16, no globals, an input
+    whose last block is all padding, staggered blocks."""
+    if not kernels.gemm_preferred():
+        pytest.skip("px_block_attention runs only where px_gemm is preferred (AVX2 + FMA without AVX-512)")
+    from pegasus_x.attention import GlobalLocalAttention
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(G * 100 + K + threads)
+        B, P, D = 2, 3 * K, H * hd
+        layer = GlobalLocalAttention(D, H, K).eval()
+        x, glob = torch.randn(B, P, D, generator=g), torch.randn(B, G, D, generator=g)
+        keep = torch.ones(B, P, dtype=torch.bool)
+        keep[1, P - K - 1:] = False
+        calls = []
+        real = native.block_attention
+        monkeypatch.setattr(native, "block_attention", lambda *a: calls.append(1) or real(*a))
+        for stagger in (False, True):
+            with torch.no_grad():
+                got = layer(x, glob, keep, stagger)
+                native.set_enabled(layer, False)
+                expected = layer(x, glob, keep, stagger)
+                native.set_enabled(layer, True)
+            # Queries at padding: nothing reads them (without globals, an all-padding block's have no key to see).
+            torch.testing.assert_close(got[0][keep], expected[0][keep], **tolerance(torch.float32))
+            torch.testing.assert_close(got[1], expected[1], **tolerance(torch.float32))
+        assert len(calls) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("G", [1, 2, 4, 5, 8, 11])

@@ -4,7 +4,9 @@ Both layers reduce to one kernel, :func:`attend`, over tensors shaped ``(batch, 
 The kernel has two back-ends behind one switch (``module.backend``): ``"sdpa"`` (the default,
 ``torch.nn.functional.scaled_dot_product_attention``: flash / memory-efficient kernels, never materialises the
 score matrix of a whole sequence) and ``"eager"`` (explicit matmul + fp32 softmax, the readable reference the
-tests compare against). The block bookkeeping around the kernel is shared by both.
+tests compare against). The block bookkeeping around the kernel is shared by both. At inference on a CPU the native
+kernels (:mod:`pegasus_x.native`, under its one switch) take the decode steps' few-query attention and the encoder
+blocks' token queries; ``tests/test_native.py`` holds them equal to these torch paths.
 """
 
 from __future__ import annotations
@@ -111,6 +113,13 @@ class GlobalLocalAttention(nn.Module):
                        self.backend)                                                      # (B, H, G, hd)
 
         # Token queries: each block sees the G global keys followed by its own K keys.
+        if (self.backend == "sdpa" and p_drop == 0.0 and not torch.is_grad_enabled() and native.available(self)
+                and native.block_attention_fits(q.view(B, L, D), k.view(B, L, D), v.view(B, L, D), keep, G, K, H)):
+            # On the CPU the native kernel reads the blocks in place (no gathered copies) and keeps each block's
+            # keys and values in L2 while its queries meet them.
+            x_out = native.block_attention(q.view(B, L, D), k.view(B, L, D), v.view(B, L, D), keep, G, K, H)
+            return x_out, g_out.transpose(1, 2).reshape(B, G, D)
+
         def blocks(t: Tensor) -> Tensor:                                      # (B, P, H, hd) -> (B, N, H, K, hd)
             return t.view(B, N, K, H, hd).permute(0, 1, 3, 2, 4)
 

@@ -7,12 +7,14 @@
  * without one, the library uses torch kernels instead. kernels.py calls them; px_constants() below tells it this
  * file's struct layout, limits and enum values, which it checks against its own at load.
  *
- * Past the decode step, one compute-bound kernel: px_gemm, the many-row fp32 products of the encoder (section GEMM).
+ * Past the decode step, the encoder's compute-bound work in fp32: px_gemm (its linears) and px_block_attention (its
+ * token queries), both on one register tile (section GEMM).
  *
  * Portable C with GCC/Clang vector extensions: the compiler maps v8f to the target's SIMD registers
  * (-march=native: AVX2 on x86, NEON pairs on ARM). Accumulation is fp32; bf16 tensors are widened on load, int8
  * weights (one fp32 scale per output row) are widened to fp32 in registers and scaled once per output.
  */
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -1366,6 +1368,91 @@ int px_gemm(const float *x, int64_t rows, int64_t in, const float *W, int64_t ou
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         gemm_part(x, rows, in, W, out, bias, y, work + t * gemm_panel_floats(out, n), t, n);
+    }
+    return 0;
+}
+
+/* The encoder's block-local attention on the same tiles: the queries of each block of each head attend, in one
+ * softmax, to the G global keys then the block's K keys (keep: 0 at padding). q, k, v are the projections of
+ * [globals ‖ tokens], (B, G + P, D) row-major; out (B, P, D). Per (input, block, head) task a thread packs the keys
+ * transposed (panels of GEMM_NR keys, d-major) and the values (panels of GEMM_NR head dims, key-major), then per
+ * GEMM_MR queries computes the scores, their softmax and the weighted values: all a task touches stays in L2.
+ * A masked key scores the most negative float, as the torch reference fills it. */
+static int64_t block_attention_floats(int64_t G, int64_t K, int64_t hd) {
+    int64_t keys = (G + K + GEMM_NR - 1) / GEMM_NR * GEMM_NR, dims = (hd + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    return keys * hd + (G + K) * dims + (GEMM_MR + 1) * keys;
+}
+
+int64_t px_block_attention_work(int64_t G, int64_t K, int64_t hd, int threads) {
+    return threads * block_attention_floats(G, K, hd);
+}
+
+/* One task. gk/gv: the G global keys/values, bk/bv/bq: the block's K keys/values/queries (rows D apart, at the
+ * head's first dim), keep: the block's K flags, o: the block's K output rows. */
+static void block_task(const float *gk, const float *gv, const float *bk, const float *bv, const float *bq,
+                       const uint8_t *keep, int64_t G, int64_t K, int64_t D, int64_t hd, float *o, float *work) {
+    static const float zeros[GEMM_KC];                    /* the rows a short tile lacks */
+    const int64_t S = G + K, keys = (S + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    const int64_t dims = (hd + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    float *kp = work, *vp = kp + keys * hd, *bias = vp + S * dims, *scores = bias + keys;
+    for (int64_t j = 0; j < keys; j++) bias[j] = j < G || (j < S && keep[j - G]) ? 0.0f : -FLT_MAX;
+    for (int64_t j0 = 0; j0 < keys; j0 += GEMM_NR)
+        for (int j = 0; j < GEMM_NR; j++) {
+            int64_t key = j0 + j;
+            const float *row = key < G ? gk + key * D : key < S ? bk + (key - G) * D : NULL;
+            for (int64_t d = 0; d < hd; d++) kp[j0 * hd + d * GEMM_NR + j] = row ? row[d] : 0.0f;
+        }
+    for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR)
+        for (int64_t key = 0; key < S; key++) {
+            const float *row = key < G ? gv + key * D : bv + (key - G) * D;
+            for (int j = 0; j < GEMM_NR; j++) vp[d0 * S + key * GEMM_NR + j] = d0 + j < hd ? row[d0 + j] : 0.0f;
+        }
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t m = 0; m < K; m += GEMM_MR) {
+        int mr = K - m < GEMM_MR ? (int)(K - m) : GEMM_MR;
+        const float *a[GEMM_MR];
+        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? bq + (m + r) * D : zeros;
+        for (int64_t j0 = 0; j0 < keys; j0 += GEMM_NR)
+            gemm_tile(hd, a, kp + j0 * hd, scores + j0, keys, mr, GEMM_NR, 1, NULL);
+        float inv[GEMM_MR];
+        for (int r = 0; r < mr; r++) {                    /* unnormalised softmax; 1/sum scales the output rows */
+            float *row = scores + r * keys;
+            for (int64_t j = 0; j < keys; j += 8) {
+                v8f x = load_f32(row + j) * scale + load_f32(bias + j);
+                memcpy(row + j, &x, sizeof x);
+            }
+            inv[r] = 1.0f / exp_sum(row, S, max_of(row, S, NULL), row);
+            a[r] = row;
+        }
+        for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR) {
+            int nr = hd - d0 < GEMM_NR ? (int)(hd - d0) : GEMM_NR;
+            for (int64_t k0 = 0; k0 < S; k0 += GEMM_KC) {
+                int64_t kc = S - k0 < GEMM_KC ? S - k0 : GEMM_KC;
+                const float *p[GEMM_MR];
+                for (int r = 0; r < GEMM_MR; r++) p[r] = r < mr ? a[r] + k0 : zeros;
+                gemm_tile(kc, p, vp + d0 * S + k0 * GEMM_NR, o + m * D + d0, D, mr, nr, k0 == 0, NULL);
+            }
+        }
+        for (int r = 0; r < mr; r++)
+            for (int64_t d = 0; d < hd; d++) o[(m + r) * D + d] *= inv[r];
+    }
+}
+
+/* out (B, P, D) = every block's attention (above) for q, k, v (B, G + P, D), keep (B, P); P a multiple of K. */
+int px_block_attention(const float *q, const float *k, const float *v, const uint8_t *keep, int64_t B, int64_t G,
+                       int64_t P, int64_t K, int64_t H, int64_t hd, float *out, float *work, int threads) {
+    if (B < 1 || G < 0 || K < 1 || P % K || H < 1 || hd < 1 || hd > MAX_HEAD_DIM) return 1;
+    const int64_t N = P / K, D = H * hd, L = G + P, tasks = B * N * H;
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = work + omp_get_thread_num() * block_attention_floats(G, K, hd);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t b = t / (N * H), n = t / H % N, h = t % H;
+            const int64_t base = b * L * D + h * hd, block = base + (G + n * K) * D;
+            block_task(k + base, v + base, k + block, v + block, q + block, keep + b * P + n * K, G, K, D, hd,
+                       out + (b * P + n * K) * D + h * hd, mine);
+        }
     }
     return 0;
 }

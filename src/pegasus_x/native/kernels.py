@@ -112,6 +112,35 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(*x.shape[:-1], out_features)
 
 
+def block_attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, G: int, K: int, H: int) -> bool:
+    """Whether :func:`block_attention` takes these: CPU, fp32, contiguous q/k/v ``(B, G + P, D)``, keep ``(B, P)``
+    bool, P a multiple of K, ``D / H`` at most ``MAX_HEAD_DIM``, and where ``px_gemm`` is preferred (its tiles)."""
+    if q.dim() != 3 or keep.dim() != 2:
+        return False
+    B, L, D = q.shape
+    P = L - G
+    return (P > 0 and K > 0 and P % K == 0 and D % H == 0 and 0 < D // H <= MAX_HEAD_DIM
+            and k.shape == v.shape == q.shape and keep.shape == (B, P) and keep.dtype == torch.bool
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in (q, k, v)) and on_cpu(q, k, v, keep)
+            and gemm_preferred())
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, G: int, K: int, H: int) -> Tensor:
+    """The encoder's token attention for tensors :func:`block_attention_fits` takes: the queries of each block of K
+    tokens attend to the G globals then the block's keys (``keep`` False: a padded key) → ``(B, P, D)``."""
+    lib = loader.library()
+    B, L, D = q.shape
+    P, hd = L - G, D // H
+    flags = keep.to(torch.uint8).contiguous()
+    out = torch.empty(B, P, D, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    work = _floats(lib.px_block_attention_work(G, K, hd, threads))
+    if lib.px_block_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), flags.data_ptr(), B, G, P, K, H, hd,
+                              out.data_ptr(), work.data_ptr(), threads):
+        raise RuntimeError("px_block_attention refused its arguments; block_attention_fits should have caught this")
+    return out
+
+
 def linear_int8_fits(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`linear_int8` takes these tensors: CPU, int8 contiguous ``(out, in)`` weight, fp32 ``(out,)``
     scales, fp32 or bf16 ``x`` (and bias), 1 to ``MAX_DRAFT_ROWS`` rows."""
