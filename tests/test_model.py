@@ -205,6 +205,7 @@ def test_skip_padding_computes_real_tokens_only_and_equals_the_reference_there(t
         torch.testing.assert_close(fast.last_hidden_state, reference.masked_fill(~keep, 0), atol=1e-5, rtol=1e-5)
         assert not fast.last_hidden_state.masked_fill(keep, 0).any() and not slow.masked_fill(keep, 0).any()
         assert slow.equal(slow_reference.masked_fill(~keep, 0))  # the reference path, padding zeroed
+        torch.testing.assert_close(fast.last_hidden_state, slow, atol=1e-5, rtol=1e-5)   # native kernels = torch
     # With autograd (training) the layers run whole: the packed path is for inference.
     ids, mask, _ = random_batch([20, 3], ours.config.vocab_size, seed=1)
     packed_calls.clear()
@@ -312,14 +313,22 @@ def test_fp16_is_refused_with_a_clear_message():
 
 @pytest.mark.slow
 def test_torch_compile_encoder_matches_eager():
+    """The compiled encoder runs the torch path (its graphs cannot call the native kernels), and tracing it first
+    in a process does not leave the kernels unloaded for the eager calls after."""
+    from pegasus_x.native import loader
+
     torch.manual_seed(0)
     model = PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).eval()
     encoder = model.get_encoder()
     compiled = torch.compile(encoder.states, dynamic=False)
     ids, mask, _ = random_batch([21, 15], 96, seed=2)
+    loader.library.cache_clear()
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, mask.bool()), encoder.states(ids, mask.bool()),
                                    atol=1e-5, rtol=1e-5)
+    after = loader.library() is not None
+    loader.library.cache_clear()
+    assert (loader.library() is not None) == after
 
 
 @pytest.mark.slow

@@ -141,11 +141,11 @@ def test_gemm_takes_many_fp32_rows_only(lib):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_block_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, threads):
     """The encoder's token attention (every block over [globals ‖ its keys], padded keys masked) against the torch
-    path of GlobalLocalAttention: tiles short of 6 queries or 16 keys, head dims short of 16, no globals, an input
-    whose last block is all padding, staggered blocks."""
+    path of GlobalLocalAttention, padded and packed layouts: tiles short of 6 queries or 16 keys, head dims short of
+    16, no globals, an input whose last block is all padding, staggered blocks."""
     if not kernels.gemm_preferred():
         pytest.skip("px_block_attention runs only where px_gemm is preferred (AVX2 + FMA without AVX-512)")
-    from pegasus_x.attention import GlobalLocalAttention
+    from pegasus_x.attention import GlobalLocalAttention, Packing
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -168,7 +168,16 @@ def test_block_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, t
             # Queries at padding: nothing reads them (without globals, an all-padding block's have no key to see).
             torch.testing.assert_close(got[0][keep], expected[0][keep], **tolerance(torch.float32))
             torch.testing.assert_close(got[1], expected[1], **tolerance(torch.float32))
-        assert len(calls) == 2
+            # The packed layout (a batch's real tokens only, blocks gathered by index).
+            packing = Packing(keep, G, K)
+            h = torch.cat([glob.reshape(B * G, D), x[keep]])
+            with torch.no_grad():
+                got = layer.forward_packed(h, packing, stagger)
+                native.set_enabled(layer, False)
+                expected = layer.forward_packed(h, packing, stagger)
+                native.set_enabled(layer, True)
+            torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+        assert len(calls) == 4
     finally:
         torch.set_num_threads(before)
 

@@ -113,12 +113,13 @@ class GlobalLocalAttention(nn.Module):
                        self.backend)                                                      # (B, H, G, hd)
 
         # Token queries: each block sees the G global keys followed by its own K keys.
-        if (self.backend == "sdpa" and p_drop == 0.0 and not torch.is_grad_enabled() and native.available(self)
-                and native.block_attention_fits(q.view(B, L, D), k.view(B, L, D), v.view(B, L, D), keep, G, K, H)):
-            # On the CPU the native kernel reads the blocks in place (no gathered copies) and keeps each block's
-            # keys and values in L2 while its queries meet them.
-            x_out = native.block_attention(q.view(B, L, D), k.view(B, L, D), v.view(B, L, D), keep, G, K, H)
-            return x_out, g_out.transpose(1, 2).reshape(B, G, D)
+        if self._native_blocks(q, k, v, p_drop):
+            # Rows of the flattened (B·L, D) projections: block n of input b holds rows b·L + G + n·K + [0, K).
+            at = (torch.arange(B)[:, None] * L + G + torch.arange(P)).view(B * N, K)
+            x_out = native.block_attention(q.reshape(B * L, D), k.reshape(B * L, D), v.reshape(B * L, D), H, G,
+                                           torch.arange(B).repeat_interleave(N) * L, at, keep.reshape(B * N, K),
+                                           torch.arange(B * P).view(B * N, K), B * P)
+            return x_out.view(B, P, D), g_out.transpose(1, 2).reshape(B, G, D)
 
         def blocks(t: Tensor) -> Tensor:                                      # (B, P, H, hd) -> (B, N, H, K, hd)
             return t.view(B, N, K, H, hd).permute(0, 1, 3, 2, 4)
@@ -159,10 +160,23 @@ class GlobalLocalAttention(nn.Module):
         def with_globals(t: Tensor) -> Tensor:                                # (M, H, G + L, hd)
             return heads(torch.cat([t[:BG].view(B, G, D)[owner], gathered(t)], dim=1))
 
-        keep_blk = torch.cat([real.new_ones(M, G), real], dim=1)[:, None, None, :]
-        x_out = attend(heads(gathered(q)), with_globals(k), with_globals(v), keep_blk, 0.0, self.backend)
-        x_out = x_out.transpose(1, 2).reshape(M * L, D).index_select(0, at)               # (N, D)
+        if self._native_blocks(q, k, v, 0.0):
+            x_out = native.block_attention(q, k, v, H, G, owner * G, rows + BG, real, rows.masked_fill(~real, -1),
+                                           h.shape[0] - BG)
+        else:
+            keep_blk = torch.cat([real.new_ones(M, G), real], dim=1)[:, None, None, :]
+            x_out = attend(heads(gathered(q)), with_globals(k), with_globals(v), keep_blk, 0.0, self.backend)
+            x_out = x_out.transpose(1, 2).reshape(M * L, D).index_select(0, at)           # (N, D)
         return self.out_proj(torch.cat([g_out.transpose(1, 2).reshape(BG, D), x_out]))
+
+    def _native_blocks(self, q: Tensor, k: Tensor, v: Tensor, p_drop: float) -> bool:
+        """Whether the token queries take the native block kernel: at inference on a CPU it reads each block's
+        rows in place (no gathered copies) and keeps the block's keys and values in L2 while its queries meet
+        them. q, k, v: the projections, any shape of D = heads · head_dim floats per row."""
+        D = self.num_heads * self.head_dim
+        return (self.backend == "sdpa" and p_drop == 0.0 and not torch.is_grad_enabled() and native.available(self)
+                and native.block_attention_fits(q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D),
+                                                self.num_heads))
 
 
 class Packing:

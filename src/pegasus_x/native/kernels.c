@@ -1373,45 +1373,49 @@ int px_gemm(const float *x, int64_t rows, int64_t in, const float *W, int64_t ou
 }
 
 /* The encoder's block-local attention on the same tiles: the queries of each block of each head attend, in one
- * softmax, to the G global keys then the block's K keys (keep: 0 at padding). q, k, v are the projections of
- * [globals ‖ tokens], (B, G + P, D) row-major; out (B, P, D). Per (input, block, head) task a thread packs the keys
+ * softmax, to the G global keys of the block's input then the block's L keys. q, k, v are rows of D floats (the
+ * projections), addressed by row index: each block's globals are G rows from globals[m], its L slots rows rows[m][·]
+ * (the padded layout's positions, or the real tokens of a packed batch), whose keys count where keep[m][·]; a slot's
+ * output goes to row out_rows[m][·] of out (none where -1). Per (block, head) task a thread packs the keys
  * transposed (panels of GEMM_NR keys, d-major) and the values (panels of GEMM_NR head dims, key-major), then per
  * GEMM_MR queries computes the scores, their softmax and the weighted values: all a task touches stays in L2.
  * A masked key scores the most negative float, as the torch reference fills it. */
-static int64_t block_attention_floats(int64_t G, int64_t K, int64_t hd) {
-    int64_t keys = (G + K + GEMM_NR - 1) / GEMM_NR * GEMM_NR, dims = (hd + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
-    return keys * hd + (G + K) * dims + (GEMM_MR + 1) * keys;
+static int64_t block_attention_floats(int64_t G, int64_t L, int64_t hd) {
+    int64_t keys = (G + L + GEMM_NR - 1) / GEMM_NR * GEMM_NR, dims = (hd + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    return keys * hd + (G + L) * dims + (GEMM_MR + 1) * keys + GEMM_MR * dims;
 }
 
-int64_t px_block_attention_work(int64_t G, int64_t K, int64_t hd, int threads) {
-    return threads * block_attention_floats(G, K, hd);
+int64_t px_block_attention_work(int64_t G, int64_t L, int64_t hd, int threads) {
+    return threads * block_attention_floats(G, L, hd);
 }
 
-/* One task. gk/gv: the G global keys/values, bk/bv/bq: the block's K keys/values/queries (rows D apart, at the
- * head's first dim), keep: the block's K flags, o: the block's K output rows. */
-static void block_task(const float *gk, const float *gv, const float *bk, const float *bv, const float *bq,
-                       const uint8_t *keep, int64_t G, int64_t K, int64_t D, int64_t hd, float *o, float *work) {
+/* One task: q, k, v, out at the head's first dim; g the first global row; rows, keep, out_rows the block's L slots. */
+static void block_task(const float *q, const float *k, const float *v, int64_t D, int64_t hd, int64_t G, int64_t g,
+                       int64_t L, const int64_t *rows, const uint8_t *keep, const int64_t *out_rows, float *out,
+                       float *work) {
     static const float zeros[GEMM_KC];                    /* the rows a short tile lacks */
-    const int64_t S = G + K, keys = (S + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    const int64_t S = G + L, keys = (S + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
     const int64_t dims = (hd + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
     float *kp = work, *vp = kp + keys * hd, *bias = vp + S * dims, *scores = bias + keys;
+    float *tile = scores + GEMM_MR * keys;
     for (int64_t j = 0; j < keys; j++) bias[j] = j < G || (j < S && keep[j - G]) ? 0.0f : -FLT_MAX;
+#define KEY_ROW(j) ((j) < G ? g + (j) : rows[(j) - G])
     for (int64_t j0 = 0; j0 < keys; j0 += GEMM_NR)
         for (int j = 0; j < GEMM_NR; j++) {
-            int64_t key = j0 + j;
-            const float *row = key < G ? gk + key * D : key < S ? bk + (key - G) * D : NULL;
+            const float *row = j0 + j < S ? k + KEY_ROW(j0 + j) * D : NULL;
             for (int64_t d = 0; d < hd; d++) kp[j0 * hd + d * GEMM_NR + j] = row ? row[d] : 0.0f;
         }
     for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR)
         for (int64_t key = 0; key < S; key++) {
-            const float *row = key < G ? gv + key * D : bv + (key - G) * D;
+            const float *row = v + KEY_ROW(key) * D;
             for (int j = 0; j < GEMM_NR; j++) vp[d0 * S + key * GEMM_NR + j] = d0 + j < hd ? row[d0 + j] : 0.0f;
         }
+#undef KEY_ROW
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t m = 0; m < K; m += GEMM_MR) {
-        int mr = K - m < GEMM_MR ? (int)(K - m) : GEMM_MR;
+    for (int64_t m = 0; m < L; m += GEMM_MR) {
+        int mr = L - m < GEMM_MR ? (int)(L - m) : GEMM_MR;
         const float *a[GEMM_MR];
-        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? bq + (m + r) * D : zeros;
+        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? q + rows[m + r] * D : zeros;
         for (int64_t j0 = 0; j0 < keys; j0 += GEMM_NR)
             gemm_tile(hd, a, kp + j0 * hd, scores + j0, keys, mr, GEMM_NR, 1, NULL);
         float inv[GEMM_MR];
@@ -1424,34 +1428,33 @@ static void block_task(const float *gk, const float *gv, const float *bk, const 
             inv[r] = 1.0f / exp_sum(row, S, max_of(row, S, NULL), row);
             a[r] = row;
         }
-        for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR) {
-            int nr = hd - d0 < GEMM_NR ? (int)(hd - d0) : GEMM_NR;
+        for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR)
             for (int64_t k0 = 0; k0 < S; k0 += GEMM_KC) {
                 int64_t kc = S - k0 < GEMM_KC ? S - k0 : GEMM_KC;
                 const float *p[GEMM_MR];
                 for (int r = 0; r < GEMM_MR; r++) p[r] = r < mr ? a[r] + k0 : zeros;
-                gemm_tile(kc, p, vp + d0 * S + k0 * GEMM_NR, o + m * D + d0, D, mr, nr, k0 == 0, NULL);
+                gemm_tile(kc, p, vp + d0 * S + k0 * GEMM_NR, tile + d0, dims, mr, GEMM_NR, k0 == 0, NULL);
             }
-        }
         for (int r = 0; r < mr; r++)
-            for (int64_t d = 0; d < hd; d++) o[(m + r) * D + d] *= inv[r];
+            if (out_rows[m + r] >= 0)
+                for (int64_t d = 0; d < hd; d++) out[out_rows[m + r] * D + d] = tile[r * dims + d] * inv[r];
     }
 }
 
-/* out (B, P, D) = every block's attention (above) for q, k, v (B, G + P, D), keep (B, P); P a multiple of K. */
-int px_block_attention(const float *q, const float *k, const float *v, const uint8_t *keep, int64_t B, int64_t G,
-                       int64_t P, int64_t K, int64_t H, int64_t hd, float *out, float *work, int threads) {
-    if (B < 1 || G < 0 || K < 1 || P % K || H < 1 || hd < 1 || hd > MAX_HEAD_DIM) return 1;
-    const int64_t N = P / K, D = H * hd, L = G + P, tasks = B * N * H;
+/* Every (block, head) task of the attention above; H heads of hd dims, D = H·hd floats per row. */
+int px_block_attention(const float *q, const float *k, const float *v, int64_t H, int64_t hd, int64_t M, int64_t G,
+                       int64_t L, const int64_t *globals, const int64_t *rows, const uint8_t *keep,
+                       const int64_t *out_rows, float *out, float *work, int threads) {
+    if (H < 1 || hd < 1 || hd > MAX_HEAD_DIM || M < 1 || G < 0 || L < 1) return 1;
+    const int64_t D = H * hd, tasks = M * H;
 #pragma omp parallel num_threads(threads)
     {
-        float *mine = work + omp_get_thread_num() * block_attention_floats(G, K, hd);
+        float *mine = work + omp_get_thread_num() * block_attention_floats(G, L, hd);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
-            int64_t b = t / (N * H), n = t / H % N, h = t % H;
-            const int64_t base = b * L * D + h * hd, block = base + (G + n * K) * D;
-            block_task(k + base, v + base, k + block, v + block, q + block, keep + b * P + n * K, G, K, D, hd,
-                       out + (b * P + n * K) * D + h * hd, mine);
+            int64_t m = t / H, h = t % H;
+            block_task(q + h * hd, k + h * hd, v + h * hd, D, hd, G, globals[m], L, rows + m * L, keep + m * L,
+                       out_rows + m * L, out + h * hd, mine);
         }
     }
     return 0;

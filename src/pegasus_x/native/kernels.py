@@ -112,30 +112,33 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(*x.shape[:-1], out_features)
 
 
-def block_attention_fits(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, G: int, K: int, H: int) -> bool:
-    """Whether :func:`block_attention` takes these: CPU, fp32, contiguous q/k/v ``(B, G + P, D)``, keep ``(B, P)``
-    bool, P a multiple of K, ``D / H`` at most ``MAX_HEAD_DIM``, and where ``px_gemm`` is preferred (its tiles)."""
-    if q.dim() != 3 or keep.dim() != 2:
-        return False
-    B, L, D = q.shape
-    P = L - G
-    return (P > 0 and K > 0 and P % K == 0 and D % H == 0 and 0 < D // H <= MAX_HEAD_DIM
-            and k.shape == v.shape == q.shape and keep.shape == (B, P) and keep.dtype == torch.bool
-            and all(t.dtype == torch.float32 and t.is_contiguous() for t in (q, k, v)) and on_cpu(q, k, v, keep)
-            and gemm_preferred())
+def block_attention_fits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
+    """Whether :func:`block_attention` takes these rows: CPU, fp32, contiguous ``(rows, D)`` q/k/v of one shape,
+    ``D / heads`` at most ``MAX_HEAD_DIM``, and where ``px_gemm`` is preferred (the same tiles)."""
+    return (q.dim() == 2 and k.shape == v.shape == q.shape and q.shape[1] % heads == 0
+            and 0 < q.shape[1] // heads <= MAX_HEAD_DIM and on_cpu(q, k, v)
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in (q, k, v)) and gemm_preferred())
 
 
-def block_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, G: int, K: int, H: int) -> Tensor:
-    """The encoder's token attention for tensors :func:`block_attention_fits` takes: the queries of each block of K
-    tokens attend to the G globals then the block's keys (``keep`` False: a padded key) → ``(B, P, D)``."""
+def block_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, num_globals: int, globals_at: Tensor,
+                    rows: Tensor, keep: Tensor, out_rows: Tensor, count: int) -> Tensor:
+    """The encoder's token attention, block by block, for rows :func:`block_attention_fits` takes.
+
+    Block m's queries (the rows ``rows[m]``, ``(M, L)`` int64) attend to the ``num_globals`` rows from
+    ``globals_at[m]`` then to their own rows' keys where ``keep[m]`` (bool); slot i's output is row
+    ``out_rows[m, i]`` of the ``(count, D)`` result (-1: none; rows no slot names are left as allocated).
+    """
     lib = loader.library()
-    B, L, D = q.shape
-    P, hd = L - G, D // H
+    M, L = rows.shape
+    D = q.shape[1]
+    hd = D // heads
+    index = [t.to(torch.int64).contiguous() for t in (globals_at, rows, out_rows)]
     flags = keep.to(torch.uint8).contiguous()
-    out = torch.empty(B, P, D, dtype=torch.float32)
+    out = torch.empty(count, D, dtype=torch.float32)
     threads = torch.get_num_threads()
-    work = _floats(lib.px_block_attention_work(G, K, hd, threads))
-    if lib.px_block_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), flags.data_ptr(), B, G, P, K, H, hd,
+    work = _floats(lib.px_block_attention_work(num_globals, L, hd, threads))
+    if lib.px_block_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), heads, hd, M, num_globals, L,
+                              index[0].data_ptr(), index[1].data_ptr(), flags.data_ptr(), index[2].data_ptr(),
                               out.data_ptr(), work.data_ptr(), threads):
         raise RuntimeError("px_block_attention refused its arguments; block_attention_fits should have caught this")
     return out

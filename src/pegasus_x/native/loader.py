@@ -43,10 +43,15 @@ def enabled(module: nn.Module | None = None) -> bool:
     """The one switch of the fast paths (native kernels, slab linears, fp32 GPU decode attention).
 
     False when ``PEGASUS_X_NATIVE=0`` or after ``model.set_native(False)`` (which sets ``use_native`` on
-    every submodule): the torch reference path then runs everywhere.
+    every submodule): the torch reference path then runs everywhere. Also False while ``torch.compile`` traces:
+    its graphs cannot call the C kernels, so a compiled model runs the torch path.
     """
-    return (os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
-            and getattr(module, "use_native", True))
+    return _switched_on() and getattr(module, "use_native", True) and not torch.compiler.is_compiling()
+
+
+def _switched_on() -> bool:
+    """``PEGASUS_X_NATIVE`` is not 0/false/off/no."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def set_enabled(model: nn.Module, on: bool) -> None:
@@ -74,7 +79,7 @@ class _Refused(Exception):
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when they are switched off or cannot be built here (one warning per process)."""
-    if not enabled() or platform.system() == "Windows":
+    if not _switched_on() or platform.system() == "Windows":    # not enabled(): its answer while compiling would stick
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
