@@ -1248,6 +1248,11 @@ int px_topk(const float *x, int64_t rows, int64_t n, int k, float *values, int64
 
 #define BROADCAST(s) ((v8f){s, s, s, s, s, s, s, s})
 
+static const float gemm_zeros[GEMM_KC];                   /* what the rows a short tile lacks read */
+
+/* n outputs in whole groups of GEMM_NR. */
+static inline int64_t gemm_groups(int64_t n) { return (n + GEMM_NR - 1) / GEMM_NR; }
+
 /* y[r][0..nr) (+)= Σ_k a[r][k] · panel[k][0..nr) for r < mr; first: y = that + bias instead. */
 static inline void gemm_tile(int64_t kc, const float *const a[GEMM_MR], const float *panel, float *y, int64_t ldy,
                              int mr, int nr, int first, const float *bias) {
@@ -1290,7 +1295,7 @@ static void gemm_split(int64_t groups, int n, int *tn, int *tm) {
 /* Thread t's panel buffer, in floats. */
 static int64_t gemm_panel_floats(int64_t out, int n) {
     int tn, tm;
-    int64_t groups = (out + GEMM_NR - 1) / GEMM_NR;
+    int64_t groups = gemm_groups(out);
     gemm_split(groups, n, &tn, &tm);
     int64_t per = (groups + tn - 1) / tn * GEMM_NR;
     return GEMM_KC * (per < GEMM_NC ? per : GEMM_NC);
@@ -1319,9 +1324,8 @@ static void gemm_pack(const float *W, int64_t out, int64_t in, int64_t o0, int64
 
 static void gemm_part(const float *x, int64_t rows, int64_t in, const float *W, int64_t out, const float *bias,
                       float *y, float *panels, int t, int n) {
-    static const float zeros[GEMM_KC];                    /* the rows a short tile lacks read zeros */
     int tn, tm;
-    int64_t groups = (out + GEMM_NR - 1) / GEMM_NR;
+    int64_t groups = gemm_groups(out);
     gemm_split(groups, n, &tn, &tm);
     if (t >= tn * tm) return;
     int64_t g0 = groups * (t % tn) / tn, g1 = groups * (t % tn + 1) / tn;
@@ -1341,7 +1345,7 @@ static void gemm_part(const float *x, int64_t rows, int64_t in, const float *W, 
                     for (int64_t m = m0; m < m1; m += GEMM_MR) {
                         int mr = m1 - m < GEMM_MR ? (int)(m1 - m) : GEMM_MR;
                         const float *a[GEMM_MR];
-                        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? x + (m + r) * in + k0 : zeros;
+                        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? x + (m + r) * in + k0 : gemm_zeros;
                         gemm_tile(kc, a, panel, y + m * out + o, out, mr, nr, k0 == 0, bias ? bias + o : NULL);
                     }
                 }
@@ -1381,7 +1385,7 @@ int px_gemm(const float *x, int64_t rows, int64_t in, const float *W, int64_t ou
  * GEMM_MR queries computes the scores, their softmax and the weighted values: all a task touches stays in L2.
  * A masked key scores the most negative float, as the torch reference fills it. */
 static int64_t block_attention_floats(int64_t G, int64_t L, int64_t hd) {
-    int64_t keys = (G + L + GEMM_NR - 1) / GEMM_NR * GEMM_NR, dims = (hd + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    int64_t keys = gemm_groups(G + L) * GEMM_NR, dims = gemm_groups(hd) * GEMM_NR;
     return keys * hd + (G + L) * dims + (GEMM_MR + 1) * keys + GEMM_MR * dims;
 }
 
@@ -1393,9 +1397,7 @@ int64_t px_block_attention_work(int64_t G, int64_t L, int64_t hd, int threads) {
 static void block_task(const float *q, const float *k, const float *v, int64_t D, int64_t hd, int64_t G, int64_t g,
                        int64_t L, const int64_t *rows, const uint8_t *keep, const int64_t *out_rows, float *out,
                        float *work) {
-    static const float zeros[GEMM_KC];                    /* the rows a short tile lacks */
-    const int64_t S = G + L, keys = (S + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
-    const int64_t dims = (hd + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    const int64_t S = G + L, keys = gemm_groups(S) * GEMM_NR, dims = gemm_groups(hd) * GEMM_NR;
     float *kp = work, *vp = kp + keys * hd, *bias = vp + S * dims, *scores = bias + keys;
     float *tile = scores + GEMM_MR * keys;
     for (int64_t j = 0; j < keys; j++) bias[j] = j < G || (j < S && keep[j - G]) ? 0.0f : -FLT_MAX;
@@ -1415,7 +1417,7 @@ static void block_task(const float *q, const float *k, const float *v, int64_t D
     for (int64_t m = 0; m < L; m += GEMM_MR) {
         int mr = L - m < GEMM_MR ? (int)(L - m) : GEMM_MR;
         const float *a[GEMM_MR];
-        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? q + rows[m + r] * D : zeros;
+        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? q + rows[m + r] * D : gemm_zeros;
         for (int64_t j0 = 0; j0 < keys; j0 += GEMM_NR)
             gemm_tile(hd, a, kp + j0 * hd, scores + j0, keys, mr, GEMM_NR, 1, NULL);
         float inv[GEMM_MR];
@@ -1432,7 +1434,7 @@ static void block_task(const float *q, const float *k, const float *v, int64_t D
             for (int64_t k0 = 0; k0 < S; k0 += GEMM_KC) {
                 int64_t kc = S - k0 < GEMM_KC ? S - k0 : GEMM_KC;
                 const float *p[GEMM_MR];
-                for (int r = 0; r < GEMM_MR; r++) p[r] = r < mr ? a[r] + k0 : zeros;
+                for (int r = 0; r < GEMM_MR; r++) p[r] = r < mr ? a[r] + k0 : gemm_zeros;
                 gemm_tile(kc, p, vp + d0 * S + k0 * GEMM_NR, tile + d0, dims, mr, GEMM_NR, k0 == 0, NULL);
             }
         for (int r = 0; r < mr; r++)
