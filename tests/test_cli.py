@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pegasus_x import PegasusXForConditionalGeneration, __version__
+from pegasus_x import PegasusXForConditionalGeneration, __version__, native
 from pegasus_x.cli import main
 from pegasus_x.config import PegasusXConfig
 from pegasus_x.errors import ConfigError
@@ -117,6 +117,7 @@ def test_info(checkpoint, model):
     assert "dtype       float32 by default (stored F32)" in out and "staggered" in out
     assert ("generation  greedy, length_penalty 1, up to 16,383 new tokens, eos [1], forced eos [], start 0, pad 0 "
             "(from generation_config.json)") in out
+    assert f"CPU kernels {native.describe()}\n" in out
     memory = next(line for line in out.splitlines() if line.startswith("memory      at least "))
     assert float(memory.split()[3]) * 1e6 >= model.num_parameters() * 4 and memory.split()[4] == "MB", memory
 

@@ -221,3 +221,23 @@ def test_abi_drift_refuses_the_library(fresh_build, monkeypatch):
     monkeypatch.setenv("PEGASUS_X_CACHE", str(fresh_build.parent))
     loader.library.cache_clear()
     assert loader.library() is not None
+
+
+def test_describe_names_the_kernels_that_run(monkeypatch):
+    """``pegasus-x info``'s line: switched off, not built, built without or with the encoder's tiles."""
+    from pegasus_x.native import kernels
+
+    monkeypatch.setenv(loader.SWITCH, "0")
+    assert "switched off" in kernels.describe()
+    monkeypatch.setenv(loader.SWITCH, "1")
+    monkeypatch.setattr(loader, "library", lambda: None)
+    assert "not built" in kernels.describe()
+
+    class Lib:
+        def __init__(self, preferred: int):
+            self.px_gemm_preferred = lambda: preferred
+
+    monkeypatch.setattr(loader, "library", lambda: Lib(0))
+    assert kernels.describe().startswith("native: decode steps") and "torch's GEMM" in kernels.describe()
+    monkeypatch.setattr(loader, "library", lambda: Lib(1))
+    assert kernels.describe() == "native: decode steps, the encoder's fp32 GEMM and block attention"

@@ -374,6 +374,7 @@ def run_info(opts: InfoOptions) -> int:
     """
     from .checkpoint import bytes_per_value, loaded_dtypes, read_shapes, resolve
     from .config import PegasusXConfig, estimate_memory, machine_memory
+    from . import native
     from .devices import auto_dtype
 
     folder = resolve(opts.path)
@@ -405,6 +406,7 @@ def run_info(opts: InfoOptions) -> int:
                        f"tensor){f'; this machine has {_human_size(have)}' if have else ''}"
                        f"{': too little, loading is refused' if have and memory.total_bytes > have else ''}"),
             ("dtype auto", auto_dtype("cpu")[1] + " (on this CPU)"),
+            ("CPU kernels", native.describe()),
             ("generation", _generation_summary(folder, c))]
     for label, value in rows:
         print(f"{label:<11} {value}")

@@ -30,11 +30,10 @@ Results agree up to the order of floating-point summation.
 
 from . import hugepages
 from .kernels import (DecoderPlan, argmax, attention, attention_fits, block_attention, block_attention_fits,
-                      decoder_plan, decoder_rows, decoder_rows_fit, decoder_step, log_softmax, topk)
+                      decoder_plan, decoder_rows, decoder_rows_fit, decoder_step, describe, log_softmax, topk)
 from .linear import Linear
 from .loader import available, enabled, library, set_enabled
 
 __all__ = ["DecoderPlan", "Linear", "argmax", "attention", "attention_fits", "available", "block_attention",
-           "block_attention_fits", "decoder_plan",
-           "decoder_rows", "decoder_rows_fit", "decoder_step", "enabled", "hugepages", "library", "log_softmax",
-           "set_enabled", "topk"]
+           "block_attention_fits", "decoder_plan", "decoder_rows", "decoder_rows_fit", "decoder_step", "describe",
+           "enabled", "hugepages", "library", "log_softmax", "set_enabled", "topk"]

@@ -85,6 +85,17 @@ def gemm_preferred() -> bool:
     return lib is not None and bool(lib.px_gemm_preferred())
 
 
+def describe() -> str:
+    """Which CPU kernels this process runs, for ``pegasus-x info`` (loading, or building, the library)."""
+    if not loader.enabled():
+        return f"torch's (the fast paths are switched off: {loader.SWITCH}=0)"
+    if loader.library() is None:
+        return "torch's (the native kernels are not built here: no C compiler, Windows, or a failed build)"
+    encoder = ("the encoder's fp32 GEMM and block attention" if gemm_preferred() else
+               "the encoder on torch's GEMM (the native one is tiled for AVX2 + FMA without AVX-512)")
+    return f"native: decode steps, {encoder}"
+
+
 def gemm_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`gemm` takes these tensors: CPU, fp32 (weight and bias too), a contiguous weight, more than
     ``MAX_DRAFT_ROWS`` rows (below, the products are bound by memory and the row kernels above stream better)."""
