@@ -49,6 +49,9 @@ _ACTIVATIONS = {
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,
 }
+# The same, overwriting their input: without autograd the FFN's intermediate is nobody else's, and writing it in place
+# spares allocating (and faulting in) a second (tokens, ffn_dim) tensor per layer (benchmarks/encoder.py).
+_ACTIVATIONS_INPLACE = {F.relu: torch.relu_, F.silu: lambda x: F.silu(x, inplace=True), torch.tanh: torch.tanh_}
 
 
 def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:
@@ -113,7 +116,9 @@ def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
     if not torch.is_grad_enabled() and x.shape[1] > FFN_CHUNK:
         # Without autograd nothing needs the intermediate later: run it a slice of tokens at a time.
         return torch.cat([_ffn(layer, part) for part in x.split(FFN_CHUNK, dim=1)], dim=1)
-    h = layer.activation(layer.fc1(x))
+    h = layer.fc1(x)
+    inplace = None if torch.is_grad_enabled() else _ACTIVATIONS_INPLACE.get(layer.activation)
+    h = inplace(h) if inplace else layer.activation(h)
     h = F.dropout(h, layer.activation_dropout, layer.training)
     return F.dropout(layer.fc2(h), layer.dropout, layer.training)
 
