@@ -137,12 +137,14 @@ def test_gemm_takes_many_fp32_rows_only(lib):
     assert not kernels.gemm_fits(x, w.to("meta"), None)
 
 
-@pytest.mark.parametrize("G, K, H, hd", [(3, 4, 2, 8), (16, 10, 3, 20), (0, 14, 1, 64), (128, 64, 2, 48)])
+@pytest.mark.parametrize("G, K, H, hd", [(3, 4, 2, 8), (16, 10, 3, 20), (0, 14, 1, 64), (128, 64, 2, 48),
+                                         (5, 400, 1, 16)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_block_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, threads):
-    """The encoder's token attention (every block over [globals ‖ its keys], padded keys masked) against the torch
-    path of GlobalLocalAttention, padded and packed layouts: tiles short of 6 queries or 16 keys, head dims short of
-    16, no globals, an input whose last block is all padding, staggered blocks."""
+    """The encoder's attention (every block over [globals ‖ its keys], the globals over every key, padded keys masked)
+    against the torch path of GlobalLocalAttention, padded and packed layouts: tiles short of 6 queries or 16 keys,
+    head dims short of 16, no globals, an input whose last block is all padding, staggered blocks, keys past one
+    chunk (the globals of 3 blocks of 64 and more)."""
     if not kernels.gemm_preferred():
         pytest.skip("px_block_attention runs only where px_gemm is preferred (AVX2 + FMA without AVX-512)")
     from pegasus_x.attention import GlobalLocalAttention, Packing
@@ -177,7 +179,7 @@ def test_block_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, t
                 expected = layer.forward_packed(h, packing, stagger)
                 native.set_enabled(layer, True)
             torch.testing.assert_close(got, expected, **tolerance(torch.float32))
-        assert len(calls) == 4
+        assert len(calls) == 4 * (2 if G else 1)          # the globals' queries and the blocks', each layout
     finally:
         torch.set_num_threads(before)
 

@@ -5,8 +5,8 @@ The kernel has two back-ends behind one switch (``module.backend``): ``"sdpa"`` 
 ``torch.nn.functional.scaled_dot_product_attention``: flash / memory-efficient kernels, never materialises the
 score matrix of a whole sequence) and ``"eager"`` (explicit matmul + fp32 softmax, the readable reference the
 tests compare against). The block bookkeeping around the kernel is shared by both. At inference on a CPU the native
-kernels (:mod:`pegasus_x.native`, under its one switch) take the decode steps' few-query attention and the encoder
-blocks' token queries; ``tests/test_native.py`` holds them equal to these torch paths.
+kernels (:mod:`pegasus_x.native`, under its one switch) take the decode steps' few-query attention and the
+encoder's attention; ``tests/test_native.py`` holds them equal to these torch paths.
 """
 
 from __future__ import annotations
@@ -104,8 +104,20 @@ class GlobalLocalAttention(nn.Module):
         B, L, D = q.shape
         P, H, hd, K = L - G, self.num_heads, self.head_dim, self.block_size
         N = P // K
-        q, k, v = q.view(B, L, H, hd), k.view(B, L, H, hd), v.view(B, L, H, hd)
         p_drop = self.dropout if self.training else 0.0
+        if self._native(q, k, v, p_drop):
+            # Rows of the flattened (B·L, D) projections: input b's globals are rows b·L + [0, G), its tokens
+            # b·L + G + [0, P), block n of them b·L + G + n·K + [0, K).
+            flat = [t.reshape(B * L, D) for t in (q, k, v)]
+            starts = torch.arange(B) * L
+            tokens, mine = starts[:, None] + G + torch.arange(P), torch.arange(B * G).view(B, G)
+            g_out = native.block_attention(*flat, H, G, starts, starts[:, None] + torch.arange(G), tokens, keep,
+                                           mine, B * G) if G else q.new_empty(0, D)
+            blocks = tokens.view(B * N, K)
+            x_out = native.block_attention(*flat, H, G, starts.repeat_interleave(N), blocks, blocks,
+                                           keep.reshape(B * N, K), torch.arange(B * P).view(B * N, K), B * P)
+            return x_out.view(B, P, D), g_out.view(B, G, D)
+        q, k, v = q.view(B, L, H, hd), k.view(B, L, H, hd), v.view(B, L, H, hd)
 
         # Global queries: every global and every token key.
         keep_all = torch.cat([keep.new_ones(B, G), keep], dim=1)[:, None, None, :]       # (B, 1, 1, G+P)
@@ -113,14 +125,6 @@ class GlobalLocalAttention(nn.Module):
                        self.backend)                                                      # (B, H, G, hd)
 
         # Token queries: each block sees the G global keys followed by its own K keys.
-        if self._native_blocks(q, k, v, p_drop):
-            # Rows of the flattened (B·L, D) projections: block n of input b holds rows b·L + G + n·K + [0, K).
-            at = (torch.arange(B)[:, None] * L + G + torch.arange(P)).view(B * N, K)
-            x_out = native.block_attention(q.reshape(B * L, D), k.reshape(B * L, D), v.reshape(B * L, D), H, G,
-                                           torch.arange(B).repeat_interleave(N) * L, at, keep.reshape(B * N, K),
-                                           torch.arange(B * P).view(B * N, K), B * P)
-            return x_out.view(B, P, D), g_out.transpose(1, 2).reshape(B, G, D)
-
         def blocks(t: Tensor) -> Tensor:                                      # (B, P, H, hd) -> (B, N, H, K, hd)
             return t.view(B, N, K, H, hd).permute(0, 1, 3, 2, 4)
 
@@ -145,6 +149,16 @@ class GlobalLocalAttention(nn.Module):
         B, G, BG, (M, L) = packing.batch, packing.num_globals, packing.globals, packing.blocks(stagger)[0].shape
         D, H, hd = h.shape[-1], self.num_heads, self.head_dim
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        rows, real, owner, at = packing.blocks(stagger)
+        if self._native(q, k, v, 0.0):
+            starts = torch.arange(B) * G                                      # input b's globals: rows b·G + [0, G)
+            mine = starts[:, None] + torch.arange(G)
+            tokens, present = packing.tokens()
+            g_out = (native.block_attention(q, k, v, H, G, starts, mine, tokens + BG, present, mine, BG) if G
+                     else q.new_empty(0, D))
+            x_out = native.block_attention(q, k, v, H, G, owner * G, rows + BG, rows + BG, real,
+                                           rows.masked_fill(~real, -1), h.shape[0] - BG)
+            return self.out_proj(torch.cat([g_out, x_out]))
         keep_all = torch.cat([packing.keep.new_ones(B, G), packing.keep], dim=1)[:, None, None, :]
 
         def heads(t: Tensor) -> Tensor:                                       # (X, L, D) → (X, H, L, hd)
@@ -152,7 +166,6 @@ class GlobalLocalAttention(nn.Module):
 
         g_out = attend(heads(q[:BG].view(B, G, D)), heads(packing.spread(k)), heads(packing.spread(v)), keep_all,
                        0.0, self.backend)                                                 # (B, H, G, hd)
-        rows, real, owner, at = packing.blocks(stagger)
 
         def gathered(t: Tensor) -> Tensor:                                    # (M, L, D)
             return t[BG:][rows]
@@ -160,19 +173,15 @@ class GlobalLocalAttention(nn.Module):
         def with_globals(t: Tensor) -> Tensor:                                # (M, H, G + L, hd)
             return heads(torch.cat([t[:BG].view(B, G, D)[owner], gathered(t)], dim=1))
 
-        if self._native_blocks(q, k, v, 0.0):
-            x_out = native.block_attention(q, k, v, H, G, owner * G, rows + BG, real, rows.masked_fill(~real, -1),
-                                           h.shape[0] - BG)
-        else:
-            keep_blk = torch.cat([real.new_ones(M, G), real], dim=1)[:, None, None, :]
-            x_out = attend(heads(gathered(q)), with_globals(k), with_globals(v), keep_blk, 0.0, self.backend)
-            x_out = x_out.transpose(1, 2).reshape(M * L, D).index_select(0, at)           # (N, D)
+        keep_blk = torch.cat([real.new_ones(M, G), real], dim=1)[:, None, None, :]
+        x_out = attend(heads(gathered(q)), with_globals(k), with_globals(v), keep_blk, 0.0, self.backend)
+        x_out = x_out.transpose(1, 2).reshape(M * L, D).index_select(0, at)               # (N, D)
         return self.out_proj(torch.cat([g_out.transpose(1, 2).reshape(BG, D), x_out]))
 
-    def _native_blocks(self, q: Tensor, k: Tensor, v: Tensor, p_drop: float) -> bool:
-        """Whether the token queries take the native block kernel: at inference on a CPU it reads each block's
-        rows in place (no gathered copies) and keeps the block's keys and values in L2 while its queries meet
-        them. q, k, v: the projections, any shape of D = heads · head_dim floats per row."""
+    def _native(self, q: Tensor, k: Tensor, v: Tensor, p_drop: float) -> bool:
+        """Whether the native kernel takes this attention: at inference on a CPU it reads the rows in place (no
+        gathered copies) and keeps each chunk of keys and values in L2 while the queries meet them. q, k, v: the
+        projections, any shape of D = heads · head_dim floats per row."""
         D = self.num_heads * self.head_dim
         return (self.backend == "sdpa" and p_drop == 0.0 and not torch.is_grad_enabled() and native.available(self)
                 and native.block_attention_fits(q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D),
@@ -226,6 +235,15 @@ class Packing:
         which slots hold one, ``owner`` ``(M,)`` each block's input, ``at`` ``(N,)`` each token's slot in the
         ``(M·L)`` layout."""
         return self._blocks[stagger]
+
+    def tokens(self) -> tuple[Tensor, Tensor]:
+        """Each input's real tokens as a row: ``(B, Lk)`` their indices (Lk: the most any input has; 0 past an
+        input's last) and ``(B, Lk)`` which slots hold one."""
+        count = self.keep.sum(1)
+        first = torch.cumsum(count, 0) - count
+        slots = torch.arange(int(count.max()), device=count.device)
+        present = slots < count[:, None]
+        return (first[:, None] + slots).masked_fill(~present, 0), present
 
     def spread(self, rows: Tensor) -> Tensor:
         """Packed ``(B·G + N, D)`` → the padded layout ``(B, G + P, D)``, zero at padding."""

@@ -8,8 +8,8 @@ products (``kernels.linear``), fp32 and bf16 with fp32 accumulation, and int8 we
 (``kernels.linear_int8`` and the one-position step, for :mod:`pegasus_x.quantize`), widened to fp32 in registers,
 and a beam-search step's log-softmax and top-k over the vocabulary (``log_softmax``, ``topk``; greedy's ``argmax``).
 Past the decode step, fp32 products of many rows (the encoder's linears) as register-tiled GEMM (``kernels.gemm``)
-and the encoder's block-local attention on the same tiles (``block_attention``), where the CPU is the one they
-are tiled for (AVX2 + FMA without AVX-512).
+and the encoder's attention (its blocks' and its globals' queries) on the same tiles (``block_attention``), where
+the CPU is the one they are tiled for (AVX2 + FMA without AVX-512).
 :mod:`.linear`'s ``Linear`` sends CPU products to those kernels, else (fp32, few rows, no compiler) to one
 ``torch.bmm`` over row slabs of the weight.
 :mod:`.hugepages` puts the weights and decoder caches in 2 MB pages (same numbers, faster streaming).

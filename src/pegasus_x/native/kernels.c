@@ -8,7 +8,7 @@
  * file's struct layout, limits and enum values, which it checks against its own at load.
  *
  * Past the decode step, the encoder's compute-bound work in fp32: px_gemm (its linears) and px_block_attention (its
- * token queries), both on one register tile (section GEMM).
+ * attention), both on one register tile (section GEMM).
  *
  * Portable C with GCC/Clang vector extensions: the compiler maps v8f to the target's SIMD registers
  * (-march=native: AVX2 on x86, NEON pairs on ARM). Accumulation is fp32; bf16 tensors are widened on load, int8
@@ -1376,87 +1376,108 @@ int px_gemm(const float *x, int64_t rows, int64_t in, const float *W, int64_t ou
     return 0;
 }
 
-/* The encoder's block-local attention on the same tiles: the queries of each block of each head attend, in one
- * softmax, to the G global keys of the block's input then the block's L keys. q, k, v are rows of D floats (the
- * projections), addressed by row index: each block's globals are G rows from globals[m], its L slots rows rows[m][·]
- * (the padded layout's positions, or the real tokens of a packed batch), whose keys count where keep[m][·]; a slot's
- * output goes to row out_rows[m][·] of out (none where -1). Per (block, head) task a thread packs the keys
- * transposed (panels of GEMM_NR keys, d-major) and the values (panels of GEMM_NR head dims, key-major), then per
- * GEMM_MR queries computes the scores, their softmax and the weighted values: all a task touches stays in L2.
- * A masked key scores the most negative float, as the torch reference fills it. */
-static int64_t block_attention_floats(int64_t G, int64_t L, int64_t hd) {
-    int64_t keys = gemm_groups(G + L) * GEMM_NR, dims = gemm_groups(hd) * GEMM_NR;
-    return keys * hd + (G + L) * dims + (GEMM_MR + 1) * keys + GEMM_MR * dims;
+/* The encoder's attention on the same tiles. Each task (a block or an input's globals, one head) has Lq queries and,
+ * in one softmax, G global keys then Lk keys of its own. q, k, v are rows of D floats (the projections), addressed
+ * by row index: task m's queries are rows queries[m][·], its globals G rows from globals[m], its own keys rows
+ * keys[m][·], counted where keep[m][·]; query i's output goes to row out_rows[m][i] of out (none where -1). A
+ * block's queries are its keys (the padded layout's positions, or a packed batch's real tokens); the globals'
+ * keys are every token of their input. The keys go by in chunks of up to ATT_CHUNK: a thread packs a chunk's
+ * keys transposed (panels of GEMM_NR keys, d-major) and its values (panels of GEMM_NR head dims, key-major), so
+ * they stay in L2 while every query meets them, and keeps each query's running maximum, sum and weighted values
+ * (rescaled when the maximum grows: one softmax over all chunks). A masked key scores the most negative float, as
+ * the torch reference fills it. */
+#define ATT_CHUNK 768
+
+static int64_t attention_floats(int64_t G, int64_t Lq, int64_t Lk, int64_t hd) {
+    int64_t dims = gemm_groups(hd) * GEMM_NR, S = gemm_groups(G + Lk) * GEMM_NR, chunk = S < ATT_CHUNK ? S : ATT_CHUNK;
+    return chunk * (hd + dims + 1 + GEMM_MR) + Lq * (dims + 2);
 }
 
-int64_t px_block_attention_work(int64_t G, int64_t L, int64_t hd, int threads) {
-    return threads * block_attention_floats(G, L, hd);
+int64_t px_block_attention_work(int64_t G, int64_t Lq, int64_t Lk, int64_t hd, int threads) {
+    return threads * attention_floats(G, Lq, Lk, hd);
 }
 
-/* One task: q, k, v, out at the head's first dim; g the first global row; rows, keep, out_rows the block's L slots. */
-static void block_task(const float *q, const float *k, const float *v, int64_t D, int64_t hd, int64_t G, int64_t g,
-                       int64_t L, const int64_t *rows, const uint8_t *keep, const int64_t *out_rows, float *out,
-                       float *work) {
-    const int64_t S = G + L, keys = gemm_groups(S) * GEMM_NR, dims = gemm_groups(hd) * GEMM_NR;
-    float *kp = work, *vp = kp + keys * hd, *bias = vp + S * dims, *scores = bias + keys;
-    float *tile = scores + GEMM_MR * keys;
-    for (int64_t j = 0; j < keys; j++) bias[j] = j < G || (j < S && keep[j - G]) ? 0.0f : -FLT_MAX;
-#define KEY_ROW(j) ((j) < G ? g + (j) : rows[(j) - G])
-    for (int64_t j0 = 0; j0 < keys; j0 += GEMM_NR)
-        for (int j = 0; j < GEMM_NR; j++) {
-            const float *row = j0 + j < S ? k + KEY_ROW(j0 + j) * D : NULL;
-            for (int64_t d = 0; d < hd; d++) kp[j0 * hd + d * GEMM_NR + j] = row ? row[d] : 0.0f;
-        }
-    for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR)
-        for (int64_t key = 0; key < S; key++) {
-            const float *row = v + KEY_ROW(key) * D;
-            for (int j = 0; j < GEMM_NR; j++) vp[d0 * S + key * GEMM_NR + j] = d0 + j < hd ? row[d0 + j] : 0.0f;
-        }
-#undef KEY_ROW
+/* One task: q, k, v, out at the head's first dim; g the first global row; the task's rows and flags. */
+static void attention_task(const float *q, const float *k, const float *v, int64_t D, int64_t hd, int64_t G,
+                           int64_t g, int64_t Lq, const int64_t *queries, int64_t Lk, const int64_t *keys,
+                           const uint8_t *keep, const int64_t *out_rows, float *out, float *work) {
+    const int64_t S = G + Lk, dims = gemm_groups(hd) * GEMM_NR;
+    const int64_t chunk = gemm_groups(S) * GEMM_NR < ATT_CHUNK ? gemm_groups(S) * GEMM_NR : ATT_CHUNK;
+    float *kp = work, *vp = kp + chunk * hd, *bias = vp + chunk * dims, *scores = bias + chunk;
+    float *acc = scores + GEMM_MR * chunk, *most = acc + Lq * dims, *total = most + Lq;
+    memset(acc, 0, sizeof(float) * Lq * dims);
+    for (int64_t i = 0; i < Lq; i++) most[i] = -INFINITY, total[i] = 0.0f;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t m = 0; m < L; m += GEMM_MR) {
-        int mr = L - m < GEMM_MR ? (int)(L - m) : GEMM_MR;
-        const float *a[GEMM_MR];
-        for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? q + rows[m + r] * D : gemm_zeros;
-        for (int64_t j0 = 0; j0 < keys; j0 += GEMM_NR)
-            gemm_tile(hd, a, kp + j0 * hd, scores + j0, keys, mr, GEMM_NR, 1, NULL);
-        float inv[GEMM_MR];
-        for (int r = 0; r < mr; r++) {                    /* unnormalised softmax; 1/sum scales the output rows */
-            float *row = scores + r * keys;
-            for (int64_t j = 0; j < keys; j += 8) {
-                v8f x = load_f32(row + j) * scale + load_f32(bias + j);
-                memcpy(row + j, &x, sizeof x);
+    for (int64_t c0 = 0; c0 < S; c0 += chunk) {
+        const int64_t n = S - c0 < chunk ? S - c0 : chunk, width = gemm_groups(n) * GEMM_NR;
+#define KEY_ROW(j) ((j) < G ? g + (j) : keys[(j) - G])
+        for (int64_t j0 = 0; j0 < width; j0 += GEMM_NR) {     /* a panel: GEMM_NR key rows read side by side */
+            const float *row[GEMM_NR];
+            for (int e = 0; e < GEMM_NR; e++) {
+                int64_t j = j0 + e, key = c0 + j;
+                bias[j] = j < n && (key < G || keep[key - G]) ? 0.0f : -FLT_MAX;
+                row[e] = j < n ? k + KEY_ROW(key) * D : gemm_zeros;
             }
-            inv[r] = 1.0f / exp_sum(row, S, max_of(row, S, NULL), row);
-            a[r] = row;
+            float *panel = kp + j0 * hd;
+            for (int64_t d = 0; d < hd; d++)
+                for (int e = 0; e < GEMM_NR; e++) panel[d * GEMM_NR + e] = row[e][d];
         }
         for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR)
-            for (int64_t k0 = 0; k0 < S; k0 += GEMM_KC) {
-                int64_t kc = S - k0 < GEMM_KC ? S - k0 : GEMM_KC;
-                const float *p[GEMM_MR];
-                for (int r = 0; r < GEMM_MR; r++) p[r] = r < mr ? a[r] + k0 : gemm_zeros;
-                gemm_tile(kc, p, vp + d0 * S + k0 * GEMM_NR, tile + d0, dims, mr, GEMM_NR, k0 == 0, NULL);
+            for (int64_t j = 0; j < n; j++) {
+                const float *row = v + KEY_ROW(c0 + j) * D;
+                for (int e = 0; e < GEMM_NR; e++) vp[d0 * n + j * GEMM_NR + e] = d0 + e < hd ? row[d0 + e] : 0.0f;
             }
-        for (int r = 0; r < mr; r++)
-            if (out_rows[m + r] >= 0)
-                for (int64_t d = 0; d < hd; d++) out[out_rows[m + r] * D + d] = tile[r * dims + d] * inv[r];
+#undef KEY_ROW
+        for (int64_t m = 0; m < Lq; m += GEMM_MR) {
+            int mr = Lq - m < GEMM_MR ? (int)(Lq - m) : GEMM_MR;
+            const float *a[GEMM_MR];
+            for (int r = 0; r < GEMM_MR; r++) a[r] = r < mr ? q + queries[m + r] * D : gemm_zeros;
+            for (int64_t j0 = 0; j0 < width; j0 += GEMM_NR)
+                gemm_tile(hd, a, kp + j0 * hd, scores + j0, width, mr, GEMM_NR, 1, NULL);
+            for (int r = 0; r < mr; r++) {                /* this chunk's exponentials, the running sums rescaled */
+                float *row = scores + r * width, *sums = acc + (m + r) * dims;
+                for (int64_t j = 0; j < width; j += 8) {
+                    v8f x = load_f32(row + j) * scale + load_f32(bias + j);
+                    memcpy(row + j, &x, sizeof x);
+                }
+                float top = max_of(row, n, NULL), before = most[m + r];
+                if (top > before) {
+                    float shrink = expf(before - top);    /* 0 for the first chunk */
+                    total[m + r] *= shrink;
+                    for (int64_t d = 0; d < hd; d++) sums[d] *= shrink;
+                    most[m + r] = before = top;
+                }
+                total[m + r] += exp_sum(row, n, before, row);
+                a[r] = row;
+            }
+            for (int64_t d0 = 0; d0 < dims; d0 += GEMM_NR)
+                for (int64_t k0 = 0; k0 < n; k0 += GEMM_KC) {
+                    int64_t kc = n - k0 < GEMM_KC ? n - k0 : GEMM_KC;
+                    const float *p[GEMM_MR];
+                    for (int r = 0; r < GEMM_MR; r++) p[r] = r < mr ? a[r] + k0 : gemm_zeros;
+                    gemm_tile(kc, p, vp + d0 * n + k0 * GEMM_NR, acc + m * dims + d0, dims, mr, GEMM_NR, 0, NULL);
+                }
+        }
     }
+    for (int64_t i = 0; i < Lq; i++)
+        if (out_rows[i] >= 0)
+            for (int64_t d = 0; d < hd; d++) out[out_rows[i] * D + d] = acc[i * dims + d] / total[i];
 }
 
-/* Every (block, head) task of the attention above; H heads of hd dims, D = H·hd floats per row. */
+/* Every (task, head) of the attention above; H heads of hd dims, D = H·hd floats per row. */
 int px_block_attention(const float *q, const float *k, const float *v, int64_t H, int64_t hd, int64_t M, int64_t G,
-                       int64_t L, const int64_t *globals, const int64_t *rows, const uint8_t *keep,
-                       const int64_t *out_rows, float *out, float *work, int threads) {
-    if (H < 1 || hd < 1 || hd > MAX_HEAD_DIM || M < 1 || G < 0 || L < 1) return 1;
+                       int64_t Lq, int64_t Lk, const int64_t *globals, const int64_t *queries, const int64_t *keys,
+                       const uint8_t *keep, const int64_t *out_rows, float *out, float *work, int threads) {
+    if (H < 1 || hd < 1 || hd > MAX_HEAD_DIM || M < 1 || G < 0 || Lq < 1 || Lk < 0 || G + Lk < 1) return 1;
     const int64_t D = H * hd, tasks = M * H;
 #pragma omp parallel num_threads(threads)
     {
-        float *mine = work + omp_get_thread_num() * block_attention_floats(G, L, hd);
+        float *mine = work + omp_get_thread_num() * attention_floats(G, Lq, Lk, hd);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t m = t / H, h = t % H;
-            block_task(q + h * hd, k + h * hd, v + h * hd, D, hd, G, globals[m], L, rows + m * L, keep + m * L,
-                       out_rows + m * L, out + h * hd, mine);
+            attention_task(q + h * hd, k + h * hd, v + h * hd, D, hd, G, globals[m], Lq, queries + m * Lq, Lk,
+                           keys + m * Lk, keep + m * Lk, out_rows + m * Lq, out + h * hd, mine);
         }
     }
     return 0;

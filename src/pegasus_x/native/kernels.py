@@ -132,24 +132,26 @@ def block_attention_fits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
 
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, num_globals: int, globals_at: Tensor,
-                    rows: Tensor, keep: Tensor, out_rows: Tensor, count: int) -> Tensor:
-    """The encoder's token attention, block by block, for rows :func:`block_attention_fits` takes.
+                    queries: Tensor, keys: Tensor, keep: Tensor, out_rows: Tensor, count: int) -> Tensor:
+    """The encoder's attention, task by task, for rows :func:`block_attention_fits` takes (row indices must be in
+    range: the C side does not check them).
 
-    Block m's queries (the rows ``rows[m]``, ``(M, L)`` int64) attend to the ``num_globals`` rows from
-    ``globals_at[m]`` then to their own rows' keys where ``keep[m]`` (bool); slot i's output is row
-    ``out_rows[m, i]`` of the ``(count, D)`` result (-1: none; rows no slot names are left as allocated).
+    Task m's queries (the rows ``queries[m]``, ``(M, Lq)`` int64) attend to the ``num_globals`` rows from
+    ``globals_at[m]`` then to the rows ``keys[m]`` (``(M, Lk)``) where ``keep[m]`` (bool); query i's output is row
+    ``out_rows[m, i]`` of the ``(count, D)`` result (-1: none; rows no query names are left as allocated). A block of
+    tokens is a task whose queries are its keys; an input's globals, one whose keys are all its tokens.
     """
     lib = loader.library()
-    M, L = rows.shape
+    (M, Lq), Lk = queries.shape, keys.shape[1]
     D = q.shape[1]
     hd = D // heads
-    index = [t.to(torch.int64).contiguous() for t in (globals_at, rows, out_rows)]
+    index = [t.to(torch.int64).contiguous() for t in (globals_at, queries, keys, out_rows)]
     flags = keep.to(torch.uint8).contiguous()
     out = torch.empty(count, D, dtype=torch.float32)
     threads = torch.get_num_threads()
-    work = _floats(lib.px_block_attention_work(num_globals, L, hd, threads))
-    if lib.px_block_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), heads, hd, M, num_globals, L,
-                              index[0].data_ptr(), index[1].data_ptr(), flags.data_ptr(), index[2].data_ptr(),
+    work = _floats(lib.px_block_attention_work(num_globals, Lq, Lk, hd, threads))
+    if lib.px_block_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), heads, hd, M, num_globals, Lq, Lk,
+                              *(t.data_ptr() for t in index[:3]), flags.data_ptr(), index[3].data_ptr(),
                               out.data_ptr(), work.data_ptr(), threads):
         raise RuntimeError("px_block_attention refused its arguments; block_attention_fits should have caught this")
     return out
