@@ -140,13 +140,13 @@ def test_gemm_takes_many_fp32_rows_only(lib):
 @pytest.mark.parametrize("G, K, H, hd", [(3, 4, 2, 8), (16, 10, 3, 20), (0, 14, 1, 64), (128, 64, 2, 48),
                                          (5, 400, 1, 16)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_block_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, threads):
+def test_encoder_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, threads):
     """The encoder's attention (every block over [globals ‖ its keys], the globals over every key, padded keys masked)
     against the torch path of GlobalLocalAttention, padded and packed layouts: tiles short of 6 queries or 16 keys,
     head dims short of 16, no globals, an input whose last block is all padding, staggered blocks, keys past one
     chunk (the globals of 3 blocks of 64 and more)."""
     if not kernels.gemm_preferred():
-        pytest.skip("px_block_attention runs only where px_gemm is preferred (AVX2 + FMA without AVX-512)")
+        pytest.skip("px_encoder_attention runs only where px_gemm is preferred (AVX2 + FMA without AVX-512)")
     from pegasus_x.attention import GlobalLocalAttention, Packing
 
     before = torch.get_num_threads()
@@ -159,8 +159,8 @@ def test_block_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd, t
         keep = torch.ones(B, P, dtype=torch.bool)
         keep[1, P - K - 1:] = False
         calls = []
-        real = native.block_attention
-        monkeypatch.setattr(native, "block_attention", lambda *a: calls.append(1) or real(*a))
+        real = native.encoder_attention
+        monkeypatch.setattr(native, "encoder_attention", lambda *a: calls.append(1) or real(*a))
         for stagger in (False, True):
             with torch.no_grad():
                 got = layer(x, glob, keep, stagger)

@@ -240,4 +240,4 @@ def test_describe_names_the_kernels_that_run(monkeypatch):
     monkeypatch.setattr(loader, "library", lambda: Lib(0))
     assert kernels.describe().startswith("native: decode steps") and "torch's GEMM" in kernels.describe()
     monkeypatch.setattr(loader, "library", lambda: Lib(1))
-    assert kernels.describe() == "native: decode steps, the encoder's fp32 GEMM and block attention"
+    assert kernels.describe() == "native: decode steps, the encoder's fp32 GEMM and attention"

@@ -8,7 +8,7 @@ products (``kernels.linear``), fp32 and bf16 with fp32 accumulation, and int8 we
 (``kernels.linear_int8`` and the one-position step, for :mod:`pegasus_x.quantize`), widened to fp32 in registers,
 and a beam-search step's log-softmax and top-k over the vocabulary (``log_softmax``, ``topk``; greedy's ``argmax``).
 Past the decode step, fp32 products of many rows (the encoder's linears) as register-tiled GEMM (``kernels.gemm``)
-and the encoder's attention (its blocks' and its globals' queries) on the same tiles (``block_attention``), where
+and the encoder's attention (its blocks' and its globals' queries) on the same tiles (``encoder_attention``), where
 the CPU is the one they are tiled for (AVX2 + FMA without AVX-512).
 :mod:`.linear`'s ``Linear`` sends CPU products to those kernels, else (fp32, few rows, no compiler) to one
 ``torch.bmm`` over row slabs of the weight.
@@ -29,11 +29,11 @@ Results agree up to the order of floating-point summation.
 """
 
 from . import hugepages
-from .kernels import (DecoderPlan, argmax, attention, attention_fits, block_attention, block_attention_fits,
+from .kernels import (DecoderPlan, argmax, attention, attention_fits, encoder_attention, encoder_attention_fits,
                       decoder_plan, decoder_rows, decoder_rows_fit, decoder_step, describe, log_softmax, topk)
 from .linear import Linear
 from .loader import available, enabled, library, set_enabled
 
-__all__ = ["DecoderPlan", "Linear", "argmax", "attention", "attention_fits", "available", "block_attention",
-           "block_attention_fits", "decoder_plan", "decoder_rows", "decoder_rows_fit", "decoder_step", "describe",
+__all__ = ["DecoderPlan", "Linear", "argmax", "attention", "attention_fits", "available", "encoder_attention",
+           "encoder_attention_fits", "decoder_plan", "decoder_rows", "decoder_rows_fit", "decoder_step", "describe",
            "enabled", "hugepages", "library", "log_softmax", "set_enabled", "topk"]

@@ -97,9 +97,9 @@ def check(lib: ctypes.CDLL) -> None:
     lib.px_gemm_preferred.argtypes, lib.px_gemm_preferred.restype = [], _int
     lib.px_gemm_work.argtypes, lib.px_gemm_work.restype = [_i64, _int], _i64
     lib.px_gemm.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int]
-    lib.px_block_attention_work.argtypes = [_i64, _i64, _i64, _i64, _int]
-    lib.px_block_attention_work.restype = _i64
-    lib.px_block_attention.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
+    lib.px_encoder_attention_work.argtypes = [_i64, _i64, _i64, _i64, _int]
+    lib.px_encoder_attention_work.restype = _i64
+    lib.px_encoder_attention.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
                                        _ptr, _ptr, _ptr, _int]
     lib.px_log_softmax.argtypes = [_ptr, _ptr, _i64, _i64, _int]
     lib.px_topk_work.argtypes, lib.px_topk_work.restype = [_i64, _int, _int], _i64

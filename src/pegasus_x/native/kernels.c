@@ -7,7 +7,7 @@
  * without one, the library uses torch kernels instead. kernels.py calls them; px_constants() below tells it this
  * file's struct layout, limits and enum values, which it checks against its own at load.
  *
- * Past the decode step, the encoder's compute-bound work in fp32: px_gemm (its linears) and px_block_attention (its
+ * Past the decode step, the encoder's compute-bound work in fp32: px_gemm (its linears) and px_encoder_attention (its
  * attention), both on one register tile (section GEMM).
  *
  * Portable C with GCC/Clang vector extensions: the compiler maps v8f to the target's SIMD registers
@@ -1393,7 +1393,7 @@ static int64_t attention_floats(int64_t G, int64_t Lq, int64_t Lk, int64_t hd) {
     return chunk * (hd + dims + 1 + GEMM_MR) + Lq * (dims + 2);
 }
 
-int64_t px_block_attention_work(int64_t G, int64_t Lq, int64_t Lk, int64_t hd, int threads) {
+int64_t px_encoder_attention_work(int64_t G, int64_t Lq, int64_t Lk, int64_t hd, int threads) {
     return threads * attention_floats(G, Lq, Lk, hd);
 }
 
@@ -1465,7 +1465,7 @@ static void attention_task(const float *q, const float *k, const float *v, int64
 }
 
 /* Every (task, head) of the attention above; H heads of hd dims, D = H·hd floats per row. */
-int px_block_attention(const float *q, const float *k, const float *v, int64_t H, int64_t hd, int64_t M, int64_t G,
+int px_encoder_attention(const float *q, const float *k, const float *v, int64_t H, int64_t hd, int64_t M, int64_t G,
                        int64_t Lq, int64_t Lk, const int64_t *globals, const int64_t *queries, const int64_t *keys,
                        const uint8_t *keep, const int64_t *out_rows, float *out, float *work, int threads) {
     if (H < 1 || hd < 1 || hd > MAX_HEAD_DIM || M < 1 || G < 0 || Lq < 1 || Lk < 0 || G + Lk < 1) return 1;

@@ -91,7 +91,7 @@ def describe() -> str:
         return f"torch's (the fast paths are switched off: {loader.SWITCH}=0)"
     if loader.library() is None:
         return "torch's (the native kernels are not built here: no C compiler, Windows, or a failed build)"
-    encoder = ("the encoder's fp32 GEMM and block attention" if gemm_preferred() else
+    encoder = ("the encoder's fp32 GEMM and attention" if gemm_preferred() else
                "the encoder on torch's GEMM (the native one is tiled for AVX2 + FMA without AVX-512)")
     return f"native: decode steps, {encoder}"
 
@@ -123,17 +123,17 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(*x.shape[:-1], out_features)
 
 
-def block_attention_fits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
-    """Whether :func:`block_attention` takes these rows: CPU, fp32, contiguous ``(rows, D)`` q/k/v of one shape,
+def encoder_attention_fits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
+    """Whether :func:`encoder_attention` takes these rows: CPU, fp32, contiguous ``(rows, D)`` q/k/v of one shape,
     ``D / heads`` at most ``MAX_HEAD_DIM``, and where ``px_gemm`` is preferred (the same tiles)."""
     return (q.dim() == 2 and k.shape == v.shape == q.shape and q.shape[1] % heads == 0
             and 0 < q.shape[1] // heads <= MAX_HEAD_DIM and on_cpu(q, k, v)
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in (q, k, v)) and gemm_preferred())
 
 
-def block_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, num_globals: int, globals_at: Tensor,
+def encoder_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, num_globals: int, globals_at: Tensor,
                     queries: Tensor, keys: Tensor, keep: Tensor, out_rows: Tensor, count: int) -> Tensor:
-    """The encoder's attention, task by task, for rows :func:`block_attention_fits` takes (row indices must be in
+    """The encoder's attention, task by task, for rows :func:`encoder_attention_fits` takes (row indices must be in
     range: the C side does not check them).
 
     Task m's queries (the rows ``queries[m]``, ``(M, Lq)`` int64) attend to the ``num_globals`` rows from
@@ -149,11 +149,11 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, num_globals: in
     flags = keep.to(torch.uint8).contiguous()
     out = torch.empty(count, D, dtype=torch.float32)
     threads = torch.get_num_threads()
-    work = _floats(lib.px_block_attention_work(num_globals, Lq, Lk, hd, threads))
-    if lib.px_block_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), heads, hd, M, num_globals, Lq, Lk,
+    work = _floats(lib.px_encoder_attention_work(num_globals, Lq, Lk, hd, threads))
+    if lib.px_encoder_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), heads, hd, M, num_globals, Lq, Lk,
                               *(t.data_ptr() for t in index[:3]), flags.data_ptr(), index[3].data_ptr(),
                               out.data_ptr(), work.data_ptr(), threads):
-        raise RuntimeError("px_block_attention refused its arguments; block_attention_fits should have caught this")
+        raise RuntimeError("px_encoder_attention refused its arguments; encoder_attention_fits should have caught this")
     return out
 
 
