@@ -112,10 +112,10 @@ class GlobalLocalAttention(nn.Module):
             starts = torch.arange(B) * L
             tokens, mine = starts[:, None] + G + torch.arange(P), torch.arange(B * G).view(B, G)
             g_out = native.encoder_attention(*flat, H, G, starts, starts[:, None] + torch.arange(G), tokens, keep,
-                                           mine, B * G) if G else q.new_empty(0, D)
+                                             mine, B * G) if G else q.new_empty(0, D)
             blocks = tokens.view(B * N, K)
             x_out = native.encoder_attention(*flat, H, G, starts.repeat_interleave(N), blocks, blocks,
-                                           keep.reshape(B * N, K), torch.arange(B * P).view(B * N, K), B * P)
+                                             keep.reshape(B * N, K), torch.arange(B * P).view(B * N, K), B * P)
             return x_out.view(B, P, D), g_out.view(B, G, D)
         q, k, v = q.view(B, L, H, hd), k.view(B, L, H, hd), v.view(B, L, H, hd)
 
@@ -157,7 +157,7 @@ class GlobalLocalAttention(nn.Module):
             g_out = (native.encoder_attention(q, k, v, H, G, starts, mine, tokens + BG, present, mine, BG) if G
                      else q.new_empty(0, D))
             x_out = native.encoder_attention(q, k, v, H, G, owner * G, rows + BG, rows + BG, real,
-                                           rows.masked_fill(~real, -1), h.shape[0] - BG)
+                                             rows.masked_fill(~real, -1), h.shape[0] - BG)
             return self.out_proj(torch.cat([g_out, x_out]))
         keep_all = torch.cat([packing.keep.new_ones(B, G), packing.keep], dim=1)[:, None, None, :]
 

@@ -372,9 +372,9 @@ def run_info(opts: InfoOptions) -> int:
         CheckpointError: the folder is missing, a JSON file of it is unreadable, or a safetensors header is corrupt.
         ConfigError / GenerationError: a value in config.json or generation_config.json is invalid.
     """
+    from . import native
     from .checkpoint import bytes_per_value, loaded_dtypes, read_shapes, resolve
     from .config import PegasusXConfig, estimate_memory, machine_memory
-    from . import native
     from .devices import auto_dtype
 
     folder = resolve(opts.path)

@@ -100,7 +100,7 @@ def check(lib: ctypes.CDLL) -> None:
     lib.px_encoder_attention_work.argtypes = [_i64, _i64, _i64, _i64, _int]
     lib.px_encoder_attention_work.restype = _i64
     lib.px_encoder_attention.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
-                                       _ptr, _ptr, _ptr, _int]
+                                         _ptr, _ptr, _ptr, _int]
     lib.px_log_softmax.argtypes = [_ptr, _ptr, _i64, _i64, _int]
     lib.px_topk_work.argtypes, lib.px_topk_work.restype = [_i64, _int, _int], _i64
     lib.px_topk.argtypes = [_ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _int]

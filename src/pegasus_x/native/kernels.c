@@ -1466,8 +1466,8 @@ static void attention_task(const float *q, const float *k, const float *v, int64
 
 /* Every (task, head) of the attention above; H heads of hd dims, D = H·hd floats per row. */
 int px_encoder_attention(const float *q, const float *k, const float *v, int64_t H, int64_t hd, int64_t M, int64_t G,
-                       int64_t Lq, int64_t Lk, const int64_t *globals, const int64_t *queries, const int64_t *keys,
-                       const uint8_t *keep, const int64_t *out_rows, float *out, float *work, int threads) {
+                         int64_t Lq, int64_t Lk, const int64_t *globals, const int64_t *queries, const int64_t *keys,
+                         const uint8_t *keep, const int64_t *out_rows, float *out, float *work, int threads) {
     if (H < 1 || hd < 1 || hd > MAX_HEAD_DIM || M < 1 || G < 0 || Lq < 1 || Lk < 0 || G + Lk < 1) return 1;
     const int64_t D = H * hd, tasks = M * H;
 #pragma omp parallel num_threads(threads)

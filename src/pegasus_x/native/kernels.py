@@ -132,7 +132,7 @@ def encoder_attention_fits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
 
 
 def encoder_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, num_globals: int, globals_at: Tensor,
-                    queries: Tensor, keys: Tensor, keep: Tensor, out_rows: Tensor, count: int) -> Tensor:
+                      queries: Tensor, keys: Tensor, keep: Tensor, out_rows: Tensor, count: int) -> Tensor:
     """The encoder's attention, task by task, for rows :func:`encoder_attention_fits` takes (row indices must be in
     range: the C side does not check them).
 
@@ -151,8 +151,8 @@ def encoder_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, num_globals: 
     threads = torch.get_num_threads()
     work = _floats(lib.px_encoder_attention_work(num_globals, Lq, Lk, hd, threads))
     if lib.px_encoder_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), heads, hd, M, num_globals, Lq, Lk,
-                              *(t.data_ptr() for t in index[:3]), flags.data_ptr(), index[3].data_ptr(),
-                              out.data_ptr(), work.data_ptr(), threads):
+                                *(t.data_ptr() for t in index[:3]), flags.data_ptr(), index[3].data_ptr(),
+                                out.data_ptr(), work.data_ptr(), threads):
         raise RuntimeError("px_encoder_attention refused its arguments; encoder_attention_fits should have caught this")
     return out
 
