@@ -188,7 +188,7 @@ def test_encoder_attention_equals_the_torch_layer(lib, monkeypatch, G, K, H, hd,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("G", [1, 2, 4, 5, 8, 11])
 @pytest.mark.parametrize("S", [1, 7, 8, 9, 300])
-@pytest.mark.parametrize("D", [64, 16, 8])
+@pytest.mark.parametrize("D", [64, 48, 40, 24, 16, 8])
 def test_attention_equals_sdpa(lib, dtype, G, S, D):
     """int8 keys/values (with their row scales) against SDPA on the values they stand for."""
     g = torch.Generator().manual_seed(G * 1000 + S + D)

@@ -531,31 +531,44 @@ static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const fl
     }
 }
 
-/* acc[g, vectors v0 … v0+VALUE_VECS-1] += sum over s0 ≤ s < s1 of p[g·S + s] · v[s] for gn (a constant) query
- * rows: the sums of gn rows × VALUE_VECS vectors stay in registers while the tile of value rows is read from L1. */
+/* acc[g, vectors v0 … v0+vn-1] += sum over s0 ≤ s < s1 of p[g·S + s] · v[s] for gn query rows (gn and vn ≤
+ * VALUE_VECS constants): the sums of gn rows × vn vectors stay in registers while the tile of value rows is read
+ * from L1. */
 #define VALUE_VECS 4
 #define VALUE_ROWS 2
 static inline void value_part(const attn_args *a, int64_t off, const float *p, int64_t S, int64_t s0, int64_t s1,
-                              int64_t v0, const int gn, int pairs, float *acc, const int64_t D,
+                              int64_t v0, const int gn, const int vn, int pairs, float *acc, const int64_t D,
                               const char *next, int64_t *fetched, int64_t lines) {
     v8f c[VALUE_ROWS][VALUE_VECS];
     for (int g = 0; g < gn; g++)
-        for (int d = 0; d < VALUE_VECS; d++) c[g][d] = load_f32(acc + g * D + 8 * (v0 + d));
+        for (int d = 0; d < vn; d++) c[g][d] = load_f32(acc + g * D + 8 * (v0 + d));
     for (int64_t s = s0; s < s1; s++) {
         if (*fetched < lines) __builtin_prefetch(next + 64 * (*fetched)++);   /* the next tile, spread over passes */
-        v8f w[VALUE_ROWS], vr[VALUE_VECS];
+        v8f w[VALUE_ROWS], vr[VALUE_VECS] = {0};  /* all set by load_part (with pairs vn is even) */
         for (int g = 0; g < gn; g++) w[g] = (v8f){0} + p[g * S + s];
-        load_part(a->v, a->kv, pairs, off + s * D, v0, VALUE_VECS, vr);
-        for (int d = 0; d < VALUE_VECS; d++)
+        load_part(a->v, a->kv, pairs, off + s * D, v0, vn, vr);
+        for (int d = 0; d < vn; d++)
             for (int g = 0; g < gn; g++) c[g][d] += vr[d] * w[g];
     }
     for (int g = 0; g < gn; g++)
-        for (int d = 0; d < VALUE_VECS; d++) memcpy(acc + g * D + 8 * (v0 + d), &c[g][d], sizeof c[g][d]);
+        for (int d = 0; d < vn; d++) memcpy(acc + g * D + 8 * (v0 + d), &c[g][d], sizeof c[g][d]);
 }
 
-/* The value pass of attend_one for G > 1 query rows: tiles of VALUE_TILE value rows, each read from memory once and
- * then from L1 by every chunk of query rows and every VALUE_VECS vectors of the head, while the next tile is
- * fetched. Each output element is still summed over s in order (the same sums as value_rows). acc: G·D floats. */
+/* value_part with gn (1 or VALUE_ROWS) and vn (1 … VALUE_VECS) as constants, so its loops unroll. */
+#define VALUE_PART(GN, VN) value_part(a, off, pg, S, s0, s1, v0, GN, VN, pairs, ag, D, next, &fetched, lines)
+#define VALUE_PART_ROWS(GN)                                                                                       \
+    switch (vn) {                                                                                                 \
+    case 1: VALUE_PART(GN, 1); break;                                                                             \
+    case 2: VALUE_PART(GN, 2); break;                                                                             \
+    case 3: VALUE_PART(GN, 3); break;                                                                             \
+    default: VALUE_PART(GN, VALUE_VECS); break;                                                                   \
+    }
+
+/* The value pass of attend_one for G query rows: tiles of VALUE_TILE value rows, each read from memory once and
+ * then from L1 by every chunk of query rows and every VALUE_VECS vectors of the head (the last group of a head
+ * whose D/8 vectors are not a multiple of VALUE_VECS is shorter; with bf16 `pairs` D/8 is even, and so is every
+ * group), while the next tile is fetched. Each output element is still summed over s in order (the same sums as
+ * value_rows). acc: G·D floats. */
 #define VALUE_TILE 64
 static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t G, int64_t S,
                         const int64_t D, int pairs, float *acc) {
@@ -570,10 +583,12 @@ static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p
             for (int64_t v0 = 0; v0 < D / 8; v0 += VALUE_VECS) {
                 const float *pg = p + g0 * S;
                 float *ag = acc + g0 * D;
-                if (gn == 1)                      /* the row count as a constant */
-                    value_part(a, off, pg, S, s0, s1, v0, 1, pairs, ag, D, next, &fetched, lines);
-                else
-                    value_part(a, off, pg, S, s0, s1, v0, VALUE_ROWS, pairs, ag, D, next, &fetched, lines);
+                int vn = D / 8 - v0 < VALUE_VECS ? (int)(D / 8 - v0) : VALUE_VECS;
+                if (gn == 1) {                    /* the row count as a constant */
+                    VALUE_PART_ROWS(1)
+                } else {
+                    VALUE_PART_ROWS(VALUE_ROWS)
+                }
             }
             g0 += gn;
         }
@@ -649,7 +664,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
     }
     /* Weighted sum of the values: value_tiles for several query rows (its accumulators fit the registers, where
      * value_rows' whole head per row does not: faster from 2 rows on, ad hoc); one pass of value_rows for one. */
-    if (G > 1 && D % (8 * VALUE_VECS) == 0) {
+    if (G > 1) {
         float *acc = scores + G * S;                  /* the query's copy is no longer needed */
         value_tiles(a, b, h, scores, G, S, D, pairs, acc);
         for (int64_t g = 0; g < G; g++) store_head(a->out + b * a->sb + h * a->sh + g * a->sg, acc + g * D, pairs, D);
@@ -677,8 +692,11 @@ static void attend_tasks(const attn_args *a, float *scratch) {
     float *scores = scratch + (int64_t)omp_get_thread_num() * a->G * (a->S + a->D);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < a->B * a->H; bh++) {
-        if (a->D == 64)                       /* every PEGASUS-X size: constant bounds, registers for the sums */
+        /* Constant bounds keep a head's sums in registers: 64 for every PEGASUS-X size, 48 for the bundled demo. */
+        if (a->D == 64)
             attend_one(a, bh, scores, 64);
+        else if (a->D == 48)
+            attend_one(a, bh, scores, 48);
         else
             attend_one(a, bh, scores, a->D);
     }
