@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -44,6 +43,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import ISA_FLAGS, cpu_info
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
@@ -53,27 +54,6 @@ TOKENIZER = ROOT / "src" / "pegasus_x" / "assets" / "pegasus-tokenizer"   # the 
 SHAPE = dict(vocab=96103, d_model=768, heads=12, decoder_layers=12, ffn=3072, encoder_layers=1)
 MODES = {"greedy": 1, "beam4": 4}
 CONFIGS = ("ct2-float32", "ct2-int8", "ours-fp32", "ours-bf16", "ours-int8", "ours-int8-bf16kv", "ours-int8-int8kv")
-# /proc/cpuinfo flag -> the name printed; what decides which fast paths a CPU has.
-ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
-             "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    """(CPU model name, ISA extensions that matter here) from /proc/cpuinfo."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return name, [label for flag, label in ISA_FLAGS.items() if flag in flags]
-
-
 # ---------------------------------------------------------------------------------------------------- children
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, MB."""

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -31,14 +30,9 @@ import time
 from pathlib import Path
 
 import httpx
+from common import describe_cpu, sample_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_texts(count: int, most_words: int) -> list[str]:
-    """``count`` different texts of 30 to ``most_words`` words: windows of the sample document at varied offsets."""
-    words = (ROOT / "examples" / "sample.txt").read_text().split()
-    return [" ".join(words[(11 * i) % 80:][:30 + (37 * i) % (most_words - 29)]) for i in range(count)]
 
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -118,16 +112,6 @@ def run_phase(name: str, extra: list[str], texts: list[str], args: argparse.Name
     return result
 
 
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
@@ -138,7 +122,7 @@ def main() -> int:
     parser.add_argument("--random-base", action="store_true", help="serve a pegasus-x-base-shaped model with "
                         "random weights instead of the demo model")
     args = parser.parse_args()
-    texts = make_texts(args.requests, args.words)
+    texts = sample_windows(args.requests, args.words)
     with tempfile.TemporaryDirectory() as folder:
         model = []
         if args.random_base:
@@ -155,7 +139,7 @@ def main() -> int:
 def compare(texts: list[str], model: list[str], args: argparse.Namespace) -> int:
     name = "pegasus-x-base shape, random weights" if model else "demo model"
     print(f"pegasus-x serve load test: {name}, {args.requests} requests, {args.clients} concurrent clients, "
-          f"options {args.options or 'the checkpoint defaults'}; {cpu_name()}, {os.cpu_count()} cores, "
+          f"options {args.options or 'the checkpoint defaults'}; {describe_cpu()}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     alone = run_phase("one at a time", [*model, "--max-batch-size", "1"], texts, args)
     batched = run_phase("batched (defaults)", model, texts, args)
