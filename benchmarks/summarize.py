@@ -57,9 +57,16 @@ def run_child(spec: dict) -> dict:
         start = time.perf_counter()
         out = [model.generate(ids, attention_mask=mask, **spec["options"]) for ids, mask in batches]
         seconds = time.perf_counter() - start
-    sequences = [[t for t in row.tolist() if t != 0] for o in out for row in o]
+    sequences = [_summary(row.tolist()[1:], model.config.eos_token_id, model.config.pad_token_id)
+                 for o in out for row in o]
     return dict(seconds=seconds, sequences=sequences,
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+
+
+def _summary(ids: list[int], eos: int, pad: int) -> list[int]:
+    """A generated row up to its first EOS, without padding (a batch pads finished rows: the reference with EOS)."""
+    ids = ids[:ids.index(eos) + 1] if eos in ids else ids
+    return [t for t in ids if t != pad]
 
 
 def tokenize(spec: dict) -> list[list[int]]:
