@@ -103,13 +103,15 @@ def test_many_rows_linear_equals_f_linear(lib, monkeypatch, dtype, rows, shape):
     assert len(calls) == 2                                        # both products took the kernel
 
 
-@pytest.mark.parametrize("rows", [73, 79, 203])
-@pytest.mark.parametrize("shape", [(384, 256), (385, 200), (7, 33), (40, 800), (4113, 24)])
+@pytest.mark.parametrize("rows, shape", [
+    *((rows, shape) for rows in (73, 79, 203) for shape in ((384, 256), (385, 200), (7, 33), (40, 800), (4113, 24))),
+    (517, (1100, 3100)), (517, (40, 800)), (600, (7, 33))])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gemm_equals_f_linear(lib, rows, shape, threads):
     """px_gemm over every edge: rows not a multiple of the 6-row tile and past its 96-row block, outputs not a
     multiple of 16 and past the 4,096 packed at once, inputs past the 384-input panel, threads splitting outputs or
-    (7 outputs on 3 threads) rows."""
+    (7 outputs on 3 threads) rows; from 512 rows the deep blocks: inputs past their 3,072, outputs past the 512 packed
+    at once at that depth."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-VERSION = 6             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
+VERSION = 7             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
 MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
 MAX_DRAFT_ROWS = 72     # rows (× new positions) per px_decoder_rows / px_linear_rows / px_linear_int8 call
 MAX_HEAD_DIM = 256      # px_attention's and px_decoder's head_dim limit
@@ -95,7 +95,7 @@ def check(lib: ctypes.CDLL) -> None:
     lib.px_decoder_rows_work.restype = _i64
     lib.px_decoder_rows.argtypes = [ctypes.POINTER(Layer), _int, _i64, _i64, _ptr, _ptr, _int]
     lib.px_gemm_preferred.argtypes, lib.px_gemm_preferred.restype = [], _int
-    lib.px_gemm_work.argtypes, lib.px_gemm_work.restype = [_i64, _int], _i64
+    lib.px_gemm_work.argtypes, lib.px_gemm_work.restype = [_i64, _i64, _i64, _int], _i64
     lib.px_gemm.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int]
     lib.px_encoder_attention_work.argtypes = [_i64, _i64, _i64, _i64, _int]
     lib.px_encoder_attention_work.restype = _i64

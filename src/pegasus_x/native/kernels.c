@@ -34,7 +34,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
 #define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
 #define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
-#define ABI_VERSION 6         /* raise with any change to a px_ function's arguments */
+#define ABI_VERSION 7         /* raise with any change to a px_ function's arguments */
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -1254,19 +1254,24 @@ int px_topk(const float *x, int64_t rows, int64_t n, int k, float *values, int64
  * Products of many rows (the encoder's linears, a prefill's cross keys/values): y = x Wᵀ + bias in fp32. Unlike a
  * decode step these are bound by multiply-adds, not memory, so the layout is a register tile: GEMM_MR rows of x ×
  * GEMM_NR outputs in 12 accumulators, fed per input element by two loads of packed weights and GEMM_MR broadcasts
- * of x (the broadcast form needs the weight transposed: each thread packs its outputs' weights, GEMM_KC inputs ×
- * GEMM_NR outputs per panel, k-major, as it goes). A panel stays in L1 while GEMM_MC rows meet it, those rows' KC
- * inputs in L2; x is read in place. Each output sums its inputs in order, block by block. */
+ * of x (the broadcast form needs the weight transposed: each thread packs its outputs' weights, a block of inputs ×
+ * GEMM_NR outputs per panel, k-major, as it goes). Below GEMM_DEEP_ROWS rows a block is GEMM_KC inputs: a panel
+ * stays in L1 while GEMM_MC rows meet it, those rows' inputs in L2. From GEMM_DEEP_ROWS rows it is up to
+ * GEMM_KC_DEEP inputs (every encoder product in one block): each tile keeps its sums in registers that much longer
+ * and stores them once, the panel read from L2. x is read in place. Each output sums its inputs in order, block by
+ * block. */
 #define GEMM_MR 6
 #define GEMM_NR 16
 #define GEMM_KC 384
+#define GEMM_KC_DEEP 3072
+#define GEMM_DEEP_ROWS 512
 #define GEMM_MC 96
-#define GEMM_NC 4096          /* outputs packed at once: bounds each thread's panel buffer */
+#define GEMM_PANEL 1572864    /* floats of packed weights per thread at most: KC × the outputs packed at once */
 #define GEMM_MIN_GROUPS 4     /* NR-output groups per thread below which threads also split the rows */
 
 #define BROADCAST(s) ((v8f){s, s, s, s, s, s, s, s})
 
-static const float gemm_zeros[GEMM_KC];                   /* what the rows a short tile lacks read */
+static const float gemm_zeros[GEMM_KC_DEEP];              /* what the rows a short tile lacks read */
 
 /* n outputs in whole groups of GEMM_NR. */
 static inline int64_t gemm_groups(int64_t n) { return (n + GEMM_NR - 1) / GEMM_NR; }
@@ -1302,6 +1307,19 @@ static inline void gemm_tile(int64_t kc, const float *const a[GEMM_MR], const fl
     }
 }
 
+/* Inputs per block for a product of `rows` rows (benchmarks/encoder.py: the deep blocks win from GEMM_DEEP_ROWS rows,
+ * the short ones, whose panels stay in L1, below). */
+static inline int64_t gemm_kc(int64_t rows, int64_t in) {
+    int64_t kc = rows < GEMM_DEEP_ROWS ? GEMM_KC : GEMM_KC_DEEP;
+    return in < kc ? in : kc;
+}
+
+/* Outputs packed at once for blocks of kc inputs, in whole groups: what bounds each thread's panel buffer. */
+static inline int64_t gemm_nc(int64_t kc) {
+    int64_t nc = GEMM_PANEL / kc / GEMM_NR * GEMM_NR;
+    return nc > GEMM_NR ? nc : GEMM_NR;
+}
+
 /* How n threads split the work: tn over the output groups times tm over the rows (the fewest row splits that
  * leave each thread GEMM_MIN_GROUPS groups; a thread past tn·tm idles). */
 static void gemm_split(int64_t groups, int n, int *tn, int *tm) {
@@ -1311,19 +1329,19 @@ static void gemm_split(int64_t groups, int n, int *tn, int *tm) {
 }
 
 /* Thread t's panel buffer, in floats. */
-static int64_t gemm_panel_floats(int64_t out, int n) {
+static int64_t gemm_panel_floats(int64_t rows, int64_t in, int64_t out, int n) {
     int tn, tm;
-    int64_t groups = gemm_groups(out);
+    int64_t groups = gemm_groups(out), kc = gemm_kc(rows, in), nc = gemm_nc(kc);
     gemm_split(groups, n, &tn, &tm);
     int64_t per = (groups + tn - 1) / tn * GEMM_NR;
-    return GEMM_KC * (per < GEMM_NC ? per : GEMM_NC);
+    return kc * (per < nc ? per : nc);
 }
 
 /* Floats of work px_gemm needs: every thread's panel buffer, for however many of the threads OpenMP grants. */
-int64_t px_gemm_work(int64_t out, int threads) {
+int64_t px_gemm_work(int64_t rows, int64_t in, int64_t out, int threads) {
     int64_t most = 0;
     for (int n = 1; n <= threads; n++)
-        if (n * gemm_panel_floats(out, n) > most) most = n * gemm_panel_floats(out, n);
+        if (n * gemm_panel_floats(rows, in, out, n) > most) most = n * gemm_panel_floats(rows, in, out, n);
     return most;
 }
 
@@ -1350,10 +1368,11 @@ static void gemm_part(const float *x, int64_t rows, int64_t in, const float *W, 
     int64_t tiles = (rows + GEMM_MR - 1) / GEMM_MR;
     int64_t r0 = tiles * (t / tn) / tm * GEMM_MR, r1 = tiles * (t / tn + 1) / tm * GEMM_MR;
     if (r1 > rows) r1 = rows;
-    for (int64_t c0 = g0 * GEMM_NR; c0 < g1 * GEMM_NR; c0 += GEMM_NC) {
-        int64_t c1 = c0 + GEMM_NC < g1 * GEMM_NR ? c0 + GEMM_NC : g1 * GEMM_NR;
-        for (int64_t k0 = 0; k0 < in; k0 += GEMM_KC) {
-            int64_t kc = in - k0 < GEMM_KC ? in - k0 : GEMM_KC;
+    int64_t KC = gemm_kc(rows, in), NC = gemm_nc(KC);
+    for (int64_t c0 = g0 * GEMM_NR; c0 < g1 * GEMM_NR; c0 += NC) {
+        int64_t c1 = c0 + NC < g1 * GEMM_NR ? c0 + NC : g1 * GEMM_NR;
+        for (int64_t k0 = 0; k0 < in; k0 += KC) {
+            int64_t kc = in - k0 < KC ? in - k0 : KC;
             gemm_pack(W, out, in, c0, c1, k0, kc, panels);
             for (int64_t m0 = r0; m0 < r1; m0 += GEMM_MC) {
                 int64_t m1 = m0 + GEMM_MC < r1 ? m0 + GEMM_MC : r1;
@@ -1389,7 +1408,7 @@ int px_gemm(const float *x, int64_t rows, int64_t in, const float *W, int64_t ou
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
-        gemm_part(x, rows, in, W, out, bias, y, work + t * gemm_panel_floats(out, n), t, n);
+        gemm_part(x, rows, in, W, out, bias, y, work + t * gemm_panel_floats(rows, in, out, n), t, n);
     }
     return 0;
 }

@@ -116,7 +116,7 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     bf = None if bias is None else bias.contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     threads = torch.get_num_threads()
-    work = _floats(lib.px_gemm_work(out_features, threads))
+    work = _floats(lib.px_gemm_work(rows, in_features, out_features, threads))
     if lib.px_gemm(xf.data_ptr(), rows, in_features, weight.data_ptr(), out_features,
                    None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), threads):
         raise RuntimeError("px_gemm refused its arguments; gemm_fits should have caught this")
