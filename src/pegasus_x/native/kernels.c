@@ -97,6 +97,11 @@ static inline float max_of(const float *x, int64_t n, int *finite) {
             m[u] = vmax(m[u], v);
             if (finite) z += v * 0.0f;
         }
+    for (; i + 8 <= n; i += 8) {                  /* then a vector at a time, the last n % 8 one by one */
+        v8f v = load_f32(x + i);
+        m[0] = vmax(m[0], v);
+        if (finite) z += v * 0.0f;
+    }
     v8f mv = vmax(vmax(m[0], m[1]), vmax(m[2], m[3]));
     float best = -INFINITY, zs = hsum(z);
     for (int j = 0; j < 8; j++) best = mv[j] > best ? mv[j] : best;
@@ -119,6 +124,11 @@ static inline float exp_sum(const float *x, int64_t n, float m, float *out) {
             if (out) memcpy(out + i + 8 * u, &e, sizeof e);
             t[u] += e;
         }
+    for (; i + 8 <= n; i += 8) {                  /* then a vector at a time, the last n % 8 one by one */
+        v8f e = vexp(load_f32(x + i) - m);
+        if (out) memcpy(out + i, &e, sizeof e);
+        t[0] += e;
+    }
     float total = hsum((t[0] + t[1]) + (t[2] + t[3]));
     for (; i < n; i++) {
         float e = expf(x[i] - m);
