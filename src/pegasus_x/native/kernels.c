@@ -545,10 +545,12 @@ static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const fl
  * VALUE_VECS constants): the sums of gn rows × vn vectors stay in registers while the tile of value rows is read
  * from L1. */
 #define VALUE_VECS 4
-#define VALUE_ROWS 2
-static inline void value_part(const attn_args *a, int64_t off, const float *p, int64_t S, int64_t s0, int64_t s1,
-                              int64_t v0, const int gn, const int vn, int pairs, float *acc, const int64_t D,
-                              const char *next, int64_t *fetched, int64_t lines) {
+#define VALUE_ROWS 3
+static inline __attribute__((always_inline)) void value_part(const attn_args *a, const int kv, int64_t off,
+                                                          const float *p, int64_t S, int64_t s0, int64_t s1,
+                                                          int64_t v0, const int gn, const int vn, int pairs,
+                                                          float *acc, const int64_t D, const char *next,
+                                                          int64_t *fetched, int64_t lines) {
     v8f c[VALUE_ROWS][VALUE_VECS];
     for (int g = 0; g < gn; g++)
         for (int d = 0; d < vn; d++) c[g][d] = load_f32(acc + g * D + 8 * (v0 + d));
@@ -556,7 +558,7 @@ static inline void value_part(const attn_args *a, int64_t off, const float *p, i
         if (*fetched < lines) __builtin_prefetch(next + 64 * (*fetched)++);   /* the next tile, spread over passes */
         v8f w[VALUE_ROWS], vr[VALUE_VECS] = {0};  /* all set by load_part (with pairs vn is even) */
         for (int g = 0; g < gn; g++) w[g] = (v8f){0} + p[g * S + s];
-        load_part(a->v, a->kv, pairs, off + s * D, v0, vn, vr);
+        load_part(a->v, kv, pairs, off + s * D, v0, vn, vr);
         for (int d = 0; d < vn; d++)
             for (int g = 0; g < gn; g++) c[g][d] += vr[d] * w[g];
     }
@@ -564,8 +566,8 @@ static inline void value_part(const attn_args *a, int64_t off, const float *p, i
         for (int d = 0; d < vn; d++) memcpy(acc + g * D + 8 * (v0 + d), &c[g][d], sizeof c[g][d]);
 }
 
-/* value_part with gn (1 or VALUE_ROWS) and vn (1 … VALUE_VECS) as constants, so its loops unroll. */
-#define VALUE_PART(GN, VN) value_part(a, off, pg, S, s0, s1, v0, GN, VN, pairs, ag, D, next, &fetched, lines)
+/* value_part with gn (1 … VALUE_ROWS) and vn (1 … VALUE_VECS) as constants, so its loops unroll. */
+#define VALUE_PART(GN, VN) value_part(a, kv, off, pg, S, s0, s1, v0, GN, VN, pairs, ag, D, next, &fetched, lines)
 #define VALUE_PART_ROWS(GN)                                                                                       \
     switch (vn) {                                                                                                 \
     case 1: VALUE_PART(GN, 1); break;                                                                             \
@@ -580,9 +582,10 @@ static inline void value_part(const attn_args *a, int64_t off, const float *p, i
  * group), while the next tile is fetched. Each output element is still summed over s in order (the same sums as
  * value_rows). acc: G·D floats. */
 #define VALUE_TILE 64
-static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t G, int64_t S,
-                        const int64_t D, int pairs, float *acc) {
-    int64_t off = b * a->v_sb + h * a->v_sh, size = kv_bytes(a->kv), nch = (G + VALUE_ROWS - 1) / VALUE_ROWS;
+static inline __attribute__((always_inline)) void value_tiles_kv(const attn_args *a, const int kv, int64_t b,
+                                                              int64_t h, const float *p, int64_t G, int64_t S,
+                                                              const int64_t D, int pairs, float *acc) {
+    int64_t off = b * a->v_sb + h * a->v_sh, size = kv_bytes(kv), nch = (G + VALUE_ROWS - 1) / VALUE_ROWS;
     memset(acc, 0, G * D * sizeof(float));
     for (int64_t s0 = 0; s0 < S; s0 += VALUE_TILE) {
         int64_t s1 = s0 + VALUE_TILE < S ? s0 + VALUE_TILE : S, fetched = 0;
@@ -596,6 +599,8 @@ static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p
                 int vn = D / 8 - v0 < VALUE_VECS ? (int)(D / 8 - v0) : VALUE_VECS;
                 if (gn == 1) {                    /* the row count as a constant */
                     VALUE_PART_ROWS(1)
+                } else if (gn == 2) {
+                    VALUE_PART_ROWS(2)
                 } else {
                     VALUE_PART_ROWS(VALUE_ROWS)
                 }
@@ -605,60 +610,134 @@ static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p
     }
 }
 
+/* value_tiles_kv with the key/value type as a constant: no branch on it per value row. */
+static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t G, int64_t S,
+                        const int64_t D, int pairs, float *acc) {
+    switch (a->kv) {
+    case KV_F32: value_tiles_kv(a, KV_F32, b, h, p, G, S, D, pairs, acc); break;
+    case KV_BF16: value_tiles_kv(a, KV_BF16, b, h, p, G, S, D, pairs, acc); break;
+    default: value_tiles_kv(a, KV_I8, b, h, p, G, S, D, pairs, acc); break;
+    }
+}
+
+/* Scores of query rows g0 … g0+R-1 (q, row stride sg) against the 4 keys from row `koff` of the key tensor: R × 4 sums
+ * over the head dim, each in its own register, so every key vector is loaded (and widened) once for the R rows and
+ * every query vector once for the 4 keys, and no sum waits on another (one chain of FMAs per key and row stalls on
+ * their latency). R, kv and D are constants at every call. Written to scores[(g0 + g)·S + s0 + j], scaled, int8
+ * keys' row scales applied, masked keys -inf. */
+static inline __attribute__((always_inline)) void score_tile(const attn_args *a, const int kv, int64_t koff, const float *q, int64_t sg, const int R,
+                              const int64_t D, float scale, const uint8_t *kp, const float *ks, int64_t g0,
+                              int64_t s0, float *scores) {
+    v8f acc[3][4], t[16] = {0};
+    for (int g = 0; g < R; g++)
+        for (int j = 0; j < 4; j++) acc[g][j] = (v8f){0};
+    for (int64_t d = 0; d < D / 8; d++) {
+        v8f qv[3];
+        for (int g = 0; g < R; g++) qv[g] = load_f32(q + g * sg + 8 * d);
+        for (int j = 0; j < 4; j++) {
+            v8f kr;
+            load_part(a->k, kv, 0, koff + j * D, d, 1, &kr);
+            for (int g = 0; g < R; g++) acc[g][j] += kr * qv[g];
+        }
+    }
+    for (int g = 0; g < R; g++)
+        for (int j = 0; j < 4; j++) t[4 * g + j] = acc[g][j];
+    v8f lo = hsum8(t), hi = R > 2 ? hsum8(t + 8) : (v8f){0};    /* lanes 4g + j: rows 0-1, then row 2 */
+    for (int g = 0; g < R; g++)
+        for (int j = 0; j < 4; j++) {
+            float v = (g < 2 ? lo[4 * g + j] : hi[j]) * scale;
+            scores[(g0 + g) * a->S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : ks ? v * ks[s0 + j] : v;
+        }
+}
+
 #define KEY_AHEAD 32
-static inline void attend_one(const attn_args *a, int64_t bh, float *scores, const int64_t D) {
+#define SCORE_ROWS 3          /* query rows per score_tile */
+static inline void attend_one(const attn_args *a, int64_t bh, float *scores, const int64_t D, const int kv) {
     int64_t b = bh / a->H, h = bh % a->H, G = a->G, S = a->S, sg = a->sg;
     const float *qb = a->q + b * a->sb + h * a->sh;
     const uint8_t *kp = a->keep ? a->keep + b * a->keep_sb : NULL;
     float scale = 1.0f / sqrtf((float)D);
-    int pairs = a->kv == KV_BF16 && D % 16 == 0;
-    if (pairs) {                              /* the query in load_row's order: 8 even, 8 odd elements per 16 */
-        float *qs = scores + G * S;
-        for (int64_t g = 0; g < G; g++)
-            for (int64_t d = 0; d < D; d++) qs[g * D + (d & ~15) + (d & 1) * 8 + (d & 15) / 2] = qb[g * sg + d];
-        qb = qs;
-        sg = D;
-    }
-    /* Scores: one pass over the keys (per chunk of at most MAX_ROWS query rows, balanced: 9 rows as 5 + 4); each key
-     * row, once widened, meets the query rows straight away: their partial sums, not the widened row, wait for the
-     * 8-key horizontal sum. */
-    int64_t S8 = S - S % 8, nch = (G + MAX_ROWS - 1) / MAX_ROWS;
-    const char *kbase = (const char *)a->k + (b * a->k_sb + h * a->k_sh) * kv_bytes(a->kv);
-    int64_t row_bytes = D * kv_bytes(a->kv), key_bytes = S * row_bytes;
-    const float *ks = a->kv == KV_I8 ? a->k_scale + (b * a->k_sb + h * a->k_sh) / D : NULL;
-    const float *vs = a->kv == KV_I8 ? a->v_scale + (b * a->v_sb + h * a->v_sh) / D : NULL;
-    for (int64_t s0 = 0; s0 < S; s0 += 8) {
-        int64_t n = s0 < S8 ? 8 : S - s0;
-        /* With many query rows, the keys KEY_AHEAD rows on: then each key row carries enough arithmetic that the
-         * hardware prefetcher falls behind. With a few rows it keeps up, and the extra loads only slow the step
-         * (benchmarks/peers.py, greedy at 4,096 tokens). */
-        if (G > 4)
-            for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 8) * row_bytes && at < key_bytes;
-                 at += 64)
-                __builtin_prefetch(kbase + at);
-        for (int64_t c = 0, g0 = 0; c < nch; c++) {
-            int64_t gn = G / nch + (c < G % nch);
-            const float *qg = qb + g0 * sg;
-            v8f acc[MAX_ROWS][8];
-            for (int64_t j = 0; j < 8; j++) {
-                v8f kr[MAX_HEAD_DIM / 8];
-                if (j < n)
-                    load_row(a->k, a->kv, pairs, b * a->k_sb + h * a->k_sh + (s0 + j) * D, D, kr);
-                else
-                    for (int64_t d = 0; d < D / 8; d++) kr[d] = (v8f){0};
-                for (int64_t g = 0; g < gn; g++) {
-                    v8f sum = kr[0] * load_f32(qg + g * sg);
-                    for (int64_t d = 1; d < D / 8; d++) sum += kr[d] * load_f32(qg + g * sg + 8 * d);
-                    acc[g][j] = sum;
-                }
-            }
-            for (int64_t g = 0; g < gn; g++) {
-                v8f sc = hsum8(acc[g]) * scale;
-                for (int64_t j = 0; j < n; j++)
-                    scores[(g0 + g) * S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : ks ? sc[j] * ks[s0 + j] : sc[j];
-            }
-            g0 += gn;
+    int pairs = kv == KV_BF16 && D % 16 == 0;
+    int64_t koff = b * a->k_sb + h * a->k_sh;
+    const char *kbase = (const char *)a->k + koff * kv_bytes(kv);
+    int64_t row_bytes = D * kv_bytes(kv), key_bytes = S * row_bytes;
+    const float *ks = kv == KV_I8 ? a->k_scale + koff / D : NULL;
+    const float *vs = kv == KV_I8 ? a->v_scale + (b * a->v_sb + h * a->v_sh) / D : NULL;
+    if (kv != KV_F32 || G == 1) {
+        /* One pass over the keys (per chunk of at most MAX_ROWS query rows, balanced: 9 rows as 5 + 4); each key row,
+         * once widened, meets the query rows straight away: their partial sums, not the widened row, wait for the
+         * 8-key horizontal sum. One row is bound by reading the keys; for bf16 and int8 keys this keeps the
+         * widening to one pass (with `pairs`, two bf16 vectors per load), where score_tile's loads were slower. */
+        if (pairs) {                          /* the query in load_row's order: 8 even, 8 odd elements per 16 */
+            float *qs = scores + G * S;
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t d = 0; d < D; d++) qs[g * D + (d & ~15) + (d & 1) * 8 + (d & 15) / 2] = qb[g * sg + d];
+            qb = qs;
+            sg = D;
         }
+        int64_t nch = (G + MAX_ROWS - 1) / MAX_ROWS;
+        for (int64_t s0 = 0; s0 < S; s0 += 8) {
+            int64_t n = S - s0 < 8 ? S - s0 : 8;
+            if (G > 4)                        /* see the other branch */
+                for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 8) * row_bytes && at < key_bytes;
+                     at += 64)
+                    __builtin_prefetch(kbase + at);
+            for (int64_t c = 0, g0 = 0; c < nch; c++) {
+                int64_t gn = G / nch + (c < G % nch);
+                const float *qg = qb + g0 * sg;
+                v8f acc[MAX_ROWS][8];
+                for (int64_t j = 0; j < 8; j++) {
+                    v8f kr[MAX_HEAD_DIM / 8];
+                    if (j < n)
+                        load_row(a->k, kv, pairs, koff + (s0 + j) * D, D, kr);
+                    else
+                        for (int64_t d = 0; d < D / 8; d++) kr[d] = (v8f){0};
+                    for (int64_t g = 0; g < gn; g++) {
+                        v8f sum = kr[0] * load_f32(qg + g * sg);
+                        for (int64_t d = 1; d < D / 8; d++) sum += kr[d] * load_f32(qg + g * sg + 8 * d);
+                        acc[g][j] = sum;
+                    }
+                }
+                for (int64_t g = 0; g < gn; g++) {
+                    v8f sc = hsum8(acc[g]) * scale;
+                    for (int64_t j = 0; j < n; j++)
+                        scores[(g0 + g) * S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : ks ? sc[j] * ks[s0 + j] : sc[j];
+                }
+                g0 += gn;
+            }
+        }
+    } else {
+        /* Several query rows, fp32 keys: 4 keys at a time meet every chunk of at most SCORE_ROWS rows (balanced: 4
+         * rows as 2 + 2) in score_tile while they are in L1. With many rows, the keys KEY_AHEAD rows on are fetched: then
+         * each key row carries enough arithmetic that the hardware prefetcher falls behind; with a few it keeps up,
+         * and the extra loads only slow the step (benchmarks/peers.py, greedy at 4,096 tokens). */
+        int64_t nch = (G + SCORE_ROWS - 1) / SCORE_ROWS, S4 = S - S % 4;
+        for (int64_t s0 = 0; s0 < S4; s0 += 4) {
+            if (G > 4)
+                for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 4) * row_bytes && at < key_bytes;
+                     at += 64)
+                    __builtin_prefetch(kbase + at);
+            for (int64_t c = 0, g0 = 0; c < nch; c++) {
+                int64_t gn = G / nch + (c < G % nch);
+                const float *qg = qb + g0 * sg;
+                switch (gn) {                     /* the chunk's rows as a constant */
+                case 1: score_tile(a, kv, koff + s0 * D, qg, sg, 1, D, scale, kp, ks, g0, s0, scores); break;
+                case 2: score_tile(a, kv, koff + s0 * D, qg, sg, 2, D, scale, kp, ks, g0, s0, scores); break;
+                default: score_tile(a, kv, koff + s0 * D, qg, sg, 3, D, scale, kp, ks, g0, s0, scores); break;
+                }
+                g0 += gn;
+            }
+        }
+        for (int64_t s = S4; s < S; s++)          /* the last S % 4 keys, one row at a time */
+            for (int64_t g = 0; g < G; g++) {
+                v8f sum = (v8f){0}, kr;
+                for (int64_t d = 0; d < D / 8; d++) {
+                    load_part(a->k, kv, 0, koff + s * D, d, 1, &kr);
+                    sum += kr * load_f32(qb + g * sg + 8 * d);
+                }
+                float v = hsum(sum) * scale;
+                scores[g * S + s] = kp && !kp[s] ? -INFINITY : ks ? v * ks[s] : v;
+            }
     }
     /* Softmax per query row, in place (the scores of one head stay in L2: S floats per query row). */
     for (int64_t g = 0; g < G; g++) {
@@ -702,13 +781,22 @@ static void attend_tasks(const attn_args *a, float *scratch) {
     float *scores = scratch + (int64_t)omp_get_thread_num() * a->G * (a->S + a->D);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < a->B * a->H; bh++) {
-        /* Constant bounds keep a head's sums in registers: 64 for every PEGASUS-X size, 48 for the bundled demo. */
-        if (a->D == 64)
-            attend_one(a, bh, scores, 64);
-        else if (a->D == 48)
-            attend_one(a, bh, scores, 48);
-        else
-            attend_one(a, bh, scores, a->D);
+        /* Constant bounds keep a head's sums in registers (64 for every PEGASUS-X size, 48 for the bundled demo), and a
+         * constant key/value type keeps its branch out of the inner loops. */
+#define ATTEND(D)                                                                                                   \
+    switch (a->kv) {                                                                                                \
+    case KV_F32: attend_one(a, bh, scores, D, KV_F32); break;                                                       \
+    case KV_BF16: attend_one(a, bh, scores, D, KV_BF16); break;                                                     \
+    default: attend_one(a, bh, scores, D, KV_I8); break;                                                            \
+    }
+        if (a->D == 64) {
+            ATTEND(64)
+        } else if (a->D == 48) {
+            ATTEND(48)
+        } else {
+            ATTEND(a->D)
+        }
+#undef ATTEND
     }
 }
 
