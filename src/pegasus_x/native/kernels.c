@@ -35,6 +35,9 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
 #define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
 #define ABI_VERSION 7         /* raise with any change to a px_ function's arguments */
+/* Inlined at every call even past GCC's size limits: the callers' constant arguments (row counts, the key/value type)
+ * must reach the loops, or the sums leave the registers (benchmarks/lookahead.py). */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -546,11 +549,9 @@ static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const fl
  * from L1. */
 #define VALUE_VECS 4
 #define VALUE_ROWS 3
-static inline __attribute__((always_inline)) void value_part(const attn_args *a, const int kv, int64_t off,
-                                                          const float *p, int64_t S, int64_t s0, int64_t s1,
-                                                          int64_t v0, const int gn, const int vn, int pairs,
-                                                          float *acc, const int64_t D, const char *next,
-                                                          int64_t *fetched, int64_t lines) {
+ALWAYS_INLINE void value_part(const attn_args *a, const int kv, int64_t off, const float *p, int64_t S, int64_t s0,
+                              int64_t s1, int64_t v0, const int gn, const int vn, int pairs, float *acc,
+                              const int64_t D, const char *next, int64_t *fetched, int64_t lines) {
     v8f c[VALUE_ROWS][VALUE_VECS];
     for (int g = 0; g < gn; g++)
         for (int d = 0; d < vn; d++) c[g][d] = load_f32(acc + g * D + 8 * (v0 + d));
@@ -582,9 +583,8 @@ static inline __attribute__((always_inline)) void value_part(const attn_args *a,
  * group), while the next tile is fetched. Each output element is still summed over s in order (the same sums as
  * value_rows). acc: G·D floats. */
 #define VALUE_TILE 64
-static inline __attribute__((always_inline)) void value_tiles_kv(const attn_args *a, const int kv, int64_t b,
-                                                              int64_t h, const float *p, int64_t G, int64_t S,
-                                                              const int64_t D, int pairs, float *acc) {
+ALWAYS_INLINE void value_tiles_kv(const attn_args *a, const int kv, int64_t b, int64_t h, const float *p, int64_t G,
+                                  int64_t S, const int64_t D, int pairs, float *acc) {
     int64_t off = b * a->v_sb + h * a->v_sh, size = kv_bytes(kv), nch = (G + VALUE_ROWS - 1) / VALUE_ROWS;
     memset(acc, 0, G * D * sizeof(float));
     for (int64_t s0 = 0; s0 < S; s0 += VALUE_TILE) {
@@ -620,12 +620,12 @@ static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p
     }
 }
 
-/* Scores of query rows g0 … g0+R-1 (q, row stride sg) against the 4 keys from row `koff` of the key tensor: R × 4 sums
- * over the head dim, each in its own register, so every key vector is loaded (and widened) once for the R rows and
- * every query vector once for the 4 keys, and no sum waits on another (one chain of FMAs per key and row stalls on
- * their latency). R, kv and D are constants at every call. Written to scores[(g0 + g)·S + s0 + j], scaled, int8
+/* Scores of query rows g0 … g0+R-1 (q, row stride sg) against the 4 keys from row `koff` of the key tensor: R × 4
+ * sums over the head dim, each in its own register, so every key vector is loaded (and widened) once for the R rows
+ * and every query vector once for the 4 keys, and no sum waits on another (one chain of FMAs per key and row stalls
+ * on their latency). R, kv and D are constants at every call. Written to scores[(g0 + g)·S + s0 + j], scaled, int8
  * keys' row scales applied, masked keys -inf. */
-static inline __attribute__((always_inline)) void score_tile(const attn_args *a, const int kv, int64_t koff, const float *q, int64_t sg, const int R,
+ALWAYS_INLINE void score_tile(const attn_args *a, const int kv, int64_t koff, const float *q, int64_t sg, const int R,
                               const int64_t D, float scale, const uint8_t *kp, const float *ks, int64_t g0,
                               int64_t s0, float *scores) {
     v8f acc[3][4], t[16] = {0};
@@ -708,9 +708,9 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         }
     } else {
         /* Several query rows, fp32 keys: 4 keys at a time meet every chunk of at most SCORE_ROWS rows (balanced: 4
-         * rows as 2 + 2) in score_tile while they are in L1. With many rows, the keys KEY_AHEAD rows on are fetched: then
-         * each key row carries enough arithmetic that the hardware prefetcher falls behind; with a few it keeps up,
-         * and the extra loads only slow the step (benchmarks/peers.py, greedy at 4,096 tokens). */
+         * rows as 2 + 2) in score_tile while they are in L1. With many rows, the keys KEY_AHEAD rows on are fetched:
+         * then each key row carries enough arithmetic that the hardware prefetcher falls behind; with a few it keeps
+         * up, and the extra loads only slow the step (benchmarks/peers.py, greedy at 4,096 tokens). */
         int64_t nch = (G + SCORE_ROWS - 1) / SCORE_ROWS, S4 = S - S % 4;
         for (int64_t s0 = 0; s0 < S4; s0 += 4) {
             if (G > 4)
