@@ -650,7 +650,15 @@ ALWAYS_INLINE void score_tile(const attn_args *a, const int kv, int64_t koff, co
         }
 }
 
+/* Fetch keys s0 + KEY_AHEAD … s0 + KEY_AHEAD + n - 1 (rows of row_bytes; key_bytes in all). For many query rows only:
+ * then each key row carries enough arithmetic that the hardware prefetcher falls behind; with a few it keeps up, and
+ * the extra loads only slow the step (benchmarks/peers.py, greedy at 4,096 tokens). */
 #define KEY_AHEAD 32
+static inline void fetch_ahead(const char *kbase, int64_t s0, int64_t n, int64_t row_bytes, int64_t key_bytes) {
+    for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + n) * row_bytes && at < key_bytes; at += 64)
+        __builtin_prefetch(kbase + at);
+}
+
 #define SCORE_ROWS 3          /* query rows per score_tile */
 static inline void attend_one(const attn_args *a, int64_t bh, float *scores, const int64_t D, const int kv) {
     int64_t b = bh / a->H, h = bh % a->H, G = a->G, S = a->S, sg = a->sg;
@@ -678,10 +686,8 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         int64_t nch = (G + MAX_ROWS - 1) / MAX_ROWS;
         for (int64_t s0 = 0; s0 < S; s0 += 8) {
             int64_t n = S - s0 < 8 ? S - s0 : 8;
-            if (G > 4)                        /* see the other branch */
-                for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 8) * row_bytes && at < key_bytes;
-                     at += 64)
-                    __builtin_prefetch(kbase + at);
+            if (G > 4)
+                fetch_ahead(kbase, s0, 8, row_bytes, key_bytes);
             for (int64_t c = 0, g0 = 0; c < nch; c++) {
                 int64_t gn = G / nch + (c < G % nch);
                 const float *qg = qb + g0 * sg;
@@ -708,15 +714,11 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
         }
     } else {
         /* Several query rows, fp32 keys: 4 keys at a time meet every chunk of at most SCORE_ROWS rows (balanced: 4
-         * rows as 2 + 2) in score_tile while they are in L1. With many rows, the keys KEY_AHEAD rows on are fetched:
-         * then each key row carries enough arithmetic that the hardware prefetcher falls behind; with a few it keeps
-         * up, and the extra loads only slow the step (benchmarks/peers.py, greedy at 4,096 tokens). */
+         * rows as 2 + 2) in score_tile while they are in L1. */
         int64_t nch = (G + SCORE_ROWS - 1) / SCORE_ROWS, S4 = S - S % 4;
         for (int64_t s0 = 0; s0 < S4; s0 += 4) {
             if (G > 4)
-                for (int64_t at = (s0 + KEY_AHEAD) * row_bytes; at < (s0 + KEY_AHEAD + 4) * row_bytes && at < key_bytes;
-                     at += 64)
-                    __builtin_prefetch(kbase + at);
+                fetch_ahead(kbase, s0, 4, row_bytes, key_bytes);
             for (int64_t c = 0, g0 = 0; c < nch; c++) {
                 int64_t gn = G / nch + (c < G % nch);
                 const float *qg = qb + g0 * sg;
