@@ -620,6 +620,11 @@ static void value_tiles(const attn_args *a, int64_t b, int64_t h, const float *p
     }
 }
 
+/* Key s's score from its scaled dot product v: -inf where the key is masked, times the row scale of int8 keys. */
+static inline float key_score(float v, const uint8_t *kp, const float *ks, int64_t s) {
+    return kp && !kp[s] ? -INFINITY : ks ? v * ks[s] : v;
+}
+
 /* Scores of query rows g0 … g0+R-1 (q, row stride sg) against the 4 keys from row `koff` of the key tensor: R × 4
  * sums over the head dim, each in its own register, so every key vector is loaded (and widened) once for the R rows
  * and every query vector once for the 4 keys, and no sum waits on another (one chain of FMAs per key and row stalls
@@ -646,7 +651,7 @@ ALWAYS_INLINE void score_tile(const attn_args *a, const int kv, int64_t koff, co
     for (int g = 0; g < R; g++)
         for (int j = 0; j < 4; j++) {
             float v = (g < 2 ? lo[4 * g + j] : hi[j]) * scale;
-            scores[(g0 + g) * a->S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : ks ? v * ks[s0 + j] : v;
+            scores[(g0 + g) * a->S + s0 + j] = key_score(v, kp, ks, s0 + j);
         }
 }
 
@@ -707,7 +712,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
                 for (int64_t g = 0; g < gn; g++) {
                     v8f sc = hsum8(acc[g]) * scale;
                     for (int64_t j = 0; j < n; j++)
-                        scores[(g0 + g) * S + s0 + j] = kp && !kp[s0 + j] ? -INFINITY : ks ? sc[j] * ks[s0 + j] : sc[j];
+                        scores[(g0 + g) * S + s0 + j] = key_score(sc[j], kp, ks, s0 + j);
                 }
                 g0 += gn;
             }
@@ -738,7 +743,7 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
                     sum += kr * load_f32(qb + g * sg + 8 * d);
                 }
                 float v = hsum(sum) * scale;
-                scores[g * S + s] = kp && !kp[s] ? -INFINITY : ks ? v * ks[s] : v;
+                scores[g * S + s] = key_score(v, kp, ks, s);
             }
     }
     /* Softmax per query row, in place (the scores of one head stay in L2: S floats per query row). */
