@@ -125,3 +125,28 @@ def test_int8_cross_part_holds_each_row_within_half_a_step_and_leaves_with_its_i
     assert [t.data_ptr() for t in cache.cross_k_scale + cache.cross_v_scale] == where
     assert all(torch.equal(t, b[[1, 2]]) for t, b in zip(cache.cross_k_scale + cache.cross_v_scale, before))
     assert cache.cross(0)[2] is cache.cross_k_scale[0] and cache.cross(1)[3] is cache.cross_v_scale[1]
+
+
+def test_only_caches_past_the_threshold_take_huge_pages(model, monkeypatch):
+    """Small caches come from ordinary (recycled) memory; from HUGE_PAGES_FROM bytes on, one huge-page arena."""
+    arenas = []
+
+    class Spy:
+        def __init__(self, size):
+            arenas.append(size)
+
+        def empty(self, shape, dtype):
+            return torch.zeros(shape, dtype=dtype)
+
+    monkeypatch.setattr(cache_module.hugepages, "supported", lambda: True)
+    monkeypatch.setattr(cache_module.hugepages, "Arena", Spy)
+    states, keep = torch.randn(2, 9, model.config.d_model), torch.ones(2, 9, dtype=torch.bool)
+    cache = new_cache(model, states, keep, 4, 12)
+    assert arenas == []
+    assert cache.cross_k[0].shape == (2, model.config.decoder_attention_heads, 9,
+                                      model.config.d_model // model.config.decoder_attention_heads)
+    floats = cache_module.HUGE_PAGES_FROM // 4
+    cache_module._allocator(torch.device("cpu"), torch.float32, [(floats - 16,)])((floats - 16,))
+    assert arenas == []
+    cache_module._allocator(torch.device("cpu"), torch.float32, [(floats,)])((floats,))
+    assert arenas == [cache_module.HUGE_PAGES_FROM]

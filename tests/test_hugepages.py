@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from conftest import tiny_kwargs
 from pegasus_x import PegasusXConfig, PegasusXForConditionalGeneration
 from pegasus_x.native import hugepages
+import pegasus_x.cache as cache_module
 from pegasus_x.cache import new_cache
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="huge pages are advised on Linux only")
@@ -98,10 +99,14 @@ def test_fp16_checkpoint_loads_as_fp32_in_place(tmp_path):
 
 
 @linux
-def test_generation_cache_lives_in_advised_pages():
+def test_generation_cache_lives_in_advised_pages_from_the_threshold(monkeypatch):
     torch.manual_seed(0)
     model = PegasusXForConditionalGeneration(PegasusXConfig(**tiny_kwargs())).eval()
     states = torch.randn(2, 11, model.config.d_model)
+    cache = new_cache(model, states, torch.ones(2, 11, dtype=torch.bool), rows=4, max_len=9)
+    for buf in (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v):   # far below: ordinary memory
+        assert "hg" not in _mapping(buf.data_ptr())[2]
+    monkeypatch.setattr(cache_module, "HUGE_PAGES_FROM", 0)                        # as a large cache would
     cache = new_cache(model, states, torch.ones(2, 11, dtype=torch.bool), rows=4, max_len=9)
     for buf in (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v):
         assert "hg" in _mapping(buf.data_ptr())[2] and buf.is_contiguous()

@@ -22,6 +22,10 @@ from .quantize import quantize_rows
 
 FIRST_CHUNK = 256   # positions a growing buffer starts with: most summaries never need a second allocation
 PROJECT_ELEMENTS = 1 << 18   # cross keys/values are projected this many elements (B x positions x d_model) at a time
+# A cache smaller than this takes ordinary pages: glibc hands such blocks back from memory the last call freed, with no
+# page to fault in, where a fresh 2 MB-page mapping faults in (and zeroes) every page on every call. glibc's mmap
+# threshold tops out at 32 MB: past it both map fresh memory, and 2 MB pages fault 512 times less often.
+HUGE_PAGES_FROM = 32 << 20
 
 
 def next_capacity(needed: int, have: int, limit: int) -> int:
@@ -31,12 +35,14 @@ def next_capacity(needed: int, have: int, limit: int) -> int:
 
 
 def _allocator(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, ...]]) -> Callable[..., Tensor]:
-    """``empty(shape)`` for tensors of these shapes: from one huge-page arena on a Linux CPU, else ``torch.empty``.
+    """``empty(shape)`` for tensors of these shapes: from one huge-page arena on a Linux CPU when they take at least
+    :data:`HUGE_PAGES_FROM` bytes, else ``torch.empty``.
 
-    Every decode step streams the cache as it does the weights, so CPU caches take 2 MB pages (hugepages.py).
+    Every decode step streams the cache as it does the weights, so large CPU caches take 2 MB pages (hugepages.py).
     """
-    if device.type == "cpu" and hugepages.supported():
-        arena = hugepages.Arena(sum(hugepages.nbytes(shape, dtype) for shape in shapes))
+    size = sum(hugepages.nbytes(shape, dtype) for shape in shapes)
+    if device.type == "cpu" and hugepages.supported() and size >= HUGE_PAGES_FROM:
+        arena = hugepages.Arena(size)
         return functools.partial(arena.empty, dtype=dtype)
     return functools.partial(torch.empty, dtype=dtype, device=device)
 
