@@ -3,6 +3,8 @@ the batch, and the cross-attention part. Generation through growing buffers: tes
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -107,6 +109,22 @@ def test_reorder_and_keep_inputs_move_whole_rows_in_place(model, monkeypatch):
     cache.reorder(order)
     filled_k, filled_v = _filled(cache)
     assert torch.equal(filled_k, keys[:, order]) and torch.equal(filled_v, values[:, order])
+
+
+@pytest.mark.parametrize("R", [3, 4])
+def test_reorder_equals_a_gather_for_every_map_of_rows(model, R):
+    """Every map of R rows onto R rows (chains, fan-outs, swaps, cycles) leaves what indexing a copy gives."""
+    states, keep = torch.randn(1, 5, 32), torch.ones(1, 5, dtype=torch.bool)
+    cache = new_cache(model, states, keep, rows=R, max_len=6)
+    _write(cache, 3, seed=4)
+    start = cache.keys.clone(), cache.values.clone()
+    for rows in itertools.product(range(R), repeat=R):
+        cache.keys.copy_(start[0])
+        cache.values.copy_(start[1])
+        cache.reorder(torch.tensor(rows))
+        n = cache.length
+        assert torch.equal(cache.keys[:, :, :, :n], start[0][:, list(rows), :, :n]), rows
+        assert torch.equal(cache.values[:, :, :, :n], start[1][:, list(rows), :, :n]), rows
 
 
 def test_int8_cross_part_holds_each_row_within_half_a_step_and_leaves_with_its_input(model):

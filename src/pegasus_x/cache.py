@@ -3,7 +3,7 @@
 Self-attention keys/values live in buffers that hold the positions written so far plus room to grow: they start at
 :data:`FIRST_CHUNK` positions (or the whole limit when it is smaller) and double when a step would pass their end,
 up to the limit, so memory follows the real output rather than ``max_new_tokens``. Between growths a step writes in
-place (beam reordering is an in-place ``index_select`` copy). Cross-attention keys/values are computed once per
+place (beam reordering copies the moved rows in place). Cross-attention keys/values are computed once per
 *input* (not per beam) from the encoder states and never reordered: every beam of an input reads the same encoder
 keys.
 """
@@ -130,18 +130,23 @@ class DecoderCache:
         """Keep decoder rows ``rows`` (beam search): row i of the new cache is old row ``rows[i]``.
 
         Only the filled part is copied; the cross-attention cache is untouched by design. On the CPU only the rows
-        that take another row's place are copied (most beams usually extend their own hypothesis); on an
-        accelerator finding them would stall the queue, so every row is.
+        that take another row's place are copied, each by a plain slice copy (:func:`_moves` orders them so that
+        no row is overwritten while another still needs it; an indexed gather and scatter of the same rows ran
+        several times slower, ``benchmarks/cache.py``); on an accelerator finding them would stall the queue, so
+        every row is gathered.
         """
         n = self.length
-        dst: Tensor | slice = slice(None)
-        if rows.device.type == "cpu":
-            dst = (rows != torch.arange(rows.numel())).nonzero().squeeze(1)
-            if dst.numel() == 0:
-                return
-            rows = rows[dst]
+        if rows.device.type != "cpu":
+            for buf in (self.keys, self.values):
+                buf[:, :, :, :n] = buf[:, rows, :, :n]       # the right side is a copy: overlaps are safe
+            return
         for buf in (self.keys, self.values):
-            buf[:, dst, :, :n] = buf[:, rows, :, :n]        # the right side is a copy: overlaps are safe
+            saved: dict[int, Tensor] = {}
+            for dst, src in _moves(rows.tolist()):
+                if dst == src:                               # src's row is needed after it is overwritten
+                    saved[src] = buf[:, src, :, :n].clone()
+                else:
+                    buf[:, dst, :, :n].copy_(saved[src] if src in saved else buf[:, src, :, :n])
 
     def keep_inputs(self, inputs: Tensor) -> None:
         """Keep only inputs ``inputs`` (sorted indices into the B inputs) and their decoder rows.
@@ -195,6 +200,29 @@ class DecoderCache:
         self.keys = copy(self.keys)
         self.values = copy(self.values)
         self._views()
+
+
+def _moves(rows: list[int]) -> list[tuple[int, int]]:
+    """Row copies ``(dst, src)`` that make row i hold old row ``rows[i]`` in place, each row overwritten only once no
+    later copy reads it; where only cycles are left (rows swapping places), ``(r, r)`` asks to save row r first, and
+    later copies from r read the saved row."""
+    pending = {dst: src for dst, src in enumerate(rows) if dst != src}
+    readers: dict[int, int] = {}
+    for src in pending.values():
+        readers[src] = readers.get(src, 0) + 1
+    moves: list[tuple[int, int]] = []
+    while pending:
+        ready = [dst for dst in pending if not readers.get(dst)]
+        if not ready:                                        # every row left is still read: break a cycle
+            first = next(iter(pending))
+            moves.append((first, first))
+            readers[first] = 0
+            continue
+        for dst in ready:
+            src = pending.pop(dst)
+            moves.append((dst, src))
+            readers[src] -= 1
+    return moves
 
 
 def new_cache(model, encoder_states: Tensor, encoder_keep: Tensor, rows: int, max_len: int) -> DecoderCache:
