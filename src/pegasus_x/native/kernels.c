@@ -711,8 +711,13 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
                 }
                 for (int64_t g = 0; g < gn; g++) {
                     v8f sc = hsum8(acc[g]) * scale;
-                    for (int64_t j = 0; j < n; j++)
-                        scores[(g0 + g) * S + s0 + j] = key_score(sc[j], kp, ks, s0 + j);
+                    float *out = scores + (g0 + g) * S + s0;
+                    if (n == 8 && !kp) {              /* 8 unmasked keys: one vector (int8 keys: times their scales) */
+                        if (ks) sc *= load_f32(ks + s0);
+                        memcpy(out, &sc, sizeof sc);
+                    } else {
+                        for (int64_t j = 0; j < n; j++) out[j] = key_score(sc[j], kp, ks, s0 + j);
+                    }
                 }
                 g0 += gn;
             }
