@@ -110,8 +110,8 @@ def test_many_rows_linear_equals_f_linear(lib, monkeypatch, dtype, rows, shape):
 def test_gemm_equals_f_linear(lib, rows, shape, threads):
     """px_gemm over every edge: rows not a multiple of the 6-row tile and past its 96-row block, outputs not a
     multiple of 16 and past the 4,096 packed at once, inputs past the 384-input panel, threads splitting outputs or
-    (7 outputs on 3 threads) rows; from 512 rows the deep blocks: inputs past their 3,072, outputs past the 512 packed
-    at once at that depth."""
+    rows (small weights from 96 rows per thread, and 7 outputs on 3 threads); from 512 rows the deep blocks: inputs
+    past their 3,072, outputs past the 512 packed at once at that depth."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

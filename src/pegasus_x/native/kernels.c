@@ -1444,11 +1444,22 @@ static inline int64_t gemm_nc(int64_t kc) {
     return nc > GEMM_NR ? nc : GEMM_NR;
 }
 
-/* How n threads split the work: tn over the output groups times tm over the rows (the fewest row splits that
- * leave each thread GEMM_MIN_GROUPS groups; a thread past tn·tm idles). */
-static void gemm_split(int64_t groups, int n, int *tn, int *tm) {
+/* How n threads split the work: tn over the output groups times tm over the rows. By rows alone where each thread
+ * gets GEMM_MC rows or more and the weight is small (GEMM_SMALL_WEIGHT floats at most): a thread then reads the rows
+ * that the step before (torch's row-parallel operations, or this product's own split) most likely wrote on its own
+ * core, and writes whole rows for the step after, for the price of packing the whole (small) weight; reading the
+ * other core's rows made the bundled demo's products a third slower (benchmarks/summarize.py, batches of 8), where a
+ * large weight's second packing costs more than it saves. Else the fewest row splits that leave each thread
+ * GEMM_MIN_GROUPS output groups (a thread past tn·tm idles). */
+#define GEMM_SMALL_WEIGHT 262144
+static void gemm_split(int64_t rows, int64_t in, int64_t out, int n, int *tn, int *tm) {
+    if (rows >= (int64_t)n * GEMM_MC && in * out <= GEMM_SMALL_WEIGHT) {
+        *tm = n;
+        *tn = 1;
+        return;
+    }
     for (*tm = 1; *tm < n; (*tm)++)
-        if (n % *tm == 0 && groups >= (int64_t)GEMM_MIN_GROUPS * (n / *tm)) break;
+        if (n % *tm == 0 && gemm_groups(out) >= (int64_t)GEMM_MIN_GROUPS * (n / *tm)) break;
     *tn = n / *tm;
 }
 
@@ -1456,7 +1467,7 @@ static void gemm_split(int64_t groups, int n, int *tn, int *tm) {
 static int64_t gemm_panel_floats(int64_t rows, int64_t in, int64_t out, int n) {
     int tn, tm;
     int64_t groups = gemm_groups(out), kc = gemm_kc(rows, in), nc = gemm_nc(kc);
-    gemm_split(groups, n, &tn, &tm);
+    gemm_split(rows, in, out, n, &tn, &tm);
     int64_t per = (groups + tn - 1) / tn * GEMM_NR;
     return kc * (per < nc ? per : nc);
 }
@@ -1486,7 +1497,7 @@ static void gemm_part(const float *x, int64_t rows, int64_t in, const float *W, 
                       float *y, float *panels, int t, int n) {
     int tn, tm;
     int64_t groups = gemm_groups(out);
-    gemm_split(groups, n, &tn, &tm);
+    gemm_split(rows, in, out, n, &tn, &tm);
     if (t >= tn * tm) return;
     int64_t g0 = groups * (t % tn) / tn, g1 = groups * (t % tn + 1) / tn;
     int64_t tiles = (rows + GEMM_MR - 1) / GEMM_MR;
