@@ -704,8 +704,8 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
                     else
                         for (int64_t d = 0; d < D / 8; d++) kr[d] = (v8f){0};
                     for (int64_t g = 0; g < gn; g++) {
-                        v8f sum = kr[0] * load_f32(qg + g * sg);
-                        for (int64_t d = 1; d < D / 8; d++) sum += kr[d] * load_f32(qg + g * sg + 8 * d);
+                        v8f sum = {0};                /* + the first product exactly: the same sums as from it */
+                        for (int64_t d = 0; d < D / 8; d++) sum += kr[d] * load_f32(qg + g * sg + 8 * d);
                         acc[g][j] = sum;
                     }
                 }
