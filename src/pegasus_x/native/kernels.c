@@ -1447,10 +1447,10 @@ static inline int64_t gemm_nc(int64_t kc) {
 /* How n threads split the work: tn over the output groups times tm over the rows. By rows alone where each thread
  * gets GEMM_MC rows or more and the weight is small (GEMM_SMALL_WEIGHT floats at most): a thread then reads the rows
  * that the step before (torch's row-parallel operations, or this product's own split) most likely wrote on its own
- * core, and writes whole rows for the step after, for the price of packing the whole (small) weight; reading the
- * other core's rows made the bundled demo's products a third slower (benchmarks/summarize.py, batches of 8), where a
- * large weight's second packing costs more than it saves. Else the fewest row splits that leave each thread
- * GEMM_MIN_GROUPS output groups (a thread past tn·tm idles). */
+ * core, and writes whole rows for the step after, for the price of packing the whole (small) weight. Reading the
+ * other core's rows made the bundled demo's products a third slower (benchmarks/summarize.py, batches of 8); for a
+ * large weight the second packing costs more than that (benchmarks/encoder.py). Else the fewest row splits that
+ * leave each thread GEMM_MIN_GROUPS output groups (a thread past tn·tm idles). */
 #define GEMM_SMALL_WEIGHT 262144
 static void gemm_split(int64_t rows, int64_t in, int64_t out, int n, int *tn, int *tm) {
     if (rows >= (int64_t)n * GEMM_MC && in * out <= GEMM_SMALL_WEIGHT) {
