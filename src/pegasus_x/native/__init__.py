@@ -12,7 +12,7 @@ and the encoder's attention (its blocks' and its globals' queries) on the same t
 the CPU is the one they are tiled for (AVX2 + FMA without AVX-512).
 :mod:`.linear`'s ``Linear`` sends CPU products to those kernels, else (fp32, few rows, no compiler) to one
 ``torch.bmm`` over row slabs of the weight.
-:mod:`.hugepages` puts the weights and decoder caches in 2 MB pages (same numbers, faster streaming).
+:mod:`.hugepages` puts the weights and large decoder caches in 2 MB pages (same numbers, faster streaming).
 
 **Its reference path.** The torch layers of ``model.py``/``attention.py`` and ``F.linear`` (for int8:
 ``quantize.Int8Linear``'s dequantize-then-``F.linear``). :func:`enabled` is the
