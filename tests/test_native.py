@@ -252,7 +252,7 @@ def test_attention_refuses_what_it_cannot_take():
 # ------------------------------------------------------------------------------------------------- decoder layers
 
 
-# inputs x beams: (inputs, rows). Past MAX_ROWS (4x4, 9x1) decoder_step runs px_decoder_rows.
+# inputs x beams: (inputs, rows), on both sides of kernels.c's tiles_win (fp32 from 2 rows, bf16 from 4).
 SHAPES = {"1x1": (1, 1), "2x1": (2, 2), "1x4": (1, 4), "2x2": (2, 4), "2x4": (2, 8), "4x4": (4, 16), "9x1": (9, 9)}
 # Every shape with relu (the released checkpoints' activation) and every activation at 2x2 in the fast tier;
 # the rest of the grid with the slow tests.
@@ -527,7 +527,7 @@ def test_decoder_step_writes_only_its_buffers_under_any_default_dtype(lib, defau
     tokens = [torch.randint(3, 120, (4, 1), generator=g) for _ in range(3)]
     got, cache = run_steps(model, enc, keep, 4, tokens)
     assert cache.native_plan, "the native layers did not run"
-    assert guarded_empty(), "px_decoder wrote past the end of a buffer"
+    assert guarded_empty(), "px_decoder_rows wrote past the end of a buffer"
     model.set_native(False)
     expected, _ = run_steps(model, enc, keep, 4, tokens)
     if dtype == torch.float32:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ctypes
 
-VERSION = 7             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
-MAX_ROWS = 8            # query rows per px_linear / px_decoder call (4 per pass over the weights)
+VERSION = 8             # kernels.c's ABI_VERSION: raised with any change to a px_ function's arguments
+MAX_ROWS = 8            # query rows per px_linear call (beyond, px_linear_rows)
 MAX_DRAFT_ROWS = 72     # rows (× new positions) per px_decoder_rows / px_linear_rows / px_linear_int8 call
-MAX_HEAD_DIM = 256      # px_attention's and px_decoder's head_dim limit
+MAX_HEAD_DIM = 256      # px_attention's and px_decoder_rows' head_dim limit
 MAX_TOPK = 256          # px_topk's k per row
-HEAD_DIM_MULTIPLE = 8   # px_attention and px_decoder take whole 8-float vectors of each head
+HEAD_DIM_MULTIPLE = 8   # px_attention and px_decoder_rows take whole 8-float vectors of each head
 # kernels.c's activation enum (ACT_RELU, ...) and the config names that select each.
 ENUM = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4}
 ACTIVATIONS = {"relu": ENUM["relu"], "gelu": ENUM["gelu"], "gelu_new": ENUM["gelu_tanh"],
@@ -33,7 +33,7 @@ SCALES = {"q": "q_s", "k": "k_s", "v": "v_s", "o": "o_s", "cq": "cq_s", "co": "c
 
 
 class Layer(ctypes.Structure):
-    """``px_layer``: one decoder layer's tensors and sizes for ``px_decoder``. Fill it by field name."""
+    """``px_layer``: one decoder layer's tensors and sizes for ``px_decoder_rows``. Fill it by field name."""
 
     _fields_ = ([(name, _ptr) for name in POINTERS]
                 + [(name, _i64) for name in ("R", "B", "H", "hd", "ffn", "max_len", "S")]
@@ -88,8 +88,6 @@ def check(lib: ctypes.CDLL) -> None:
     lib.px_attention_work.argtypes, lib.px_attention_work.restype = [_i64, _i64, _i64, _int], _i64
     lib.px_attention.argtypes = [_ptr, _ptr, _ptr, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                  _i64, _ptr, _i64, _ptr, _ptr, _int]
-    lib.px_decoder_work.argtypes, lib.px_decoder_work.restype = [_i64, _i64, _i64, _i64, _i64, _i64, _int], _i64
-    lib.px_decoder.argtypes = [ctypes.POINTER(Layer), _int, _i64, _ptr, _ptr, _int]
     lib.px_linear_rows.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int]
     lib.px_decoder_rows_work.argtypes = [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _int]
     lib.px_decoder_rows_work.restype = _i64

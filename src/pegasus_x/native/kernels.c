@@ -29,12 +29,12 @@ typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
 #define ROW_CHUNK 4           /* linear: query rows per pass over the weight */
-#define MAX_ROWS 8            /* px_linear and px_decoder: query rows per call (beyond, the _rows kernels) */
+#define MAX_ROWS 8            /* px_linear: query rows per call (beyond, px_linear_rows) */
 #define MAX_DRAFT_ROWS 72     /* px_decoder_rows, px_linear_rows, px_linear_int8: rows (× positions) per call */
 #define MAX_HEAD_DIM 256      /* attention: head_dim upper bound for the on-stack accumulators */
 #define L1_BYTES 32768       /* a core's L1 data cache, or less: what the few-row products keep there */
 #define MAX_TOPK 256          /* px_topk: k per row (beam search keeps 2·beams candidates) */
-#define ABI_VERSION 7         /* raise with any change to a px_ function's arguments */
+#define ABI_VERSION 8         /* raise with any change to a px_ function's arguments */
 /* Inlined at every call even past GCC's size limits: the callers' constant arguments (row counts, the key/value type)
  * must reach the loops, or the sums leave the registers (benchmarks/lookahead.py). */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -301,6 +301,14 @@ static void linear_part(const void *W, int is_bf16, int64_t out, int64_t in, con
     add_bias(bias, is_bf16, o0, o1, rows, y, out);
 }
 
+static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
+                        int rows, const void *bias, float *y, int t, int n);
+
+/* Whether `rows` query rows take linear_rows' register tiles (the weight streamed once for all of them) rather than
+ * linear_part (once per ROW_CHUNK rows, each weight vector meeting one row chunk's sums): for fp32 from 2 rows, for
+ * bf16 from 4, where linear_part's paired bf16 loads still win (benchmarks/peers.py, beam 4; the decode step). */
+static inline int tiles_win(int rows, int bf16) { return rows >= (bf16 ? 4 : 2); }
+
 /* Scratch floats px_linear needs: the even/odd split of x for bf16 weights. */
 int64_t px_linear_work(int64_t rows, int64_t in, int is_bf16) { return is_bf16 ? rows * in : 0; }
 
@@ -311,8 +319,8 @@ int px_linear(const void *W, int is_bf16, int64_t out, int64_t in, const float *
     if (is_bf16)
         split_even_odd(x, rows, in, work);
 #pragma omp parallel num_threads(threads)
-    linear_part(W, is_bf16, out, in, x, is_bf16 ? work : NULL, rows, bias, y, omp_get_thread_num(),
-                omp_get_num_threads());
+    (tiles_win(rows, is_bf16) ? linear_rows : linear_part)(W, is_bf16, out, in, x, is_bf16 ? work : NULL, rows, bias,
+                                                           y, omp_get_thread_num(), omp_get_num_threads());
     return 0;
 }
 
@@ -441,9 +449,6 @@ static void linear_part_i8(const int8_t *W, const float *scale, int64_t out, int
     }
     add_bias(bias, bias_bf16, o0, o1, rows, y, out);
 }
-
-static void linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const float *x, const float *xs,
-                        int rows, const void *bias, float *y, int t, int n);
 
 /* A decoder layer's product: int8 weights when `scale` is given (in chunks of ROW_CHUNK rows per stream of the
  * weight), else W in the layer's dtype: linear_part for a few rows, or with `tiles` linear_rows, which streams it
@@ -829,7 +834,7 @@ int px_attention(const float *q, const void *k, const void *v, int kv, const flo
 }
 
 /* ------------------------------------------------------------------------------------- decoder layer
- * One pre-LN decoder layer for R rows and one new position, in place on x (R, D) fp32:
+ * One pre-LN decoder layer for R rows and one new position (or several: layer_rows), in place on x (R, D):
  *   x += Wo · selfattn(Wq·LN1(x), cache)     (writes this position's Wk·LN1(x), Wv·LN1(x) into the cache first)
  *   x += Wco · crossattn(Wcq·LN2(x), cross keys/values of the row's input)
  *   x += W2 · act(W1 · LN3(x) + b1) + b2
@@ -920,116 +925,15 @@ static void activate(float *f, int64_t n, int kind) {
     }
 }
 
-/* y = Wo · attention(a) for the rows of a->q, inside a parallel region (thread t of n); ends in a barrier. */
-static void attend_project(const attn_args *a, float *scratch, const void *Wo, const float *Wo_s, int bf16, float *xs,
-                           float *y, int t, int n) {
-    int rows = (int)(a->B * a->G);
-    int64_t D = a->H * a->D;
-    attend_tasks(a, scratch);                               /* ends in a barrier */
-#pragma omp single
-    if (bf16) split_even_odd(a->out, rows, D, xs);
-    linear_any(Wo, Wo_s, bf16, D, D, a->out, xs, rows, NULL, y, t, n, 0);
-#pragma omp barrier
-}
-
-/* Scratch floats px_decoder needs. */
-int64_t px_decoder_work(int64_t R, int64_t D, int64_t ffn, int64_t B, int64_t S, int64_t length, int threads) {
-    int64_t G = R / B, keys = S > length + 1 ? S : length + 1, rows = G > 1 ? G : 1;
-    int64_t wide = ffn > D ? ffn : D;
-    return 5 * R * D + R * ffn + 2 * R * wide + threads * rows * (keys + D);
-}
-
-/* One layer at position `length`, run by every thread (t of n) of the enclosing parallel region. The threads go
- * from one weight straight to the next (q, k and v without a pause) and meet only where a result is needed whole;
- * the small serial steps (LayerNorm, residual adds, cache writes) run on one thread ("single", which ends in a
- * barrier, as does the layer). */
-static void layer_step(const px_layer *L, int64_t length, float *x, float *work, int t, int n) {
-    int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, G = L->R / L->B, wide = F > D ? F : D;
-    int bf16 = L->bf16, rows = (int)R;
-    float *h = work, *q = h + R * D, *k = q + R * D, *v = k + R * D, *a = v + R * D, *f = a + R * D,
-          *xs = f + R * F, *fs = xs + R * wide, *scratch = fs + R * wide;
-    attn_args self = {q, a, D, hd, D, L->self_k, L->self_v, H * L->max_len * hd, L->max_len * hd,
-                      H * L->max_len * hd, L->max_len * hd, bf16, NULL, 0, R, H, 1, length + 1, hd, NULL, NULL};
-    attn_args cross = {q, a, G * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
-                       L->S * hd, L->cross_kv, L->keep, L->S, L->B, H, G, L->S, hd, L->cross_ks, L->cross_vs};
-
-    /* Self-attention over the cache, this position included. */
-#pragma omp single
-    add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-    linear_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 0);
-    linear_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n, 0);
-    linear_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n, 0);
-#pragma omp barrier
-#pragma omp single
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t hh = 0; hh < H; hh++) {
-            int64_t at = ((r * H + hh) * L->max_len + length) * hd;
-            for (int64_t d = 0; d < hd; d++) {
-                float kk = k[r * D + hh * hd + d], vv = v[r * D + hh * hd + d];
-                if (bf16) {
-                    ((uint16_t *)L->self_k)[at + d] = f32_to_bf16(kk);
-                    ((uint16_t *)L->self_v)[at + d] = f32_to_bf16(vv);
-                } else {
-                    ((float *)L->self_k)[at + d] = kk;
-                    ((float *)L->self_v)[at + d] = vv;
-                }
-            }
-        }
-    attend_project(&self, scratch, L->o, L->o_s, bf16, xs, h, t, n);
-
-    /* Cross-attention: the G rows of input b share its keys and values. */
-#pragma omp single
-    add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-    linear_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 0);
-#pragma omp barrier
-    attend_project(&cross, scratch, L->co, L->co_s, bf16, xs, h, t, n);
-
-    /* Feed-forward. Each thread activates (and splits, into fs: xs is still being read) the part of the hidden
-     * layer it computed, so only one barrier separates the two products. */
-#pragma omp single
-    add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-    linear_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n, 0);
-    {
-        int64_t o0, o1;
-        share(F, t, n, &o0, &o1);
-        for (int64_t r = 0; r < R; r++)
-            activate(f + r * F + o0, o1 - o0, L->activation);
-        if (bf16) split_range(f, rows, F, o0, o1, fs);
-    }
-#pragma omp barrier
-    linear_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n, 0);
-#pragma omp barrier
-#pragma omp single
-    for (int64_t i = 0; i < R * D; i++) x[i] += h[i];
-}
-
-/* Every layer of a decoder (`count` of them, in order) for one new position `length`, in place on x (R, D) fp32,
- * in one parallel region: the threads never go back to sleep between layers. Returns 1 (doing nothing) when a
- * layer's shapes are outside what the kernels take. work: px_decoder_work floats. */
-int px_decoder(const px_layer *layers, int count, int64_t length, float *x, float *work, int threads) {
-    for (int i = 0; i < count; i++) {
-        const px_layer *L = layers + i;
-        if (L->R < 1 || L->R > MAX_ROWS || L->R % L->B != 0 || L->hd > MAX_HEAD_DIM || L->hd % 8 != 0
-                || length >= L->max_len || L->R != layers[0].R || L->H * L->hd != layers[0].H * layers[0].hd)
-            return 1;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), n = omp_get_num_threads();
-        for (int i = 0; i < count; i++) layer_step(layers + i, length, x, work, t, n);
-    }
-    return 0;
-}
-
 /* ---------------------------------------------------------------------------- decoder layer, several rows
- * Lookahead decoding's verification pass (pegasus_x/lookahead.py), and a step of more than MAX_ROWS rows (T = 1:
- * a batch of inputs with their beams): like layer_step, but each of the layer's L->R cache rows feeds T consecutive
- * new positions length … length+T-1 (the current token and a draft) as T query rows, x is (R·T, D) with row
- * r·T + i = cache row r, position length+i. Every weight is streamed from memory once per pass for all R·T rows
- * (linear_rows; int8 weights once per ROW_CHUNK rows), every cross-attention key and value once (attend_one:
- * value_tiles); self-attention is causal inside the draft: query i of row r sees that row's keys 0 … length+i, one
- * attention call per draft position (the self-attention cache is small next to the weights and the cross
- * keys/values). */
+ * A decode step (T = 1: one row per input, or per beam of each input) and lookahead decoding's verification pass
+ * (pegasus_x/lookahead.py): each of the layer's L->R cache rows feeds T consecutive new positions length …
+ * length+T-1 (the current token and a draft) as T query rows, x is (R·T, D) with row r·T + i = cache row r,
+ * position length+i. Every weight is streamed from memory once per pass for all R·T rows where the register tiles
+ * win (tiles_win; else once per ROW_CHUNK rows, as int8 weights always are), every cross-attention key and value
+ * once (attend_one); self-attention is causal inside the draft: query i of row r sees that row's keys 0 …
+ * length+i, one attention call per draft position (the self-attention cache is small next to the weights and the
+ * cross keys/values). */
 
 /* linear_part for any number of rows, as register tiles: TILE_W weight rows × up to TILE_Q query rows of dot
  * products at once, so each weight vector loaded feeds several multiply-adds (the one-row kernels above are bound by
@@ -1148,9 +1052,13 @@ int px_linear_rows(const void *W, int is_bf16, int64_t out, int64_t in, const fl
     return 0;
 }
 
+/* One layer, run by every thread (t of n) of the enclosing parallel region. The threads go from one weight straight
+ * to the next (q, k and v without a pause) and meet only where a result is needed whole; the small serial steps
+ * (LayerNorm, residual adds, cache writes) run on one thread ("single", which ends in a barrier, as does the
+ * layer). */
 static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, float *work, int t, int n) {
     int64_t R = L->R, H = L->H, hd = L->hd, D = H * hd, F = L->ffn, N = L->R * T, wide = F > D ? F : D;
-    int bf16 = L->bf16, rows = (int)N;
+    int bf16 = L->bf16, rows = (int)N, tiles = tiles_win(rows, bf16);
     float *h = work, *q = h + N * D, *k = q + N * D, *v = k + N * D, *a = v + N * D, *f = a + N * D,
           *xs = f + N * F, *fs = xs + N * wide, *scratch = fs + N * wide;
     attn_args cross = {q, a, (N / L->B) * D, hd, D, L->cross_k, L->cross_v, H * L->S * hd, L->S * hd, H * L->S * hd,
@@ -1159,9 +1067,9 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
 
 #pragma omp single
     add_norm(x, NULL, rows, D, L->ln1_w, L->ln1_b, bf16, L->eps, h, xs);
-    linear_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 1);
-    linear_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n, 1);
-    linear_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n, 1);
+    linear_any(L->q, L->q_s, bf16, D, D, h, xs, rows, NULL, q, t, n, tiles);
+    linear_any(L->k, L->k_s, bf16, D, D, h, xs, rows, NULL, k, t, n, tiles);
+    linear_any(L->v, L->v_s, bf16, D, D, h, xs, rows, NULL, v, t, n, tiles);
 #pragma omp barrier
 #pragma omp single
     for (int64_t r = 0; r < R; r++)
@@ -1187,22 +1095,22 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
     }
 #pragma omp single
     if (bf16) split_even_odd(a, rows, D, xs);
-    linear_any(L->o, L->o_s, bf16, D, D, a, xs, rows, NULL, h, t, n, 1);
+    linear_any(L->o, L->o_s, bf16, D, D, a, xs, rows, NULL, h, t, n, tiles);
 #pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln2_w, L->ln2_b, bf16, L->eps, h, xs);
-    linear_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n, 1);
+    linear_any(L->cq, L->cq_s, bf16, D, D, h, xs, rows, NULL, q, t, n, tiles);
 #pragma omp barrier
-    attend_tasks(&cross, scratch);           /* attend_project's steps, with linear_rows */
+    attend_tasks(&cross, scratch);           /* ends in a barrier */
 #pragma omp single
     if (bf16) split_even_odd(a, rows, D, xs);
-    linear_any(L->co, L->co_s, bf16, D, D, a, xs, rows, NULL, h, t, n, 1);
+    linear_any(L->co, L->co_s, bf16, D, D, a, xs, rows, NULL, h, t, n, tiles);
 #pragma omp barrier
 
 #pragma omp single
     add_norm(x, h, rows, D, L->ln3_w, L->ln3_b, bf16, L->eps, h, xs);
-    linear_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n, 1);
+    linear_any(L->fc1_w, L->fc1_s, bf16, F, D, h, xs, rows, L->fc1_b, f, t, n, tiles);
     {
         int64_t o0, o1;
         share(F, t, n, &o0, &o1);
@@ -1211,13 +1119,13 @@ static void layer_rows(const px_layer *L, int64_t length, int64_t T, float *x, f
         if (bf16) split_range(f, rows, F, o0, o1, fs);
     }
 #pragma omp barrier
-    linear_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n, 1);
+    linear_any(L->fc2_w, L->fc2_s, bf16, D, F, f, fs, rows, L->fc2_b, h, t, n, tiles);
 #pragma omp barrier
 #pragma omp single
     for (int64_t i = 0; i < N * D; i++) x[i] += h[i];
 }
 
-/* Scratch floats px_decoder_rows needs: px_decoder_work's for R·T rows and length+T keys. */
+/* Scratch floats px_decoder_rows needs. */
 int64_t px_decoder_rows_work(int64_t R, int64_t T, int64_t D, int64_t ffn, int64_t B, int64_t S, int64_t length,
                              int threads) {
     int64_t N = R * T, G = N / B, keys = S > length + T ? S : length + T, wide = ffn > D ? ffn : D;

@@ -23,7 +23,6 @@ from . import abi, loader
 from .abi import HEAD_DIM_MULTIPLE, MAX_DRAFT_ROWS, MAX_HEAD_DIM, MAX_ROWS, MAX_TOPK
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-ONE_PASS_ROWS = 4       # px_linear's query rows per pass over the weight (kernels.c: ROW_CHUNK)
 
 
 def _floats(count: int) -> Tensor:
@@ -49,9 +48,9 @@ def linear_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` for tensors :func:`linear_fits` or :func:`many_rows_fit` takes, ``x`` ``(..., in)``.
 
-    Up to ``ONE_PASS_ROWS`` rows run ``px_linear``; more run ``px_linear_rows``, which streams the weight once for
-    all of them (``px_linear`` streams it once per ``ONE_PASS_ROWS`` rows). Accumulates in fp32; a bf16 result is
-    rounded once at the end (as torch's bf16 linear does).
+    Up to ``MAX_ROWS`` rows run ``px_linear``, more ``px_linear_rows``; either streams the weight once for all rows
+    where its register tiles win (kernels.c: ``tiles_win``), else once per 4 rows. Accumulates in fp32; a bf16
+    result is rounded once at the end (as torch's bf16 linear does).
     """
     lib = loader.library()
     out_features, in_features = weight.shape
@@ -61,7 +60,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     bf = None if bias is None else bias.to(weight.dtype).contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     work = _floats(lib.px_linear_work(rows, in_features, int(bf16)))
-    if (lib.px_linear_rows if rows > ONE_PASS_ROWS else lib.px_linear)(
+    if (lib.px_linear if rows <= MAX_ROWS else lib.px_linear_rows)(
             weight.data_ptr(), int(bf16), out_features, in_features, xf.data_ptr(), rows,
             None if bf is None else bf.data_ptr(), y.data_ptr(), work.data_ptr(), torch.get_num_threads()):
         raise RuntimeError("px_linear refused its arguments; linear_fits should have caught this")
@@ -261,7 +260,7 @@ def _layer_tensors(layer) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
 
 @dataclass
 class DecoderPlan:
-    """``px_decoder``'s arguments for one decoder over one cache (all but the position)."""
+    """``px_decoder_rows``' arguments for one decoder over one cache (all but the position and T)."""
 
     layers: ctypes.Array           # of abi.Layer, one per decoder layer
     tensors: list[Tensor]          # what the pointers point into, kept alive with the plan
@@ -329,23 +328,13 @@ def decoder_plan(decoder, cache, x: Tensor) -> DecoderPlan | None:
 
 
 def decoder_step(plan: DecoderPlan, x: Tensor, cache) -> Tensor:
-    """Run every decoder layer on ``x`` ``(R, 1, D)`` for position ``cache.length``.
+    """Run every decoder layer on ``x`` ``(R, 1, D)`` for position ``cache.length``: :func:`decoder_rows` for one
+    position.
 
     Writes this position's self-attention keys/values into ``cache`` (the caller advances ``cache.length``).
-    Activations stay fp32 between the layers' operations; the result is returned in ``x``'s dtype. Up to
-    ``MAX_ROWS`` rows run ``px_decoder``, made for few rows; more (a batch of inputs with their beams) run
-    :func:`decoder_rows`, which streams each weight once for many rows.
+    Activations stay fp32 between the layers' operations; the result is returned in ``x``'s dtype.
     """
-    if plan.rows > MAX_ROWS:
-        return decoder_rows(plan, x, cache)
-    lib = loader.library()
-    threads = torch.get_num_threads()
-    state = x.reshape(plan.rows, plan.d_model).to(torch.float32, copy=True)
-    work = _floats(lib.px_decoder_work(plan.rows, plan.d_model, plan.ffn, plan.inputs, plan.keys, cache.length,
-                                       threads))
-    if lib.px_decoder(plan.layers, len(plan.layers), cache.length, state.data_ptr(), work.data_ptr(), threads):
-        raise RuntimeError("px_decoder refused its arguments; decoder_plan should have caught this")
-    return state.to(x.dtype).view(x.shape)
+    return decoder_rows(plan, x, cache)
 
 
 def decoder_rows_fit(plan: DecoderPlan, x: Tensor) -> bool:
