@@ -131,8 +131,9 @@ def rank_and_world_size() -> tuple[int, int]:
 # (AVX512-BF16 or AMX) bf16 decodes faster, but the automatic choice also asks bf16's logits to stay within 1e-2
 # (relative, per row) of fp32's, and on pegasus-x-base weights they do not (``benchmarks/int8_accuracy.py`` prints
 # the number, ``benchmarks/RESULTS.md`` logs it): there the reason says so and ``--dtype bf16`` is the user's call.
-# Elsewhere (AVX2, most ARM) bf16 is emulated and slower than fp32. int8 is never chosen automatically
-# (``quantize="int8"`` asks for it).
+# Elsewhere (AVX2, most ARM) torch emulates bf16 arithmetic: the encoder runs far slower than in fp32, though decode
+# steps, which stream half the bytes through the native kernels, run faster (``benchmarks/encoder.py``,
+# ``benchmarks/peers.py``). int8 is never chosen automatically (``quantize="int8"`` asks for it).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")     # /proc/cpuinfo flags of bf16 arithmetic in hardware
 
 
@@ -165,5 +166,5 @@ def auto_dtype(device: torch.device | str) -> tuple[torch.dtype, str]:
         return torch.float32, (f"fp32: this CPU has bf16 arithmetic ({', '.join(found)}) and --dtype bf16 decodes "
                                "faster here, but bf16 logits differ from fp32 by more than the 1e-2 the automatic "
                                "choice allows (measured by benchmarks/int8_accuracy.py)")
-    return torch.float32, ("fp32: this CPU has no AVX512-BF16 or AMX, so bf16 would be emulated and slower than "
-                           "fp32")
+    return torch.float32, ("fp32: this CPU has no AVX512-BF16 or AMX, so in bf16 the encoder would be emulated and "
+                           "far slower than in fp32 (decode steps alone would be faster)")
