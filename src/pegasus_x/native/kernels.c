@@ -535,17 +535,14 @@ static inline void store_head(float *o, const float *sum, int pairs, const int64
         memcpy(o, sum, D * sizeof(float));
 }
 
-/* acc[g] += sum over s < S of p[g·S + s] · v[s] for gn query rows: each value row is read once for all of them.
- * With gn and D constant the compiler unrolls the inner loops (one row's sums fit the registers). */
-static inline void value_rows(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t S,
-                              v8f acc[4][MAX_HEAD_DIM / 8], const int64_t D, const int gn, int pairs) {
+/* acc += sum over s < S of p[s] · v[s] for one query row: each value row is read once, in load_row's order. With D
+ * constant the compiler unrolls the inner loop (the row's sums fit the registers). */
+static inline void value_row(const attn_args *a, int64_t b, int64_t h, const float *p, int64_t S,
+                             v8f acc[MAX_HEAD_DIM / 8], const int64_t D, int pairs) {
     for (int64_t s = 0; s < S; s++) {
         v8f vr[MAX_HEAD_DIM / 8];
         load_row(a->v, a->kv, pairs, b * a->v_sb + h * a->v_sh + s * D, D, vr);
-        for (int g = 0; g < gn; g++) {
-            float w = p[g * S + s];
-            for (int64_t d = 0; d < D / 8; d++) acc[g][d] += vr[d] * w;
-        }
+        for (int64_t d = 0; d < D / 8; d++) acc[d] += vr[d] * p[s];
     }
 }
 
@@ -586,7 +583,7 @@ ALWAYS_INLINE void value_part(const attn_args *a, const int kv, int64_t off, con
  * then from L1 by every chunk of query rows and every VALUE_VECS vectors of the head (the last group of a head
  * whose D/8 vectors are not a multiple of VALUE_VECS is shorter; with bf16 `pairs` D/8 is even, and so is every
  * group), while the next tile is fetched. Each output element is still summed over s in order (the same sums as
- * value_rows). acc: G·D floats. */
+ * value_row). acc: G·D floats. */
 #define VALUE_TILE 64
 ALWAYS_INLINE void value_tiles_kv(const attn_args *a, const int kv, int64_t b, int64_t h, const float *p, int64_t G,
                                   int64_t S, const int64_t D, int pairs, float *acc) {
@@ -769,27 +766,17 @@ static inline void attend_one(const attn_args *a, int64_t bh, float *scores, con
             for (int64_t s = 0; s < S; s++) row[s] *= vs[s];
     }
     /* Weighted sum of the values: value_tiles for several query rows (its accumulators fit the registers, where
-     * value_rows' whole head per row does not: faster from 2 rows on, ad hoc); one pass of value_rows for one. */
+     * value_row's whole head per row does not: faster from 2 rows on, ad hoc); one pass of value_row for one. */
+    float *out = a->out + b * a->sb + h * a->sh;
     if (G > 1) {
         float *acc = scores + G * S;                  /* the query's copy is no longer needed */
         value_tiles(a, b, h, scores, G, S, D, pairs, acc);
-        for (int64_t g = 0; g < G; g++) store_head(a->out + b * a->sb + h * a->sh + g * a->sg, acc + g * D, pairs, D);
+        for (int64_t g = 0; g < G; g++) store_head(out + g * a->sg, acc + g * D, pairs, D);
         return;
     }
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-        int64_t gn = G - g0 < 4 ? G - g0 : 4;
-        v8f acc[4][MAX_HEAD_DIM / 8];
-        memset(acc, 0, sizeof acc);
-        const float *p = scores + g0 * S;
-        switch (gn) {                         /* the row count as a constant */
-        case 1: value_rows(a, b, h, p, S, acc, D, 1, pairs); break;
-        case 2: value_rows(a, b, h, p, S, acc, D, 2, pairs); break;
-        case 3: value_rows(a, b, h, p, S, acc, D, 3, pairs); break;
-        default: value_rows(a, b, h, p, S, acc, D, 4, pairs); break;
-        }
-        for (int64_t g = 0; g < gn; g++)
-            store_head(a->out + b * a->sb + h * a->sh + (g0 + g) * a->sg, (const float *)acc[g], pairs, D);
-    }
+    v8f acc[MAX_HEAD_DIM / 8] = {0};
+    value_row(a, b, h, scores, S, acc, D, pairs);
+    store_head(out, (const float *)acc, pairs, D);
 }
 
 /* Every (batch, head) task of `a`, shared among the threads of the enclosing parallel region (an orphaned
